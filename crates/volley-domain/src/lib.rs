@@ -1,0 +1,15 @@
+//! Volley's domain model.
+//!
+//! **Architecture invariant:** this crate knows nothing of HTTP, AMQP or SQL. Wire formats are
+//! converted to these types at the edges (gateway, queue boundary, database layer).
+
+mod state;
+mod types;
+pub mod validate;
+
+pub use state::{BatchCounts, BatchStatus, JobStatus, Transition};
+pub use types::{Endpoint, InferenceType, ParseError};
+pub use validate::{
+    BatchRejection, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch, ValidItem,
+    validate_batch,
+};

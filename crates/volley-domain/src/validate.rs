@@ -1,0 +1,577 @@
+//! Whole-batch validation: every item is checked, every problem is reported with its index and
+//! field path, and a batch with any problem is rejected whole.
+
+use serde_json::{Map, Value};
+
+use crate::types::Endpoint;
+
+/// Caps that keep one request from costing more than it should.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_items: usize,
+    pub max_label_chars: usize,
+    pub max_model_chars: usize,
+    /// Prompt, speech input and each message's content.
+    pub max_text_chars: usize,
+    pub max_messages: usize,
+    /// Serialized size of one item's body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_items: 256,
+            max_label_chars: 256,
+            max_model_chars: 256,
+            max_text_chars: 100_000,
+            max_messages: 512,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Answers whether a configured provider serves a model on an endpoint.
+pub trait ModelCatalog {
+    fn check(&self, model: &str, endpoint: Endpoint) -> ModelCheck;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelCheck {
+    Served,
+    UnknownModel,
+    /// The model exists but not for this endpoint; these are the endpoints it does serve.
+    WrongEndpoint(Vec<Endpoint>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The item's index, or `None` for a problem with the request as a whole.
+    pub index: Option<usize>,
+    /// Where, as a path from the request body: `requests[2].body.messages[0].role`.
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchRejection {
+    /// More items than allowed; nothing else is checked.
+    TooLarge { count: usize, max: usize },
+    Invalid(Vec<FieldError>),
+}
+
+impl BatchRejection {
+    /// One human-readable line naming every problem.
+    pub fn message(&self) -> String {
+        match self {
+            BatchRejection::TooLarge { count, max } => {
+                format!("a batch holds at most {max} requests; this one has {count}")
+            }
+            BatchRejection::Invalid(errors) => {
+                let parts: Vec<String> = errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect();
+                let noun = if errors.len() == 1 {
+                    "problem"
+                } else {
+                    "problems"
+                };
+                format!("{} {noun}: {}", errors.len(), parts.join("; "))
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidItem {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub body: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidBatch {
+    pub label: Option<String>,
+    pub items: Vec<ValidItem>,
+}
+
+/// Validates a whole batch request body.
+pub fn validate_batch(
+    request: &Value,
+    catalog: &dyn ModelCatalog,
+    limits: &Limits,
+) -> Result<ValidBatch, BatchRejection> {
+    let whole = |field: &str, message: &str| {
+        BatchRejection::Invalid(vec![FieldError {
+            index: None,
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }])
+    };
+    let Some(obj) = request.as_object() else {
+        return Err(whole("body", "the request body must be a JSON object"));
+    };
+    let requests = match obj.get("requests") {
+        None | Some(Value::Null) => return Err(whole("requests", "required")),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(whole("requests", "must be an array")),
+    };
+    if requests.is_empty() {
+        return Err(whole("requests", "must hold at least one request"));
+    }
+    if requests.len() > limits.max_items {
+        return Err(BatchRejection::TooLarge {
+            count: requests.len(),
+            max: limits.max_items,
+        });
+    }
+
+    let mut errors = Vec::new();
+    let label = match obj.get("label") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.chars().count() > limits.max_label_chars => {
+            errors.push(FieldError {
+                index: None,
+                field: "label".into(),
+                message: format!("at most {} characters", limits.max_label_chars),
+            });
+            None
+        }
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            errors.push(FieldError {
+                index: None,
+                field: "label".into(),
+                message: "must be a string".into(),
+            });
+            None
+        }
+    };
+
+    let mut items = Vec::with_capacity(requests.len());
+    for (i, item) in requests.iter().enumerate() {
+        let mut c = Checker {
+            index: i,
+            errors: &mut errors,
+            limits,
+        };
+        if let Some(v) = c.item(item, catalog) {
+            items.push(v);
+        }
+    }
+    if errors.is_empty() {
+        Ok(ValidBatch { label, items })
+    } else {
+        Err(BatchRejection::Invalid(errors))
+    }
+}
+
+struct Checker<'a> {
+    index: usize,
+    errors: &'a mut Vec<FieldError>,
+    limits: &'a Limits,
+}
+
+impl Checker<'_> {
+    fn err(&mut self, field: &str, message: impl Into<String>) {
+        let field = if field.is_empty() {
+            format!("requests[{}]", self.index)
+        } else {
+            format!("requests[{}].{field}", self.index)
+        };
+        self.errors.push(FieldError {
+            index: Some(self.index),
+            field,
+            message: message.into(),
+        });
+    }
+
+    fn item(&mut self, item: &Value, catalog: &dyn ModelCatalog) -> Option<ValidItem> {
+        let Some(obj) = item.as_object() else {
+            self.err("", "must be an object with `endpoint` and `body`");
+            return None;
+        };
+        let endpoint = match obj.get("endpoint") {
+            None | Some(Value::Null) => {
+                self.err("endpoint", "required");
+                None
+            }
+            Some(Value::String(path)) => match path.parse::<Endpoint>() {
+                Ok(e) => Some(e),
+                Err(_) if Endpoint::is_file_upload(path) => {
+                    self.err(
+                        "endpoint",
+                        format!("{path} takes a file upload and cannot be submitted in a batch"),
+                    );
+                    None
+                }
+                Err(_) => {
+                    let supported: Vec<&str> = Endpoint::ALL.iter().map(|e| e.path()).collect();
+                    self.err(
+                        "endpoint",
+                        format!(
+                            "unsupported endpoint {:?}; supported: {}",
+                            truncate(path, 100),
+                            supported.join(", ")
+                        ),
+                    );
+                    None
+                }
+            },
+            Some(_) => {
+                self.err("endpoint", "must be a string");
+                None
+            }
+        };
+        let body = match obj.get("body") {
+            None | Some(Value::Null) => {
+                self.err("body", "required");
+                return None;
+            }
+            Some(Value::Object(b)) => b,
+            Some(_) => {
+                self.err("body", "must be an object");
+                return None;
+            }
+        };
+        let endpoint = endpoint?;
+        let before = self.errors.len();
+        let model = self.body(endpoint, body, catalog);
+        let size = serde_json::to_vec(body).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > self.limits.max_body_bytes {
+            self.err(
+                "body",
+                format!("at most {} bytes of JSON", self.limits.max_body_bytes),
+            );
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(ValidItem {
+            endpoint,
+            model: model?,
+            body: Value::Object(body.clone()),
+        })
+    }
+
+    fn body(
+        &mut self,
+        endpoint: Endpoint,
+        body: &Map<String, Value>,
+        catalog: &dyn ModelCatalog,
+    ) -> Option<String> {
+        let model = self.string(body, "model", self.limits.max_model_chars, true);
+        if let Some(m) = &model {
+            match catalog.check(m, endpoint) {
+                ModelCheck::Served => {}
+                ModelCheck::UnknownModel => self.err(
+                    "body.model",
+                    format!(
+                        "model {:?} is not served by any configured provider",
+                        truncate(m, 100)
+                    ),
+                ),
+                ModelCheck::WrongEndpoint(ok) => {
+                    let ok: Vec<&str> = ok.iter().map(|e| e.path()).collect();
+                    self.err(
+                        "body.model",
+                        format!(
+                            "model {m:?} does not serve {endpoint}; it serves {}",
+                            ok.join(", ")
+                        ),
+                    )
+                }
+            }
+        }
+        if matches!(body.get("stream"), Some(Value::Bool(true))) {
+            self.err("body.stream", "streaming is not available for batch jobs");
+        }
+        let max_text = self.limits.max_text_chars;
+        match endpoint {
+            Endpoint::ChatCompletions => self.messages(body),
+            Endpoint::Completions
+            | Endpoint::VideosGenerations
+            | Endpoint::MusicGenerations => {
+                self.string(body, "prompt", max_text, true);
+            }
+            Endpoint::ImagesGenerations => {
+                self.string(body, "prompt", max_text, true);
+                self.integer(body, "n", 1, 10);
+                if let Some(f) = self.string(body, "response_format", 16, false)
+                    && f != "url"
+                    && f != "b64_json"
+                {
+                    self.err("body.response_format", "must be \"url\" or \"b64_json\"");
+                }
+            }
+            Endpoint::AudioSpeech => {
+                self.string(body, "input", max_text.min(4096), true);
+                self.string(body, "voice", 64, false);
+                if let Some(v) = body.get("speed")
+                    && !v.as_f64().is_some_and(|s| (0.25..=4.0).contains(&s))
+                {
+                    self.err("body.speed", "must be a number from 0.25 to 4.0");
+                }
+            }
+        }
+        model
+    }
+
+    fn messages(&mut self, body: &Map<String, Value>) {
+        let msgs = match body.get("messages") {
+            None | Some(Value::Null) => return self.err("body.messages", "required"),
+            Some(Value::Array(m)) if m.is_empty() => {
+                return self.err("body.messages", "must hold at least one message");
+            }
+            Some(Value::Array(m)) if m.len() > self.limits.max_messages => {
+                return self.err(
+                    "body.messages",
+                    format!("at most {} messages", self.limits.max_messages),
+                );
+            }
+            Some(Value::Array(m)) => m,
+            Some(_) => return self.err("body.messages", "must be an array"),
+        };
+        const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+        for (j, m) in msgs.iter().enumerate() {
+            let at = format!("body.messages[{j}]");
+            let Some(m) = m.as_object() else {
+                self.err(&at, "must be an object with `role` and `content`");
+                continue;
+            };
+            match m.get("role") {
+                Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
+                Some(Value::String(_)) => {
+                    self.err(&format!("{at}.role"), format!("must be one of {ROLES:?}"))
+                }
+                None | Some(Value::Null) => self.err(&format!("{at}.role"), "required"),
+                Some(_) => self.err(&format!("{at}.role"), "must be a string"),
+            }
+            match m.get("content") {
+                Some(Value::String(s)) if s.chars().count() > self.limits.max_text_chars => self
+                    .err(
+                        &format!("{at}.content"),
+                        format!("at most {} characters", self.limits.max_text_chars),
+                    ),
+                // Content parts (text, image_url, ...) are passed to the provider as given.
+                Some(Value::String(_)) | Some(Value::Array(_)) => {}
+                None | Some(Value::Null) => self.err(&format!("{at}.content"), "required"),
+                Some(_) => self.err(
+                    &format!("{at}.content"),
+                    "must be a string or an array of content parts",
+                ),
+            }
+        }
+    }
+
+    fn string(
+        &mut self,
+        body: &Map<String, Value>,
+        key: &str,
+        max_chars: usize,
+        required: bool,
+    ) -> Option<String> {
+        let field = format!("body.{key}");
+        match body.get(key) {
+            None | Some(Value::Null) => {
+                if required {
+                    self.err(&field, "required");
+                }
+                None
+            }
+            Some(Value::String(s)) if required && s.trim().is_empty() => {
+                self.err(&field, "must not be empty");
+                None
+            }
+            Some(Value::String(s)) if s.chars().count() > max_chars => {
+                self.err(&field, format!("at most {max_chars} characters"));
+                None
+            }
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                self.err(&field, "must be a string");
+                None
+            }
+        }
+    }
+
+    fn integer(&mut self, body: &Map<String, Value>, key: &str, min: i64, max: i64) {
+        if let Some(v) = body.get(key)
+            && !v.is_null()
+            && !v.as_i64().is_some_and(|n| (min..=max).contains(&n))
+        {
+            self.err(
+                &format!("body.{key}"),
+                format!("must be an integer from {min} to {max}"),
+            );
+        }
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    struct Catalog;
+    impl ModelCatalog for Catalog {
+        fn check(&self, model: &str, endpoint: Endpoint) -> ModelCheck {
+            let serves: &[Endpoint] = match model {
+                "qwen3-8b" => &[Endpoint::ChatCompletions, Endpoint::Completions],
+                "flux-dev" => &[Endpoint::ImagesGenerations],
+                "clip-video" => &[Endpoint::VideosGenerations],
+                "tune" => &[Endpoint::MusicGenerations],
+                "say" => &[Endpoint::AudioSpeech],
+                _ => return ModelCheck::UnknownModel,
+            };
+            if serves.contains(&endpoint) {
+                ModelCheck::Served
+            } else {
+                ModelCheck::WrongEndpoint(serves.to_vec())
+            }
+        }
+    }
+
+    fn check(v: Value) -> Result<ValidBatch, BatchRejection> {
+        validate_batch(&v, &Catalog, &Limits::default())
+    }
+
+    fn fields(r: Result<ValidBatch, BatchRejection>) -> Vec<String> {
+        match r {
+            Err(BatchRejection::Invalid(e)) => e.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    fn all_kinds() -> Value {
+        json!({"label": "mix", "requests": [
+            {"endpoint": "/v1/chat/completions", "body": {"model": "qwen3-8b", "messages": [{"role": "user", "content": "hi"}]}},
+            {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "once"}},
+            {"endpoint": "/v1/images/generations", "body": {"model": "flux-dev", "prompt": "a lamp", "n": 2, "response_format": "b64_json"}},
+            {"endpoint": "/v1/videos/generations", "body": {"model": "clip-video", "prompt": "waves"}},
+            {"endpoint": "/v1/music/generations", "body": {"model": "tune", "prompt": "jazz"}},
+            {"endpoint": "/v1/audio/speech", "body": {"model": "say", "input": "hello", "voice": "alloy", "speed": 1.5}},
+        ]})
+    }
+
+    #[test]
+    fn accepts_every_endpoint() {
+        let b = check(all_kinds()).unwrap();
+        assert_eq!(b.label.as_deref(), Some("mix"));
+        assert_eq!(b.items.len(), 6);
+        assert_eq!(b.items[2].endpoint, Endpoint::ImagesGenerations);
+        assert_eq!(b.items[2].model, "flux-dev");
+    }
+
+    #[test]
+    fn rejects_the_request_shape() {
+        assert_eq!(fields(check(json!([1]))), ["body"]);
+        assert_eq!(fields(check(json!({}))), ["requests"]);
+        assert_eq!(fields(check(json!({"requests": []}))), ["requests"]);
+        assert_eq!(fields(check(json!({"requests": "x"}))), ["requests"]);
+    }
+
+    #[test]
+    fn too_many_items_is_too_large() {
+        let item = json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x"}});
+        let ok = json!({"requests": vec![item.clone(); 256]});
+        assert_eq!(check(ok).unwrap().items.len(), 256);
+        let big = json!({"requests": vec![item; 257]});
+        assert_eq!(
+            check(big),
+            Err(BatchRejection::TooLarge {
+                count: 257,
+                max: 256
+            })
+        );
+    }
+
+    #[test]
+    fn names_every_bad_item_by_index_and_path() {
+        let r = check(json!({"requests": [
+            {"endpoint": "/v1/chat/completions", "body": {"model": "qwen3-8b", "messages": [{"role": "robot", "content": 5}]}},
+            {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "fine"}},
+            "not an object",
+            {"endpoint": "/v1/images/edits", "body": {}},
+            {"endpoint": "/v1/embeddings", "body": {}},
+            {"endpoint": "/v1/images/generations", "body": "x"},
+            {"endpoint": "/v1/images/generations"},
+            {"endpoint": "/v1/audio/speech", "body": {"model": "say"}},
+            {"endpoint": "/v1/completions", "body": {"model": "nope", "prompt": "x"}},
+            {"endpoint": "/v1/completions", "body": {"model": "flux-dev", "prompt": "x"}},
+            {"endpoint": 7, "body": {}},
+            {"endpoint": "/v1/images/generations", "body": {"model": "flux-dev", "prompt": "", "n": 99}},
+            {"endpoint": "/v1/chat/completions", "body": {"model": "qwen3-8b", "messages": [], "stream": true}},
+        ]}));
+        assert_eq!(
+            fields(r),
+            [
+                "requests[0].body.messages[0].role",
+                "requests[0].body.messages[0].content",
+                "requests[2]",
+                "requests[3].endpoint",
+                "requests[4].endpoint",
+                "requests[5].body",
+                "requests[6].body",
+                "requests[7].body.input",
+                "requests[8].body.model",
+                "requests[9].body.model",
+                "requests[10].endpoint",
+                "requests[11].body.prompt",
+                "requests[11].body.n",
+                "requests[12].body.stream",
+                "requests[12].body.messages",
+            ]
+        );
+    }
+
+    #[test]
+    fn messages_say_why() {
+        let r = check(json!({"requests": [
+            {"endpoint": "/v1/images/edits", "body": {}},
+            {"endpoint": "/v1/completions", "body": {"model": "flux-dev", "prompt": "x"}},
+        ]}))
+        .unwrap_err();
+        let m = r.message();
+        assert!(m.starts_with("2 problems:"), "{m}");
+        assert!(m.contains("file upload"), "{m}");
+        assert!(m.contains("does not serve /v1/completions"), "{m}");
+    }
+
+    #[test]
+    fn caps_sizes() {
+        let long = "x".repeat(100_001);
+        let r = check(json!({"label": "l".repeat(300), "requests": [
+            {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": long}},
+            {"endpoint": "/v1/completions", "body": {"model": "m".repeat(300), "prompt": "x"}},
+            {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x", "pad": "p".repeat(300_000)}},
+        ]}));
+        assert_eq!(
+            fields(r),
+            [
+                "label",
+                "requests[0].body.prompt",
+                "requests[1].body.model",
+                "requests[2].body"
+            ]
+        );
+    }
+
+    #[test]
+    fn hostile_values_are_errors_not_panics() {
+        for v in [
+            json!(null),
+            json!("requests"),
+            json!({"requests": [null, [], {}, {"endpoint": null, "body": null}]}),
+            json!({"requests": [{"endpoint": "/v1/audio/speech", "body": {"model": "say", "input": "x", "speed": "fast"}}]}),
+            json!({"requests": [{"endpoint": "\u{0000}../../etc", "body": {"model": "\u{202e}", "prompt": "x"}}]}),
+        ] {
+            assert!(check(v).is_err());
+        }
+    }
+}
