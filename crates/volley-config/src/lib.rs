@@ -1,0 +1,587 @@
+//! Settings for every Volley process.
+//!
+//! One file (`config/volley.toml` by default, `VOLLEY_CONFIG` to choose another) gives the
+//! providers and the model catalog; `VOLLEY_*` environment variables override the scalar
+//! settings (see [`ENV_KEYS`]). Settings are passed by value; nothing reads a global.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::Deserialize;
+use volley_domain::{Endpoint, ModelCatalog, ModelCheck};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {key}={value:?} is not valid: {message}")]
+    Env {
+        key: String,
+        value: String,
+        message: String,
+    },
+    #[error("configuration is not consistent: {0}")]
+    Invalid(String),
+}
+
+/// A secret that never shows in logs or `Debug` output.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub database_url: String,
+    /// Connections in each r2d2 pool.
+    pub database_pool_size: u32,
+    pub amqp_url: String,
+    /// Prefix of every queue and exchange name, so that stacks (and tests) can share a broker.
+    pub queue_prefix: String,
+    pub gateway: GatewaySettings,
+    pub state: StateSettings,
+    pub worker: WorkerSettings,
+    pub media: MediaSettings,
+    pub providers: Vec<ProviderConfig>,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    pub addr: String,
+    /// Base of the URLs the gateway hands out (media links).
+    pub public_url: String,
+    /// When false, `POST /v1/batches` answers 503 `async_disabled`.
+    pub async_enabled: bool,
+    pub max_body_bytes: usize,
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateSettings {
+    pub addr: String,
+    /// Where workers reach batch-state to claim jobs.
+    pub url: String,
+    pub sweep_interval_ms: u64,
+    /// Jobs committed but not confirmed on the broker for this long are published again.
+    pub dispatch_grace_ms: u64,
+    /// A claim lasts this long unless the worker renews it; then the job is handed out again.
+    pub lease_ms: u64,
+    /// A QUEUED job whose message was published this long ago is published again.
+    pub redispatch_after_ms: u64,
+    /// Events applied in one transaction at most.
+    pub event_batch: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Health endpoint address.
+    pub addr: String,
+    /// Jobs a worker runs at once (and its AMQP prefetch).
+    pub concurrency: u16,
+    /// Attempts per job before it fails for good.
+    pub max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaSettings {
+    /// Local directory of the media store.
+    pub dir: String,
+    /// Key for signing media URLs; must be the same on the gateway and workers.
+    pub signing_key: Secret,
+    pub url_ttl_secs: u64,
+    /// Largest media file a worker stores.
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    /// OpenAI-compatible HTTP (OpenAI, vLLM, llama.cpp, Ollama, Together, Groq, ...).
+    Openai,
+    /// Replicate-style create-and-poll predictions.
+    Predictions,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Secret,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// How often a prediction is polled at first (doubles up to 10 s).
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_concurrency() -> usize {
+    64
+}
+fn default_poll_ms() -> u64 {
+    250
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The public model name clients send.
+    pub name: String,
+    /// Endpoint paths this model accepts.
+    pub endpoints: Vec<String>,
+    /// Providers serving it, in order of preference.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub provider: String,
+    /// The provider's own name for the model; the public name if absent.
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database_url: "postgres://postgres@127.0.0.1:5432/volley".into(),
+            database_pool_size: 8,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            queue_prefix: "volley".into(),
+            gateway: GatewaySettings::default(),
+            state: StateSettings::default(),
+            worker: WorkerSettings::default(),
+            media: MediaSettings::default(),
+            providers: Vec::new(),
+            models: Vec::new(),
+        }
+    }
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            addr: "127.0.0.1:8080".into(),
+            public_url: "http://127.0.0.1:8080".into(),
+            async_enabled: true,
+            max_body_bytes: 16 * 1024 * 1024,
+            workers: 2,
+        }
+    }
+}
+
+impl Default for StateSettings {
+    fn default() -> Self {
+        StateSettings {
+            addr: "127.0.0.1:8081".into(),
+            url: "http://127.0.0.1:8081".into(),
+            sweep_interval_ms: 2_000,
+            dispatch_grace_ms: 5_000,
+            lease_ms: 60_000,
+            redispatch_after_ms: 600_000,
+            event_batch: 256,
+        }
+    }
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            addr: "127.0.0.1:8090".into(),
+            concurrency: 64,
+            max_attempts: 4,
+            retry_base_ms: 500,
+            retry_max_ms: 30_000,
+        }
+    }
+}
+
+impl Default for MediaSettings {
+    fn default() -> Self {
+        MediaSettings {
+            dir: ".volley/media".into(),
+            signing_key: Secret::default(),
+            url_ttl_secs: 3_600,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// Every environment variable Volley reads, with what it sets. Deploy files are checked
+/// against this list.
+pub const ENV_KEYS: &[(&str, &str)] = &[
+    ("VOLLEY_CONFIG", "path of the TOML configuration file"),
+    ("VOLLEY_DATABASE_URL", "PostgreSQL URL"),
+    ("VOLLEY_DATABASE_POOL_SIZE", "connections per pool"),
+    ("VOLLEY_AMQP_URL", "RabbitMQ URL"),
+    ("VOLLEY_QUEUE_PREFIX", "prefix of queue and exchange names"),
+    ("VOLLEY_GATEWAY_ADDR", "gateway listen address"),
+    ("VOLLEY_PUBLIC_URL", "base URL of links the gateway hands out"),
+    ("VOLLEY_ASYNC_ENABLED", "false turns batch submission off (503)"),
+    ("VOLLEY_STATE_ADDR", "batch-state listen address"),
+    ("VOLLEY_STATE_URL", "where workers reach batch-state"),
+    ("VOLLEY_LEASE_MS", "how long a claim lasts without renewal"),
+    ("VOLLEY_WORKER_ADDR", "worker health listen address"),
+    ("VOLLEY_WORKER_CONCURRENCY", "jobs a worker runs at once"),
+    ("VOLLEY_MAX_ATTEMPTS", "attempts per job"),
+    ("VOLLEY_MEDIA_DIR", "local media store directory"),
+    ("VOLLEY_MEDIA_SIGNING_KEY", "key that signs media URLs"),
+    ("VOLLEY_PROVIDER_<NAME>_BASE_URL", "override a provider's base URL"),
+    ("VOLLEY_PROVIDER_<NAME>_API_KEY", "a provider's API key"),
+];
+
+impl Settings {
+    /// Reads the file named by `VOLLEY_CONFIG` (or `config/volley.toml` if it exists), then
+    /// applies environment overrides.
+    pub fn load() -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = std::env::vars().collect();
+        Settings::load_from(&env)
+    }
+
+    /// [`Settings::load`] with an explicit environment, for tests.
+    pub fn load_from(env: &HashMap<String, String>) -> Result<Settings, ConfigError> {
+        let mut s = match env.get("VOLLEY_CONFIG") {
+            Some(path) => Settings::from_file(Path::new(path))?,
+            None if Path::new("config/volley.toml").exists() => {
+                Settings::from_file(Path::new("config/volley.toml"))?
+            }
+            None => Settings::default(),
+        };
+        s.apply_env(env)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Settings::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<text>".into(),
+            message: e.to_string(),
+        })
+    }
+
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, ConfigError>
+        where
+            T::Err: fmt::Display,
+        {
+            v.trim().parse().map_err(|e: T::Err| ConfigError::Env {
+                key: key.into(),
+                value: v.into(),
+                message: e.to_string(),
+            })
+        }
+        for (key, v) in env {
+            let v = v.as_str();
+            match key.as_str() {
+                "VOLLEY_DATABASE_URL" => self.database_url = v.into(),
+                "VOLLEY_DATABASE_POOL_SIZE" => self.database_pool_size = parse(key, v)?,
+                "VOLLEY_AMQP_URL" => self.amqp_url = v.into(),
+                "VOLLEY_QUEUE_PREFIX" => self.queue_prefix = v.into(),
+                "VOLLEY_GATEWAY_ADDR" => self.gateway.addr = v.into(),
+                "VOLLEY_PUBLIC_URL" => self.gateway.public_url = v.into(),
+                "VOLLEY_ASYNC_ENABLED" => self.gateway.async_enabled = parse(key, v)?,
+                "VOLLEY_STATE_ADDR" => self.state.addr = v.into(),
+                "VOLLEY_STATE_URL" => self.state.url = v.into(),
+                "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
+                "VOLLEY_WORKER_ADDR" => self.worker.addr = v.into(),
+                "VOLLEY_WORKER_CONCURRENCY" => self.worker.concurrency = parse(key, v)?,
+                "VOLLEY_MAX_ATTEMPTS" => self.worker.max_attempts = parse(key, v)?,
+                "VOLLEY_MEDIA_DIR" => self.media.dir = v.into(),
+                "VOLLEY_MEDIA_SIGNING_KEY" => self.media.signing_key = Secret::new(v),
+                _ => {
+                    if let Some(rest) = key.strip_prefix("VOLLEY_PROVIDER_") {
+                        self.apply_provider_env(key, rest, v)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_provider_env(&mut self, key: &str, rest: &str, v: &str) -> Result<(), ConfigError> {
+        let (name, field) = if let Some(n) = rest.strip_suffix("_BASE_URL") {
+            (n, "base_url")
+        } else if let Some(n) = rest.strip_suffix("_API_KEY") {
+            (n, "api_key")
+        } else {
+            return Err(ConfigError::Env {
+                key: key.into(),
+                value: "<hidden>".into(),
+                message: "expected VOLLEY_PROVIDER_<NAME>_BASE_URL or _API_KEY".into(),
+            });
+        };
+        let wanted = name.to_ascii_lowercase().replace('_', "-");
+        let Some(p) = self
+            .providers
+            .iter_mut()
+            .find(|p| p.name.to_ascii_lowercase().replace('_', "-") == wanted)
+        else {
+            return Err(ConfigError::Env {
+                key: key.into(),
+                value: "<hidden>".into(),
+                message: format!("no provider named {wanted:?} is configured"),
+            });
+        };
+        match field {
+            "base_url" => p.base_url = v.into(),
+            _ => p.api_key = Secret::new(v),
+        }
+        Ok(())
+    }
+
+    /// Consistency checks that would otherwise surface as confusing runtime errors.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.queue_prefix.is_empty()
+            || !self
+                .queue_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return bad(format!(
+                "queue_prefix {:?} must be non-empty letters, digits, '-', '_' or '.'",
+                self.queue_prefix
+            ));
+        }
+        if self.worker.concurrency == 0 || self.worker.max_attempts == 0 {
+            return bad("worker.concurrency and worker.max_attempts must be at least 1".into());
+        }
+        if self.database_pool_size == 0 {
+            return bad("database_pool_size must be at least 1".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for p in &self.providers {
+            if !names.insert(p.name.as_str()) {
+                return bad(format!("provider {:?} is defined twice", p.name));
+            }
+            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
+                return bad(format!(
+                    "provider {:?}: base_url must start with http:// or https://",
+                    p.name
+                ));
+            }
+            if p.max_concurrency == 0 || p.timeout_ms == 0 {
+                return bad(format!(
+                    "provider {:?}: max_concurrency and timeout_ms must be at least 1",
+                    p.name
+                ));
+            }
+        }
+        let mut models = std::collections::HashSet::new();
+        for m in &self.models {
+            if !models.insert(m.name.as_str()) {
+                return bad(format!("model {:?} is defined twice", m.name));
+            }
+            if m.endpoints.is_empty() || m.routes.is_empty() {
+                return bad(format!(
+                    "model {:?} needs at least one endpoint and one route",
+                    m.name
+                ));
+            }
+            for e in &m.endpoints {
+                if e.parse::<Endpoint>().is_err() {
+                    return bad(format!("model {:?}: unknown endpoint {e:?}", m.name));
+                }
+            }
+            for r in &m.routes {
+                if !names.contains(r.provider.as_str()) {
+                    return bad(format!(
+                        "model {:?} routes to unknown provider {:?}",
+                        m.name, r.provider
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+}
+
+impl ModelConfig {
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.endpoints.iter().filter_map(|e| e.parse().ok()).collect()
+    }
+}
+
+impl ModelCatalog for Settings {
+    fn check(&self, model: &str, endpoint: Endpoint) -> ModelCheck {
+        match self.model(model) {
+            None => ModelCheck::UnknownModel,
+            Some(m) => {
+                let eps = m.endpoints();
+                if eps.contains(&endpoint) {
+                    ModelCheck::Served
+                } else {
+                    ModelCheck::WrongEndpoint(eps)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+queue_prefix = "t1"
+[worker]
+concurrency = 8
+[[providers]]
+name = "local-sim"
+kind = "openai"
+base_url = "http://127.0.0.1:9100"
+api_key = "sk-secret"
+[[models]]
+name = "qwen3-8b"
+endpoints = ["/v1/chat/completions"]
+routes = [{ provider = "local-sim", upstream_model = "qwen" }]
+"#;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_env() {
+        let mut s = Settings::from_toml(FILE).unwrap();
+        s.apply_env(&env(&[
+            ("VOLLEY_WORKER_CONCURRENCY", "3"),
+            ("VOLLEY_PROVIDER_LOCAL_SIM_BASE_URL", "http://127.0.0.1:1"),
+            ("UNRELATED", "x"),
+        ]))
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.queue_prefix, "t1");
+        assert_eq!(s.worker.concurrency, 3);
+        assert_eq!(s.providers[0].base_url, "http://127.0.0.1:1");
+        assert_eq!(s.check("qwen3-8b", Endpoint::ChatCompletions), ModelCheck::Served);
+        assert_eq!(s.check("other", Endpoint::ChatCompletions), ModelCheck::UnknownModel);
+    }
+
+    #[test]
+    fn secrets_do_not_leak_into_debug() {
+        let s = Settings::from_toml(FILE).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("sk-secret"), "{dbg}");
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let mut s = Settings::from_toml(FILE).unwrap();
+        let e = s
+            .apply_env(&env(&[("VOLLEY_WORKER_CONCURRENCY", "lots")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("VOLLEY_WORKER_CONCURRENCY"), "{e}");
+        let e = s
+            .apply_env(&env(&[("VOLLEY_PROVIDER_NOPE_API_KEY", "k")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("no provider named"), "{e}");
+        assert!(!e.to_string().contains("\"k\""));
+
+        for (text, want) in [
+            ("queue_prefix = 5", "invalid type"),
+            ("nonsense = true", "unknown field"),
+            ("[[models]]\nname='m'\nendpoints=['/v1/x']\nroutes=[]", "needs at least one"),
+            ("queue_prefix = 'a b'", "queue_prefix"),
+            (
+                "[[providers]]\nname='p'\nkind='openai'\nbase_url='ftp://x'",
+                "base_url",
+            ),
+            (
+                "[[providers]]\nname='p'\nkind='magic'\nbase_url='http://x'",
+                "unknown variant",
+            ),
+            (
+                "[[models]]\nname='m'\nendpoints=['/v1/completions']\nroutes=[{provider='ghost'}]",
+                "unknown provider",
+            ),
+            ("[[models", "TOML parse error"),
+        ] {
+            let r = Settings::from_toml(text).and_then(|s| s.validate().map(|_| s));
+            let e = r.expect_err(text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/volley.toml");
+        let s = Settings::from_file(&path).unwrap();
+        s.validate().unwrap();
+        // The contract's example models and one model for every endpoint.
+        assert_eq!(s.check("flux-dev", Endpoint::ImagesGenerations), ModelCheck::Served);
+        assert_eq!(s.check("qwen3-8b", Endpoint::ChatCompletions), ModelCheck::Served);
+        for e in Endpoint::ALL {
+            assert!(
+                s.models.iter().any(|m| m.endpoints().contains(&e)),
+                "no model serves {e}"
+            );
+        }
+    }
+}
