@@ -1,0 +1,3 @@
+DROP TABLE jobs;
+DROP TABLE batches;
+DROP TABLE api_keys;

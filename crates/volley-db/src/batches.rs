@@ -1,0 +1,337 @@
+//! The gateway's side: accepting batches, reading them, cancelling.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde_json::Value;
+use volley_domain::{BatchCounts, JobStatus};
+
+use crate::schema::{batches, jobs};
+use crate::{Db, DbError};
+
+/// One job of a batch being accepted.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub inference_type: String,
+    pub endpoint: String,
+    pub model: String,
+    pub body: Value,
+}
+
+/// What publishing a job needs.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = jobs)]
+pub struct JobDispatch {
+    pub id: i64,
+    pub batch_id: i64,
+    pub inference_type: String,
+    pub endpoint: String,
+    pub model: String,
+    pub body: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchView {
+    pub id: i64,
+    pub label: Option<String>,
+    pub total: i64,
+    pub created_at: DateTime<Utc>,
+    pub counts: BatchCounts,
+}
+
+#[derive(Debug, Clone, Queryable)]
+pub struct JobSummary {
+    pub id: i64,
+    pub status: String,
+    pub inference_type: String,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = jobs)]
+pub struct JobView {
+    pub id: i64,
+    pub batch_id: i64,
+    pub status: String,
+    pub inference_type: String,
+    pub endpoint: String,
+    pub model: String,
+    pub attempt: i32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    pub result: Option<Value>,
+    pub error_type: Option<String>,
+    pub error_message: Option<String>,
+    pub last_error: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub total_tokens: Option<i64>,
+}
+
+#[derive(Queryable)]
+struct BatchRow {
+    id: i64,
+    label: Option<String>,
+    total: i32,
+    created_at: DateTime<Utc>,
+}
+
+type PgConn = diesel::PgConnection;
+
+fn counts_for(conn: &mut PgConn, ids: &[i64]) -> Result<HashMap<i64, BatchCounts>, DbError> {
+    let rows: Vec<(i64, String, i64)> = jobs::table
+        .filter(jobs::batch_id.eq_any(ids))
+        .group_by((jobs::batch_id, jobs::status))
+        .select((jobs::batch_id, jobs::status, diesel::dsl::count_star()))
+        .load(conn)?;
+    let mut out: HashMap<i64, BatchCounts> = HashMap::new();
+    for (batch, status, n) in rows {
+        // The CHECK constraint allows only known statuses.
+        if let Ok(s) = status.parse::<JobStatus>() {
+            out.entry(batch).or_default().add(s, n.max(0) as u64);
+        }
+    }
+    Ok(out)
+}
+
+fn views(conn: &mut PgConn, rows: Vec<BatchRow>) -> Result<Vec<BatchView>, DbError> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let mut counts = counts_for(conn, &ids)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| BatchView {
+            id: r.id,
+            label: r.label,
+            total: i64::from(r.total),
+            created_at: r.created_at,
+            counts: counts.remove(&r.id).unwrap_or_default(),
+        })
+        .collect())
+}
+
+const BATCH_COLUMNS: (batches::id, batches::label, batches::total, batches::created_at) = (
+    batches::id,
+    batches::label,
+    batches::total,
+    batches::created_at,
+);
+
+impl Db {
+    /// Commits a batch and all its jobs in one transaction. The jobs are not offered to the
+    /// sweeper until `dispatch_grace_ms` has passed, so that the caller can publish them first.
+    pub async fn create_batch(
+        &self,
+        owner: &str,
+        label: Option<String>,
+        new_jobs: Vec<NewJob>,
+        dispatch_grace_ms: u64,
+    ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+        let owner = owner.to_owned();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let total = new_jobs.len() as i32;
+                let row: BatchRow = diesel::insert_into(batches::table)
+                    .values((
+                        batches::owner.eq(&owner),
+                        batches::label.eq(&label),
+                        batches::total.eq(total),
+                    ))
+                    .returning(BATCH_COLUMNS)
+                    .get_result(conn)?;
+                let available =
+                    row.created_at + chrono::Duration::milliseconds(dispatch_grace_ms as i64);
+                let values: Vec<_> = new_jobs
+                    .iter()
+                    .map(|j| {
+                        (
+                            jobs::batch_id.eq(row.id),
+                            jobs::owner.eq(&owner),
+                            jobs::inference_type.eq(&j.inference_type),
+                            jobs::endpoint.eq(&j.endpoint),
+                            jobs::model.eq(&j.model),
+                            jobs::body.eq(&j.body),
+                            jobs::available_at.eq(available),
+                        )
+                    })
+                    .collect();
+                let dispatch: Vec<JobDispatch> = diesel::insert_into(jobs::table)
+                    .values(&values)
+                    .returning(JobDispatch::as_returning())
+                    .get_results(conn)?;
+                let mut counts = BatchCounts::default();
+                counts.add(JobStatus::Queued, dispatch.len() as u64);
+                Ok((
+                    BatchView {
+                        id: row.id,
+                        label: row.label,
+                        total: i64::from(total),
+                        created_at: row.created_at,
+                        counts,
+                    },
+                    dispatch,
+                ))
+            })
+        })
+        .await
+    }
+
+    /// Records that the broker confirmed these jobs' messages.
+    pub async fn mark_dispatched(&self, ids: Vec<i64>) -> Result<usize, DbError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.run(move |conn| {
+            Ok(diesel::update(jobs::table)
+                .filter(jobs::id.eq_any(&ids))
+                .filter(jobs::status.eq(JobStatus::Queued.as_str()))
+                .set(jobs::dispatched_at.eq(diesel::dsl::now))
+                .execute(&mut **conn)?)
+        })
+        .await
+    }
+
+    /// The owner's newest batches.
+    pub async fn list_batches(&self, owner: &str, limit: i64) -> Result<Vec<BatchView>, DbError> {
+        let owner = owner.to_owned();
+        self.run(move |conn| {
+            let rows: Vec<BatchRow> = batches::table
+                .filter(batches::owner.eq(&owner))
+                .order(batches::id.desc())
+                .limit(limit)
+                .select(BATCH_COLUMNS)
+                .load(&mut **conn)?;
+            views(conn, rows)
+        })
+        .await
+    }
+
+    /// A batch of this owner with its jobs, or `None` (missing or someone else's).
+    pub async fn get_batch(
+        &self,
+        owner: &str,
+        id: i64,
+    ) -> Result<Option<(BatchView, Vec<JobSummary>)>, DbError> {
+        let owner = owner.to_owned();
+        self.run(move |conn| batch_with_jobs(conn, &owner, id)).await
+    }
+
+    pub async fn get_job(&self, owner: &str, id: i64) -> Result<Option<JobView>, DbError> {
+        let owner = owner.to_owned();
+        self.run(move |conn| {
+            Ok(jobs::table
+                .filter(jobs::id.eq(id))
+                .filter(jobs::owner.eq(&owner))
+                .select(JobView::as_select())
+                .first(&mut **conn)
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Cancels every QUEUED or PROCESSING job of the batch. Returns the batch afterwards and
+    /// the ids just cancelled (empty when there was nothing left to cancel), or `None`.
+    pub async fn cancel_batch(
+        &self,
+        owner: &str,
+        id: i64,
+    ) -> Result<Option<(BatchView, Vec<JobSummary>, Vec<i64>)>, DbError> {
+        let owner = owner.to_owned();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let cancelled: Vec<i64> = diesel::update(jobs::table)
+                    .filter(jobs::batch_id.eq(id))
+                    .filter(jobs::owner.eq(&owner))
+                    .filter(jobs::status.eq_any(cancellable()))
+                    .set(cancel_set())
+                    .returning(jobs::id)
+                    .get_results(conn)?;
+                Ok(batch_with_jobs(conn, &owner, id)?.map(|(b, j)| (b, j, cancelled)))
+            })
+        })
+        .await
+    }
+
+    /// Cancels one job if it is QUEUED or PROCESSING. `None` if it does not exist for this
+    /// owner; otherwise the job afterwards and whether this call cancelled it.
+    pub async fn cancel_job(&self, owner: &str, id: i64) -> Result<Option<(JobView, bool)>, DbError> {
+        let owner = owner.to_owned();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let n = diesel::update(jobs::table)
+                    .filter(jobs::id.eq(id))
+                    .filter(jobs::owner.eq(&owner))
+                    .filter(jobs::status.eq_any(cancellable()))
+                    .set(cancel_set())
+                    .execute(conn)?;
+                let job = jobs::table
+                    .filter(jobs::id.eq(id))
+                    .filter(jobs::owner.eq(&owner))
+                    .select(JobView::as_select())
+                    .first(conn)
+                    .optional()?;
+                Ok(job.map(|j| (j, n > 0)))
+            })
+        })
+        .await
+    }
+}
+
+fn cancellable() -> Vec<&'static str> {
+    JobStatus::sources(volley_domain::Transition::Cancel)
+        .into_iter()
+        .map(JobStatus::as_str)
+        .collect()
+}
+
+#[allow(clippy::type_complexity)]
+fn cancel_set() -> (
+    diesel::dsl::Eq<jobs::status, &'static str>,
+    diesel::dsl::Eq<jobs::finished_at, diesel::dsl::now>,
+    diesel::dsl::Eq<jobs::updated_at, diesel::dsl::now>,
+    diesel::dsl::Eq<jobs::lease_until, Option<DateTime<Utc>>>,
+) {
+    (
+        jobs::status.eq(JobStatus::Cancelled.as_str()),
+        jobs::finished_at.eq(diesel::dsl::now),
+        jobs::updated_at.eq(diesel::dsl::now),
+        jobs::lease_until.eq(None),
+    )
+}
+
+fn batch_with_jobs(
+    conn: &mut PgConn,
+    owner: &str,
+    id: i64,
+) -> Result<Option<(BatchView, Vec<JobSummary>)>, DbError> {
+    let row: Option<BatchRow> = batches::table
+        .filter(batches::id.eq(id))
+        .filter(batches::owner.eq(owner))
+        .select(BATCH_COLUMNS)
+        .first(conn)
+        .optional()?;
+    let Some(row) = row else { return Ok(None) };
+    let summaries: Vec<JobSummary> = jobs::table
+        .filter(jobs::batch_id.eq(id))
+        .order(jobs::id)
+        .select((jobs::id, jobs::status, jobs::inference_type))
+        .load(conn)?;
+    let mut counts = BatchCounts::default();
+    for j in &summaries {
+        if let Ok(s) = j.status.parse::<JobStatus>() {
+            counts.add(s, 1);
+        }
+    }
+    Ok(Some((
+        BatchView {
+            id: row.id,
+            label: row.label,
+            total: i64::from(row.total),
+            created_at: row.created_at,
+            counts,
+        },
+        summaries,
+    )))
+}

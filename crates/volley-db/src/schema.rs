@@ -1,0 +1,55 @@
+// Mirrors migrations/; keep in step with them.
+
+diesel::table! {
+    api_keys (id) {
+        id -> Int8,
+        name -> Text,
+        owner -> Text,
+        key_hash -> Bytea,
+        key_prefix -> Text,
+        created_at -> Timestamptz,
+        revoked_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    batches (id) {
+        id -> Int8,
+        owner -> Text,
+        label -> Nullable<Text>,
+        total -> Int4,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    jobs (id) {
+        id -> Int8,
+        batch_id -> Int8,
+        owner -> Text,
+        inference_type -> Text,
+        endpoint -> Text,
+        model -> Text,
+        body -> Jsonb,
+        status -> Text,
+        attempt -> Int4,
+        created_at -> Timestamptz,
+        available_at -> Timestamptz,
+        dispatched_at -> Nullable<Timestamptz>,
+        started_at -> Nullable<Timestamptz>,
+        lease_until -> Nullable<Timestamptz>,
+        finished_at -> Nullable<Timestamptz>,
+        updated_at -> Timestamptz,
+        result -> Nullable<Jsonb>,
+        error_type -> Nullable<Text>,
+        error_message -> Nullable<Text>,
+        last_error -> Nullable<Text>,
+        prompt_tokens -> Nullable<Int8>,
+        completion_tokens -> Nullable<Int8>,
+        total_tokens -> Nullable<Int8>,
+        outcomes -> Int4,
+    }
+}
+
+diesel::joinable!(jobs -> batches (batch_id));
+diesel::allow_tables_to_appear_in_same_query!(api_keys, batches, jobs);

@@ -1,0 +1,290 @@
+//! batch-state's side: claims, leases, outcome events and the sweeper. Each is one
+//! conditional statement over many jobs, guarded by status and attempt (the fencing token),
+//! so duplicate, stale and late messages change nothing.
+
+use std::collections::{HashMap, HashSet};
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Int4, Jsonb, Nullable, Text};
+use serde_json::Value;
+
+use crate::batches::JobDispatch;
+use crate::schema::jobs;
+use crate::{Db, DbError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The caller now runs the job; outcomes must carry this attempt number.
+    Claimed { attempt: i32 },
+    /// Someone else runs it, or it has finished or been cancelled.
+    Refused,
+    NotFound,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Succeeded { result: Value, usage: Option<Usage> },
+    Failed { error_type: String, message: String },
+    /// Hand the job back to the queue after `delay_ms`.
+    Retry { error: String, delay_ms: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub job_id: i64,
+    pub attempt: i32,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SweepReport {
+    /// Jobs whose worker stopped renewing its claim, handed back to the queue.
+    pub leases_expired: usize,
+    /// Jobs failed because their claim expired on their last attempt.
+    pub lost_failed: usize,
+    /// QUEUED jobs whose message went out long ago with no claim since.
+    pub redispatched: usize,
+}
+
+#[derive(QueryableByName)]
+struct IdAttempt {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Int4)]
+    attempt: i32,
+}
+
+#[derive(QueryableByName)]
+struct IdStatus {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    status: String,
+}
+
+impl Db {
+    /// Claims many jobs in one statement. Answers in the order asked.
+    pub async fn claim(&self, ids: Vec<i64>, lease_ms: u64) -> Result<Vec<(i64, Claim)>, DbError> {
+        self.run(move |conn| {
+            let claimed: Vec<IdAttempt> = diesel::sql_query(
+                "UPDATE jobs SET status = 'PROCESSING', attempt = attempt + 1, \
+                 started_at = COALESCE(started_at, now()), \
+                 lease_until = now() + $2 * interval '1 millisecond', updated_at = now() \
+                 WHERE id = ANY($1) AND status = 'QUEUED' RETURNING id, attempt",
+            )
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<BigInt, _>(lease_ms as i64)
+            .load(&mut **conn)?;
+            let claimed: HashMap<i64, i32> =
+                claimed.into_iter().map(|r| (r.id, r.attempt)).collect();
+            let rest: Vec<i64> = ids
+                .iter()
+                .copied()
+                .filter(|id| !claimed.contains_key(id))
+                .collect();
+            let existing: HashSet<i64> = if rest.is_empty() {
+                HashSet::new()
+            } else {
+                jobs::table
+                    .filter(jobs::id.eq_any(&rest))
+                    .select(jobs::id)
+                    .load::<i64>(&mut **conn)?
+                    .into_iter()
+                    .collect()
+            };
+            // A job asked for twice in one round is claimed once; the second ask is refused.
+            let mut given = HashSet::new();
+            Ok(ids
+                .into_iter()
+                .map(|id| {
+                    let c = match claimed.get(&id) {
+                        Some(&attempt) if given.insert(id) => Claim::Claimed { attempt },
+                        Some(_) => Claim::Refused,
+                        None if existing.contains(&id) => Claim::Refused,
+                        None => Claim::NotFound,
+                    };
+                    (id, c)
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Renews the claims still held; returns the job ids whose claim is still valid (a job
+    /// missing from the answer was cancelled, finished, or handed to someone else).
+    pub async fn renew(&self, held: Vec<(i64, i32)>, lease_ms: u64) -> Result<Vec<i64>, DbError> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.into_iter().unzip();
+        self.run(move |conn| {
+            let rows: Vec<IdAttempt> = diesel::sql_query(
+                "UPDATE jobs AS j SET lease_until = now() + $3 * interval '1 millisecond' \
+                 FROM unnest($1::bigint[], $2::int[]) AS v(id, attempt) \
+                 WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
+                 RETURNING j.id, j.attempt",
+            )
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<Int4>, _>(&attempts)
+            .bind::<BigInt, _>(lease_ms as i64)
+            .load(&mut **conn)?;
+            Ok(rows.into_iter().map(|r| r.id).collect())
+        })
+        .await
+    }
+
+    /// Applies outcome events in one statement. Returns `(job id, new status)` for each event
+    /// that changed something; the others were duplicates, stale or late (job cancelled).
+    pub async fn apply_events(&self, events: Vec<Event>) -> Result<Vec<(i64, String)>, DbError> {
+        let mut seen = HashSet::new();
+        let mut ids = Vec::new();
+        let mut attempts = Vec::new();
+        let mut statuses = Vec::new();
+        let mut results: Vec<Option<Value>> = Vec::new();
+        let mut error_types: Vec<Option<String>> = Vec::new();
+        let mut error_messages: Vec<Option<String>> = Vec::new();
+        let mut last_errors: Vec<Option<String>> = Vec::new();
+        let mut tokens: [Vec<Option<i64>>; 3] = Default::default();
+        let mut delays = Vec::new();
+        for e in events {
+            // UPDATE ... FROM applies one arbitrary row per job; keep the first per attempt.
+            if !seen.insert(e.job_id) {
+                continue;
+            }
+            ids.push(e.job_id);
+            attempts.push(e.attempt);
+            let (status, result, et, em, le, usage, delay) = match e.outcome {
+                Outcome::Succeeded { result, usage } => {
+                    ("PROCESSED", Some(result), None, None, None, usage, 0)
+                }
+                Outcome::Failed {
+                    error_type,
+                    message,
+                } => (
+                    "FAILED",
+                    None,
+                    Some(error_type),
+                    Some(message.clone()),
+                    Some(message),
+                    None,
+                    0,
+                ),
+                Outcome::Retry { error, delay_ms } => {
+                    ("QUEUED", None, None, None, Some(error), None, delay_ms)
+                }
+            };
+            statuses.push(status.to_owned());
+            results.push(result);
+            error_types.push(et);
+            error_messages.push(em);
+            last_errors.push(le);
+            tokens[0].push(usage.map(|u| u.prompt_tokens));
+            tokens[1].push(usage.map(|u| u.completion_tokens));
+            tokens[2].push(usage.map(|u| u.total_tokens));
+            delays.push(delay.max(0));
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.run(move |conn| {
+            let rows: Vec<IdStatus> = diesel::sql_query(
+                "UPDATE jobs AS j SET \
+                   status = v.status, \
+                   result = v.result, \
+                   error_type = v.error_type, \
+                   error_message = v.error_message, \
+                   last_error = COALESCE(v.last_error, j.last_error), \
+                   prompt_tokens = v.pt, completion_tokens = v.ct, total_tokens = v.tt, \
+                   finished_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE now() END, \
+                   available_at = CASE WHEN v.status = 'QUEUED' \
+                     THEN now() + v.delay_ms * interval '1 millisecond' ELSE j.available_at END, \
+                   dispatched_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE j.dispatched_at END, \
+                   lease_until = NULL, \
+                   outcomes = j.outcomes + CASE WHEN v.status = 'QUEUED' THEN 0 ELSE 1 END, \
+                   updated_at = now() \
+                 FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], \
+                             $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
+                             $11::bigint[]) \
+                   AS v(id, attempt, status, result, error_type, error_message, last_error, \
+                        pt, ct, tt, delay_ms) \
+                 WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
+                 RETURNING j.id, j.status",
+            )
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<Int4>, _>(&attempts)
+            .bind::<Array<Text>, _>(&statuses)
+            .bind::<Array<Nullable<Jsonb>>, _>(&results)
+            .bind::<Array<Nullable<Text>>, _>(&error_types)
+            .bind::<Array<Nullable<Text>>, _>(&error_messages)
+            .bind::<Array<Nullable<Text>>, _>(&last_errors)
+            .bind::<Array<Nullable<BigInt>>, _>(&tokens[0])
+            .bind::<Array<Nullable<BigInt>>, _>(&tokens[1])
+            .bind::<Array<Nullable<BigInt>>, _>(&tokens[2])
+            .bind::<Array<BigInt>, _>(&delays)
+            .load(&mut **conn)?;
+            Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
+        })
+        .await
+    }
+
+    /// Jobs that are QUEUED with no confirmed message and due: committed but never
+    /// confirmed on the broker, handed back by a retry, or marked for re-dispatch.
+    pub async fn due_for_dispatch(&self, limit: i64) -> Result<Vec<JobDispatch>, DbError> {
+        self.run(move |conn| {
+            Ok(jobs::table
+                .filter(jobs::status.eq("QUEUED"))
+                .filter(jobs::dispatched_at.is_null())
+                .filter(jobs::available_at.le(diesel::dsl::now))
+                .order(jobs::available_at)
+                .limit(limit)
+                .select(JobDispatch::as_select())
+                .load(&mut **conn)?)
+        })
+        .await
+    }
+
+    /// Recovers jobs from lost workers and lost messages; what it hands back is then found by
+    /// [`Db::due_for_dispatch`].
+    pub async fn sweep(
+        &self,
+        max_attempts: u32,
+        redispatch_after_ms: u64,
+    ) -> Result<SweepReport, DbError> {
+        self.run(move |conn| {
+            let lost_failed = diesel::sql_query(
+                "UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), \
+                 lease_until = NULL, outcomes = outcomes + 1, error_type = 'worker_lost', \
+                 error_message = 'the worker running the job stopped answering on its last attempt', \
+                 last_error = 'worker lost' \
+                 WHERE status = 'PROCESSING' AND lease_until < now() AND attempt >= $1",
+            )
+            .bind::<Int4, _>(max_attempts as i32)
+            .execute(&mut **conn)?;
+            let leases_expired = diesel::sql_query(
+                "UPDATE jobs SET status = 'QUEUED', dispatched_at = NULL, available_at = now(), \
+                 lease_until = NULL, updated_at = now(), last_error = 'worker lost; retrying' \
+                 WHERE status = 'PROCESSING' AND lease_until < now()",
+            )
+            .execute(&mut **conn)?;
+            let redispatched = diesel::sql_query(
+                "UPDATE jobs SET dispatched_at = NULL \
+                 WHERE status = 'QUEUED' AND dispatched_at < now() - $1 * interval '1 millisecond'",
+            )
+            .bind::<BigInt, _>(redispatch_after_ms as i64)
+            .execute(&mut **conn)?;
+            Ok(SweepReport {
+                leases_expired,
+                lost_failed,
+                redispatched,
+            })
+        })
+        .await
+    }
+}

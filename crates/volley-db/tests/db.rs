@@ -1,0 +1,162 @@
+//! Against the real PostgreSQL, one fresh database per test.
+
+use serde_json::json;
+use volley_db::testing::TestDatabase;
+use volley_db::{Claim, Db, Event, NewJob, Outcome, Usage};
+use volley_domain::BatchStatus;
+
+fn jobs(n: usize) -> Vec<NewJob> {
+    (0..n)
+        .map(|i| NewJob {
+            inference_type: "LLM".into(),
+            endpoint: "/v1/completions".into(),
+            model: "qwen3-8b".into(),
+            body: json!({"model": "qwen3-8b", "prompt": format!("p{i}")}),
+        })
+        .collect()
+}
+
+async fn setup() -> (TestDatabase, Db) {
+    TestDatabase::create().await.unwrap()
+}
+
+fn ok(job_id: i64, attempt: i32) -> Event {
+    Event {
+        job_id,
+        attempt,
+        outcome: Outcome::Succeeded {
+            result: json!({"text": "hi"}),
+            usage: Some(Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                total_tokens: 3,
+            }),
+        },
+    }
+}
+
+#[tokio::test]
+async fn accept_read_and_isolate_owners() {
+    let (_t, db) = setup().await;
+    let (b, d) = db
+        .create_batch("alice", Some("l".into()), jobs(3), 5_000)
+        .await
+        .unwrap();
+    assert_eq!(d.len(), 3);
+    assert_eq!(b.counts.status(), BatchStatus::Pending);
+    let (view, summaries) = db.get_batch("alice", b.id).await.unwrap().unwrap();
+    assert_eq!(view.counts.queued, 3);
+    assert_eq!(summaries.len(), 3);
+    assert!(db.get_batch("bob", b.id).await.unwrap().is_none());
+    assert!(db.get_job("bob", d[0].id).await.unwrap().is_none());
+    assert!(db.get_job("alice", d[0].id).await.unwrap().is_some());
+    db.create_batch("alice", None, jobs(1), 0).await.unwrap();
+    let list = db.list_batches("alice", 50).await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(list[0].id > list[1].id, "newest first");
+    assert!(db.list_batches("bob", 50).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn claims_are_exclusive_and_outcomes_fenced() {
+    let (_t, db) = setup().await;
+    let (b, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
+    let first = db.claim(vec![ids[0], ids[0], 999_999], 60_000).await.unwrap();
+    assert_eq!(first[0].1, Claim::Claimed { attempt: 1 });
+    assert_eq!(first[1].1, Claim::Refused, "same job twice in one round");
+    assert_eq!(first[2].1, Claim::NotFound);
+    // A redelivered message cannot claim a running job again.
+    assert_eq!(db.claim(vec![ids[0]], 60_000).await.unwrap()[0].1, Claim::Refused);
+
+    // Stale attempt and duplicates change nothing.
+    assert!(db.apply_events(vec![ok(ids[0], 7)]).await.unwrap().is_empty());
+    let applied = db.apply_events(vec![ok(ids[0], 1), ok(ids[0], 1)]).await.unwrap();
+    assert_eq!(applied, vec![(ids[0], "PROCESSED".to_string())]);
+    assert!(db.apply_events(vec![ok(ids[0], 1)]).await.unwrap().is_empty());
+    let job = db.get_job("o", ids[0]).await.unwrap().unwrap();
+    assert_eq!(job.status, "PROCESSED");
+    assert_eq!(job.total_tokens, Some(3));
+
+    // Retry hands the job back; the next claim is attempt 2 and the old attempt is fenced off.
+    db.claim(vec![ids[1]], 60_000).await.unwrap();
+    let retry = Event {
+        job_id: ids[1],
+        attempt: 1,
+        outcome: Outcome::Retry {
+            error: "HTTP 500".into(),
+            delay_ms: 0,
+        },
+    };
+    assert_eq!(db.apply_events(vec![retry]).await.unwrap().len(), 1);
+    assert_eq!(
+        db.claim(vec![ids[1]], 60_000).await.unwrap()[0].1,
+        Claim::Claimed { attempt: 2 }
+    );
+    assert!(db.apply_events(vec![ok(ids[1], 1)]).await.unwrap().is_empty());
+    let failed = Event {
+        job_id: ids[1],
+        attempt: 2,
+        outcome: Outcome::Failed {
+            error_type: "provider_error".into(),
+            message: "bad".into(),
+        },
+    };
+    db.apply_events(vec![failed]).await.unwrap();
+    let j = db.get_job("o", ids[1]).await.unwrap().unwrap();
+    assert_eq!((j.status.as_str(), j.attempt), ("FAILED", 2));
+    assert_eq!(j.error_message.as_deref(), Some("bad"));
+
+    // Cancel: the running job is cancelled, the finished ones stay, a late result is dropped.
+    db.claim(vec![ids[2]], 60_000).await.unwrap();
+    let (view, _, cancelled) = db.cancel_batch("o", b.id).await.unwrap().unwrap();
+    assert_eq!(cancelled, vec![ids[2]]);
+    assert_eq!(view.counts.status(), BatchStatus::Done);
+    assert_eq!((view.counts.processed, view.counts.failed, view.counts.cancelled), (1, 1, 1));
+    assert!(db.apply_events(vec![ok(ids[2], 1)]).await.unwrap().is_empty());
+    let (_, _, again) = db.cancel_batch("o", b.id).await.unwrap().unwrap();
+    assert!(again.is_empty(), "cancel is idempotent");
+    assert!(db.cancel_batch("other", b.id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sweeper_finds_undispatched_and_lost_jobs() {
+    let (_t, db) = setup().await;
+    let (_, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
+    assert_eq!(db.due_for_dispatch(100).await.unwrap().len(), 3);
+    db.mark_dispatched(vec![ids[0], ids[1]]).await.unwrap();
+    let due = db.due_for_dispatch(100).await.unwrap();
+    assert_eq!(due.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2]]);
+
+    // A claim whose lease runs out goes back to the queue.
+    db.claim(vec![ids[0]], 1).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let r = db.sweep(4, 600_000).await.unwrap();
+    assert_eq!(r.leases_expired, 1);
+    let due: Vec<i64> = db.due_for_dispatch(100).await.unwrap().iter().map(|j| j.id).collect();
+    assert!(due.contains(&ids[0]));
+    // Renewal: a live claim stays, a stale attempt is not renewed.
+    db.claim(vec![ids[0]], 60_000).await.unwrap();
+    assert_eq!(db.renew(vec![(ids[0], 2), (ids[1], 1)], 60_000).await.unwrap(), vec![ids[0]]);
+    // On the last attempt a lost worker fails the job instead.
+    db.claim(vec![ids[1]], 1).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let r = db.sweep(1, 600_000).await.unwrap();
+    assert_eq!(r.lost_failed, 1);
+    assert_eq!(db.get_job("o", ids[1]).await.unwrap().unwrap().status, "FAILED");
+}
+
+#[tokio::test]
+async fn keys_are_hashed_and_revocable() {
+    let (_t, db) = setup().await;
+    let k = db.create_key("ci", None).await.unwrap();
+    assert!(k.secret.starts_with("vk_"));
+    assert_eq!(db.authenticate(&k.secret).await.unwrap().as_deref(), Some("ci"));
+    assert_eq!(db.authenticate("vk_wrong").await.unwrap(), None);
+    let listed = db.list_keys().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(!format!("{listed:?}").contains(&k.secret));
+    assert_eq!(db.revoke_key("ci").await.unwrap(), 1);
+    assert_eq!(db.authenticate(&k.secret).await.unwrap(), None);
+}
