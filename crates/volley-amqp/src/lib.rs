@@ -1,0 +1,392 @@
+//! Volley's RabbitMQ layer.
+//!
+//! Topology (every name starts with the configured prefix, so stacks and tests can share a
+//! broker):
+//! - `P.jobs` (direct exchange) routes a job to `P.jobs.<type>` (durable quorum queue) by the
+//!   inference type's key (`llm`, `image`, ...).
+//! - `P.events` (quorum queue, default exchange) carries workers' outcome events to batch-state.
+//! - `P.dlx` (direct) receives what a queue dead-letters (undecodable, or redelivered more than
+//!   the delivery limit) and routes it, by the source queue's name, to `<queue>.dlq`.
+//! - `P.control` (fanout) broadcasts cancellations to every worker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use prost::Message;
+use tokio::sync::Mutex;
+use volley_domain::InferenceType;
+use volley_proto::{Control, JobEvent, JobMessage};
+
+pub use lapin;
+
+/// How many times a message may be delivered before its queue dead-letters it. Quorum queues
+/// count redeliveries themselves, so a message that kills its consumer cannot loop forever.
+pub const DELIVERY_LIMIT: i64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("RabbitMQ: {0}")]
+    Lapin(#[from] lapin::Error),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the broker could not route the message to any queue")]
+    Unroutable,
+    #[error("publisher confirms are not on for this channel")]
+    NoConfirm,
+    #[error("timed out waiting for RabbitMQ")]
+    Timeout,
+}
+
+/// Queue and exchange names of one stack.
+#[derive(Debug, Clone)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    pub fn new(prefix: &str) -> Names {
+        Names {
+            prefix: prefix.to_owned(),
+        }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+    pub fn job_queue(&self, t: InferenceType) -> String {
+        format!("{}.jobs.{}", self.prefix, t.key())
+    }
+    pub fn events_queue(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    pub fn dlx(&self) -> String {
+        format!("{}.dlx", self.prefix)
+    }
+    pub fn dlq(queue: &str) -> String {
+        format!("{queue}.dlq")
+    }
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+    /// Every durable work queue (jobs of each type, then events).
+    pub fn work_queues(&self) -> Vec<String> {
+        let mut q: Vec<String> = InferenceType::ALL
+            .into_iter()
+            .map(|t| self.job_queue(t))
+            .collect();
+        q.push(self.events_queue());
+        q
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+/// Declares the whole topology; idempotent, and every process declares it the same way so the
+/// arguments never conflict.
+pub async fn declare_topology(ch: &Channel, names: &Names) -> Result<(), AmqpError> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        names.jobs_exchange().as_str().into(),
+        ExchangeKind::Direct,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        names.dlx().as_str().into(),
+        ExchangeKind::Direct,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    ch.exchange_declare(
+        names.control_exchange().as_str().into(),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await?;
+    let qopts = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for queue in names.work_queues() {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), long("quorum"));
+        args.insert("x-dead-letter-exchange".into(), long(&names.dlx()));
+        args.insert("x-dead-letter-routing-key".into(), long(&queue));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        ch.queue_declare(queue.as_str().into(), qopts, args).await?;
+        let dlq = Names::dlq(&queue);
+        let mut dargs = FieldTable::default();
+        dargs.insert("x-queue-type".into(), long("quorum"));
+        ch.queue_declare(dlq.as_str().into(), qopts, dargs).await?;
+        ch.queue_bind(
+            dlq.as_str().into(),
+            names.dlx().as_str().into(),
+            queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    for t in InferenceType::ALL {
+        ch.queue_bind(
+            names.job_queue(t).as_str().into(),
+            names.jobs_exchange().as_str().into(),
+            t.key().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
+    let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    match tokio::time::timeout(Duration::from_secs(10), Connection::connect(url, props)).await {
+        Ok(c) => Ok(c?),
+        Err(_) => Err(AmqpError::Timeout),
+    }
+}
+
+/// A consuming channel with a prefetch window.
+pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel, AmqpError> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    Ok(ch)
+}
+
+struct Live {
+    conn: Connection,
+    channel: Channel,
+}
+
+/// A lazily (re)connecting publisher with confirms on. Publishing waits for the broker's
+/// confirm; a nack, a return (unroutable) or a lost connection is an error, and the next call
+/// reconnects.
+pub struct Broker {
+    url: String,
+    conn_name: String,
+    names: Names,
+    live: Mutex<Option<Arc<Live>>>,
+}
+
+impl Broker {
+    pub fn new(url: &str, conn_name: &str, names: Names) -> Broker {
+        Broker {
+            url: url.to_owned(),
+            conn_name: conn_name.to_owned(),
+            names,
+            live: Mutex::new(None),
+        }
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    async fn live(&self) -> Result<Arc<Live>, AmqpError> {
+        let mut guard = self.live.lock().await;
+        if let Some(l) = guard.as_ref()
+            && l.conn.status().connected()
+            && l.channel.status().connected()
+        {
+            return Ok(l.clone());
+        }
+        let conn = connect(&self.url, &self.conn_name).await?;
+        let channel = conn.create_channel().await?;
+        declare_topology(&channel, &self.names).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let l = Arc::new(Live { conn, channel });
+        *guard = Some(l.clone());
+        Ok(l)
+    }
+
+    /// Whether a connection is open now (no attempt to connect).
+    pub async fn is_connected(&self) -> bool {
+        match self.live.lock().await.as_ref() {
+            Some(l) => l.conn.status().connected(),
+            None => false,
+        }
+    }
+
+    /// Connects (and declares the topology) if not connected.
+    pub async fn ensure_connected(&self) -> Result<(), AmqpError> {
+        self.live().await.map(|_| ())
+    }
+
+    async fn forget(&self) {
+        *self.live.lock().await = None;
+    }
+
+    /// Publishes many messages, then waits for all their confirms. One result per message.
+    pub async fn publish_many(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
+        let live = self.live().await?;
+        let mut pending = Vec::with_capacity(messages.len());
+        let mut broken = false;
+        for m in messages {
+            let mut props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(ShortString::from("application/x-protobuf"));
+            if let Some(id) = m.message_id {
+                props = props.with_message_id(ShortString::from(id));
+            }
+            let r = live
+                .channel
+                .basic_publish(
+                    m.exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.payload,
+                    props,
+                )
+                .await;
+            if r.is_err() {
+                broken = true;
+            }
+            pending.push(r);
+        }
+        let confirms = pending.into_iter().map(|p| async move {
+            let confirm = p?;
+            match tokio::time::timeout(Duration::from_secs(30), confirm).await {
+                Err(_) => Err(AmqpError::Timeout),
+                Ok(Err(e)) => Err(AmqpError::Lapin(e)),
+                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable),
+                Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
+                Ok(Ok(Confirmation::NotRequested)) => Err(AmqpError::NoConfirm),
+            }
+        });
+        let results = futures::future::join_all(confirms).await;
+        if broken
+            || results
+                .iter()
+                .any(|r| matches!(r, Err(AmqpError::Lapin(_) | AmqpError::Timeout)))
+        {
+            self.forget().await;
+        }
+        Ok(results)
+    }
+
+    async fn publish_one(&self, m: Outgoing) -> Result<(), AmqpError> {
+        self.publish_many(vec![m])
+            .await?
+            .pop()
+            .unwrap_or(Err(AmqpError::NoConfirm))
+    }
+
+    /// Publishes jobs to their type's queue; one result per job.
+    pub async fn publish_jobs(
+        &self,
+        jobs: &[JobMessage],
+    ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
+        let out = jobs
+            .iter()
+            .map(|j| Outgoing {
+                exchange: self.names.jobs_exchange(),
+                routing_key: j
+                    .inference_type
+                    .parse::<InferenceType>()
+                    .map(|t| t.key().to_owned())
+                    .unwrap_or_default(),
+                payload: j.encode_to_vec(),
+                message_id: Some(j.job_id.to_string()),
+            })
+            .collect();
+        self.publish_many(out).await
+    }
+
+    pub async fn publish_events(
+        &self,
+        events: &[JobEvent],
+    ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
+        let out = events
+            .iter()
+            .map(|e| Outgoing {
+                exchange: String::new(),
+                routing_key: self.names.events_queue(),
+                payload: e.encode_to_vec(),
+                message_id: Some(format!("{}-{}", e.job_id, e.attempt)),
+            })
+            .collect();
+        self.publish_many(out).await
+    }
+
+    pub async fn publish_control(&self, c: &Control) -> Result<(), AmqpError> {
+        // A fanout with no bound worker queue is fine: nothing is running to abort.
+        let live = self.live().await?;
+        let confirm = live
+            .channel
+            .basic_publish(
+                self.names.control_exchange().as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &c.encode_to_vec(),
+                BasicProperties::default(),
+            )
+            .await?;
+        confirm.await?;
+        Ok(())
+    }
+
+    /// Publishes raw bytes to a queue through the default exchange (used to replay
+    /// dead-lettered messages).
+    pub async fn publish_raw(
+        &self,
+        queue: &str,
+        payload: Vec<u8>,
+        message_id: Option<String>,
+    ) -> Result<(), AmqpError> {
+        self.publish_one(Outgoing {
+            exchange: String::new(),
+            routing_key: queue.to_owned(),
+            payload,
+            message_id,
+        })
+        .await
+    }
+
+    /// Closes the connection politely.
+    pub async fn close(&self) {
+        if let Some(l) = self.live.lock().await.take() {
+            let _ = l.conn.close(200, "bye".into()).await;
+        }
+    }
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub payload: Vec<u8>,
+    pub message_id: Option<String>,
+}

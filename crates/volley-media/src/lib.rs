@@ -1,0 +1,323 @@
+//! Media results are ours: workers stream provider media into an object store (a local
+//! directory by default, S3-compatible by configuration) and job results refer to it as
+//! `volley-media:<key>`. The gateway turns each reference into a URL signed afresh on every
+//! read, so a result fetched tomorrow still has a working link.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
+use hmac::{Hmac, Mac};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use serde_json::Value;
+use sha2::Sha256;
+
+/// Prefix of a media reference inside a stored job result.
+pub const SCHEME: &str = "volley-media:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("media is larger than the {max} byte limit")]
+    TooLarge { max: u64 },
+    #[error("media key {0:?} is not valid")]
+    BadKey(String),
+    #[error("media not found")]
+    NotFound,
+    #[error("media store: {0}")]
+    Store(String),
+    #[error("reading media from the provider: {0}")]
+    Source(String),
+}
+
+impl From<object_store::Error> for MediaError {
+    fn from(e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { .. } => MediaError::NotFound,
+            other => MediaError::Store(other.to_string()),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct MediaStore {
+    store: Arc<dyn ObjectStore>,
+    max_bytes: u64,
+}
+
+/// Keys are made by workers, but they arrive back through URLs: accept only a safe alphabet
+/// and no `..`, so a request can never name anything outside the store.
+pub fn check_key(key: &str) -> Result<(), MediaError> {
+    let ok = !key.is_empty()
+        && key.len() <= 512
+        && !key.starts_with('/')
+        && !key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(MediaError::BadKey(key.chars().take(80).collect()))
+    }
+}
+
+impl MediaStore {
+    pub fn local(dir: &str, max_bytes: u64) -> Result<MediaStore, MediaError> {
+        std::fs::create_dir_all(dir).map_err(|e| MediaError::Store(format!("{dir}: {e}")))?;
+        let fs = LocalFileSystem::new_with_prefix(dir)?;
+        Ok(MediaStore::with_store(Arc::new(fs), max_bytes))
+    }
+
+    pub fn with_store(store: Arc<dyn ObjectStore>, max_bytes: u64) -> MediaStore {
+        MediaStore { store, max_bytes }
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Streams `body` into the store under `key`, never holding more than one part in memory.
+    /// Over the size cap, the upload is aborted and nothing is left behind.
+    pub async fn put_stream<S, E>(&self, key: &str, body: S) -> Result<u64, MediaError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        check_key(key)?;
+        let upload = self.store.put_multipart(&Path::from(key)).await?;
+        let mut w = WriteMultipart::new_with_chunk_size(upload, 1024 * 1024);
+        let mut body = std::pin::pin!(body);
+        let mut n: u64 = 0;
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(MediaError::Source(e.to_string()));
+                }
+            };
+            n += chunk.len() as u64;
+            if n > self.max_bytes {
+                let _ = w.abort().await;
+                return Err(MediaError::TooLarge {
+                    max: self.max_bytes,
+                });
+            }
+            w.wait_for_capacity(4).await?;
+            w.put(chunk);
+        }
+        w.finish().await?;
+        Ok(n)
+    }
+
+    pub async fn put_bytes(&self, key: &str, body: Bytes) -> Result<u64, MediaError> {
+        self.put_stream(key, futures::stream::once(async move { Ok::<_, MediaError>(body) }))
+            .await
+    }
+
+    /// The object's size and a stream of its bytes.
+    pub async fn get(
+        &self,
+        key: &str,
+    ) -> Result<(u64, BoxStream<'static, Result<Bytes, MediaError>>), MediaError> {
+        check_key(key)?;
+        let r = self.store.get(&Path::from(key)).await?;
+        let size = r.meta.size;
+        Ok((size, r.into_stream().map(|c| c.map_err(MediaError::from)).boxed()))
+    }
+}
+
+/// The content type of a stored object, from its extension.
+pub fn content_type_for(key: &str) -> &'static str {
+    match key.rsplit_once('.').map(|(_, e)| e) {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        Some("gif") => "image/gif",
+        Some("wav") => "audio/wav",
+        Some("mp3") => "audio/mpeg",
+        Some("ogg" | "opus") => "audio/ogg",
+        Some("flac") => "audio/flac",
+        Some("mp4") => "video/mp4",
+        Some("webm") => "video/webm",
+        Some("json") => "application/json",
+        _ => "application/octet-stream",
+    }
+}
+
+/// The extension to store a provider's media under, from its content type.
+pub fn extension_for(content_type: &str) -> &'static str {
+    let ct = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match ct.as_str() {
+        "image/png" => "png",
+        "image/jpeg" => "jpg",
+        "image/webp" => "webp",
+        "image/gif" => "gif",
+        "audio/wav" | "audio/x-wav" | "audio/wave" => "wav",
+        "audio/mpeg" | "audio/mp3" => "mp3",
+        "audio/ogg" | "audio/opus" => "ogg",
+        "audio/flac" => "flac",
+        "video/mp4" => "mp4",
+        "video/webm" => "webm",
+        _ => "bin",
+    }
+}
+
+pub fn media_ref(key: &str) -> String {
+    format!("{SCHEME}{key}")
+}
+
+/// Replaces every `volley-media:<key>` string inside `v` with `f(key)`.
+pub fn rewrite_refs(v: &mut Value, f: &dyn Fn(&str) -> String) {
+    match v {
+        Value::String(s) => {
+            if let Some(key) = s.strip_prefix(SCHEME) {
+                *s = f(key);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| rewrite_refs(i, f)),
+        Value::Object(map) => map.values_mut().for_each(|i| rewrite_refs(i, f)),
+        _ => {}
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignError {
+    #[error("the link has expired")]
+    Expired,
+    #[error("the link's signature is not valid")]
+    BadSignature,
+}
+
+/// Signs and checks media URLs with HMAC-SHA256 over the key and the expiry time.
+#[derive(Clone)]
+pub struct Signer {
+    secret: Vec<u8>,
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+impl Signer {
+    pub fn new(secret: &[u8]) -> Signer {
+        Signer {
+            secret: secret.to_vec(),
+        }
+    }
+
+    fn mac(&self, key: &str, expires: i64) -> HmacSha256 {
+        // HMAC takes a key of any length, so this cannot fail.
+        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        m.update(key.as_bytes());
+        m.update(b"\n");
+        m.update(expires.to_string().as_bytes());
+        m
+    }
+
+    pub fn sign(&self, key: &str, expires: i64) -> String {
+        hex::encode(self.mac(key, expires).finalize().into_bytes())
+    }
+
+    /// `{base}/v1/media/{key}?expires=..&sig=..`
+    pub fn url(&self, base: &str, key: &str, expires: i64) -> String {
+        format!(
+            "{}/v1/media/{key}?expires={expires}&sig={}",
+            base.trim_end_matches('/'),
+            self.sign(key, expires)
+        )
+    }
+
+    pub fn verify(&self, key: &str, expires: i64, sig: &str, now: i64) -> Result<(), SignError> {
+        let raw = hex::decode(sig).map_err(|_| SignError::BadSignature)?;
+        // Constant-time comparison.
+        self.mac(key, expires)
+            .verify_slice(&raw)
+            .map_err(|_| SignError::BadSignature)?;
+        if now > expires {
+            return Err(SignError::Expired);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_cannot_escape() {
+        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "a b", "a\0b", "a/./b"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+        check_key("jobs/43/1-0.png").unwrap();
+    }
+
+    #[test]
+    fn signatures() {
+        let s = Signer::new(b"k");
+        let sig = s.sign("jobs/1/a.png", 100);
+        assert_eq!(s.verify("jobs/1/a.png", 100, &sig, 50), Ok(()));
+        assert_eq!(
+            s.verify("jobs/1/a.png", 100, &sig, 101),
+            Err(SignError::Expired)
+        );
+        assert_eq!(
+            s.verify("jobs/1/b.png", 100, &sig, 50),
+            Err(SignError::BadSignature)
+        );
+        assert_eq!(
+            s.verify("jobs/1/a.png", 1000, &sig, 50),
+            Err(SignError::BadSignature),
+            "a longer expiry is a different signature"
+        );
+        assert_eq!(
+            s.verify("jobs/1/a.png", 100, "zz", 50),
+            Err(SignError::BadSignature)
+        );
+        assert!(Signer::new(b"other").verify("jobs/1/a.png", 100, &sig, 50).is_err());
+    }
+
+    #[test]
+    fn rewrites_nested_refs() {
+        let mut v = json!({"data": [{"url": "volley-media:jobs/1/a.png"}, {"url": "https://x"}], "n": 1});
+        rewrite_refs(&mut v, &|k| format!("U({k})"));
+        assert_eq!(v["data"][0]["url"], "U(jobs/1/a.png)");
+        assert_eq!(v["data"][1]["url"], "https://x");
+    }
+
+    #[tokio::test]
+    async fn streams_in_and_out_with_a_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MediaStore::local(dir.path().to_str().unwrap(), 3 * 1024 * 1024).unwrap();
+        let chunks: Vec<Result<Bytes, MediaError>> =
+            (0..2).map(|_| Ok(Bytes::from(vec![7u8; 1024 * 1024]))).collect();
+        let n = store
+            .put_stream("jobs/1/0.bin", futures::stream::iter(chunks))
+            .await
+            .unwrap();
+        assert_eq!(n, 2 * 1024 * 1024);
+        let (size, body) = store.get("jobs/1/0.bin").await.unwrap();
+        assert_eq!(size, n);
+        let got: Vec<Bytes> = body.map(|c| c.unwrap()).collect().await;
+        assert_eq!(got.iter().map(|b| b.len() as u64).sum::<u64>(), n);
+
+        let big: Vec<Result<Bytes, MediaError>> =
+            (0..4).map(|_| Ok(Bytes::from(vec![0u8; 1024 * 1024]))).collect();
+        let e = store
+            .put_stream("jobs/1/big.bin", futures::stream::iter(big))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, MediaError::TooLarge { .. }));
+        assert!(matches!(store.get("jobs/1/big.bin").await, Err(MediaError::NotFound)));
+        assert!(matches!(store.get("../etc").await, Err(MediaError::BadKey(_))));
+    }
+}
