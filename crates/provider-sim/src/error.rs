@@ -28,11 +28,7 @@ impl ApiError {
     }
 
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            message,
-        );
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
         e.param = param.map(str::to_owned);
         e
     }

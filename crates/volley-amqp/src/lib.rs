@@ -390,3 +390,34 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
     pub message_id: Option<String>,
 }
+
+/// Deletes every queue and exchange of a stack (tests clean up after themselves with this).
+pub async fn delete_topology(ch: &Channel, names: &Names) -> Result<(), AmqpError> {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    for q in names.work_queues() {
+        ch.queue_delete(Names::dlq(&q).as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+    }
+    for x in [names.jobs_exchange(), names.dlx(), names.control_exchange()] {
+        ch.exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// How many messages wait in a queue, and how many consumers it has.
+pub async fn queue_depth(ch: &Channel, queue: &str) -> Result<(u32, u32), AmqpError> {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((q.message_count(), q.consumer_count()))
+}

@@ -110,6 +110,8 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// On SIGTERM, how long running jobs may take to finish before they are handed back.
+    pub shutdown_grace_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -233,6 +235,7 @@ impl Default for WorkerSettings {
             max_attempts: 4,
             retry_base_ms: 500,
             retry_max_ms: 30_000,
+            shutdown_grace_secs: 30,
         }
     }
 }
@@ -265,6 +268,7 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("VOLLEY_WORKER_ADDR", "worker health listen address"),
     ("VOLLEY_WORKER_CONCURRENCY", "jobs a worker runs at once"),
     ("VOLLEY_MAX_ATTEMPTS", "attempts per job"),
+    ("VOLLEY_SHUTDOWN_GRACE_SECS", "how long a stopping worker lets jobs finish"),
     ("VOLLEY_MEDIA_DIR", "local media store directory"),
     ("VOLLEY_MEDIA_SIGNING_KEY", "key that signs media URLs"),
     ("VOLLEY_PROVIDER_<NAME>_BASE_URL", "override a provider's base URL"),
@@ -341,6 +345,7 @@ impl Settings {
                 "VOLLEY_WORKER_ADDR" => self.worker.addr = v.into(),
                 "VOLLEY_WORKER_CONCURRENCY" => self.worker.concurrency = parse(key, v)?,
                 "VOLLEY_MAX_ATTEMPTS" => self.worker.max_attempts = parse(key, v)?,
+                "VOLLEY_SHUTDOWN_GRACE_SECS" => self.worker.shutdown_grace_secs = parse(key, v)?,
                 "VOLLEY_MEDIA_DIR" => self.media.dir = v.into(),
                 "VOLLEY_MEDIA_SIGNING_KEY" => self.media.signing_key = Secret::new(v),
                 _ => {

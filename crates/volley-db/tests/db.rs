@@ -1,4 +1,5 @@
 //! Against the real PostgreSQL, one fresh database per test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
 use volley_db::testing::TestDatabase;

@@ -1,0 +1,253 @@
+//! batch-state: the only writer of job state after submission. It hands out claims (with the
+//! attempt number that fences outcomes), renews leases, applies outcome events from RabbitMQ in
+//! batches, and sweeps for work that was committed but not published or whose worker was lost.
+
+pub mod events;
+pub mod sweeper;
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use volley_amqp::{Broker, Names};
+use volley_config::Settings;
+use volley_db::{Claim, Db};
+
+/// Claims waiting to be batched into one statement; bounded so a flood pushes back on workers.
+const CLAIM_QUEUE: usize = 4096;
+const CLAIM_BATCH: usize = 512;
+
+pub struct Shared {
+    pub settings: Arc<Settings>,
+    pub db: Db,
+    pub broker: Broker,
+    consuming: AtomicBool,
+    draining: AtomicBool,
+    claims: mpsc::Sender<ClaimRequest>,
+}
+
+impl Shared {
+    fn set_consuming(&self, v: bool) {
+        self.consuming.store(v, Ordering::Relaxed);
+    }
+}
+
+type ClaimReply = oneshot::Sender<Result<Vec<(i64, Claim)>, String>>;
+struct ClaimRequest {
+    ids: Vec<i64>,
+    reply: ClaimReply,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClaimBody {
+    pub job_ids: Vec<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClaimAnswer {
+    pub job_id: i64,
+    /// `claimed`, `refused` (running elsewhere, finished or cancelled) or `not_found`.
+    pub result: String,
+    pub attempt: i32,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RenewBody {
+    /// `[job_id, attempt]` pairs the worker is running.
+    pub held: Vec<(i64, i32)>,
+}
+
+/// A running batch-state service.
+pub struct Running {
+    pub port: u16,
+    stop: CancellationToken,
+    server: actix_web::dev::ServerHandle,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    shared: Arc<Shared>,
+}
+
+impl Running {
+    /// Stops consuming, lets in-flight requests finish, waits for the loops to end.
+    pub async fn stop(self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.stop.cancel();
+        self.server.stop(true).await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.shared.broker.close().await;
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+/// Binds and starts everything on the current runtime.
+pub fn start(settings: Settings) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(&settings.state.addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.state.addr))?;
+    start_on(settings, listener)
+}
+
+/// [`start`] on a listener the caller bound.
+pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Running> {
+    let port = listener.local_addr()?.port();
+    let db = Db::new(&settings.database_url, settings.database_pool_size)?;
+    let broker = Broker::new(
+        &settings.amqp_url,
+        "volley-batch-state",
+        Names::new(&settings.queue_prefix),
+    );
+    let (tx, rx) = mpsc::channel(CLAIM_QUEUE);
+    let shared = Arc::new(Shared {
+        settings: Arc::new(settings),
+        db,
+        broker,
+        consuming: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        claims: tx,
+    });
+    let stop = CancellationToken::new();
+    let tasks = vec![
+        tokio::spawn(events::run(shared.clone(), stop.clone())),
+        tokio::spawn(sweeper::run(shared.clone(), stop.clone())),
+        tokio::spawn(claim_batcher(shared.clone(), rx)),
+    ];
+    let data = web::Data::from(shared.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(web::JsonConfig::default().limit(1024 * 1024))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/internal/claims", web::post().to(claim))
+            .route("/internal/leases", web::post().to(renew))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(10)
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    Ok(Running {
+        port,
+        stop,
+        server: handle,
+        tasks,
+        shared,
+    })
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
+    let db = shared.db.ping().await;
+    let consuming = shared.consuming.load(Ordering::Relaxed);
+    let draining = shared.draining.load(Ordering::Relaxed);
+    let body = json!({"database": db, "rabbitmq": consuming, "draining": draining});
+    if db && consuming && !draining {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimBody>) -> HttpResponse {
+    let ids = body.into_inner().job_ids;
+    if ids.is_empty() || ids.len() > CLAIM_BATCH {
+        return HttpResponse::BadRequest()
+            .json(json!({"error": format!("job_ids must hold 1 to {CLAIM_BATCH} ids")}));
+    }
+    let (reply, answer) = oneshot::channel();
+    if shared.claims.send(ClaimRequest { ids, reply }).await.is_err() {
+        return HttpResponse::ServiceUnavailable().json(json!({"error": "shutting down"}));
+    }
+    match answer.await {
+        Ok(Ok(claims)) => {
+            let out: Vec<ClaimAnswer> = claims
+                .into_iter()
+                .map(|(job_id, c)| match c {
+                    Claim::Claimed { attempt } => ClaimAnswer {
+                        job_id,
+                        result: "claimed".into(),
+                        attempt,
+                    },
+                    Claim::Refused => ClaimAnswer {
+                        job_id,
+                        result: "refused".into(),
+                        attempt: 0,
+                    },
+                    Claim::NotFound => ClaimAnswer {
+                        job_id,
+                        result: "not_found".into(),
+                        attempt: 0,
+                    },
+                })
+                .collect();
+            HttpResponse::Ok().json(json!({"claims": out}))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "claim failed");
+            HttpResponse::ServiceUnavailable().json(json!({"error": "database unavailable"}))
+        }
+        Err(_) => HttpResponse::ServiceUnavailable().json(json!({"error": "shutting down"})),
+    }
+}
+
+async fn renew(shared: web::Data<Shared>, body: web::Json<RenewBody>) -> HttpResponse {
+    let held = body.into_inner().held;
+    if held.len() > 10_000 {
+        return HttpResponse::BadRequest().json(json!({"error": "at most 10000 leases per call"}));
+    }
+    match shared.db.renew(held, shared.settings.state.lease_ms).await {
+        Ok(alive) => HttpResponse::Ok().json(json!({"alive": alive})),
+        Err(e) => {
+            tracing::warn!(error = %e, "lease renewal failed");
+            HttpResponse::ServiceUnavailable().json(json!({"error": "database unavailable"}))
+        }
+    }
+}
+
+/// Merges concurrent claim requests into one UPDATE: many workers each claiming one job cost
+/// one round trip instead of one transaction each.
+async fn claim_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<ClaimRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        let mut n = reqs[0].ids.len();
+        while n < CLAIM_BATCH {
+            match rx.try_recv() {
+                Ok(r) => {
+                    n += r.ids.len();
+                    reqs.push(r);
+                }
+                Err(_) => break,
+            }
+        }
+        let ids: Vec<i64> = reqs.iter().flat_map(|r| r.ids.iter().copied()).collect();
+        let result = shared.db.claim(ids, shared.settings.state.lease_ms).await;
+        match result {
+            Ok(all) => {
+                let mut it = all.into_iter();
+                for r in reqs {
+                    let mine: Vec<(i64, Claim)> = it.by_ref().take(r.ids.len()).collect();
+                    let _ = r.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for r in reqs {
+                    let _ = r.reply.send(Err(msg.clone()));
+                }
+            }
+        }
+    }
+}

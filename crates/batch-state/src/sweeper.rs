@@ -1,0 +1,84 @@
+//! Closes the dual-write gap and recovers lost work: publishes QUEUED jobs that have no
+//! confirmed message (never published, handed back by a retry or an expired lease, or marked
+//! for re-dispatch), then records the confirms.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use volley_amqp::Broker;
+use volley_db::Db;
+use volley_proto::JobMessage;
+
+use crate::Shared;
+
+const PAGE: i64 = 512;
+
+pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = Duration::from_millis(shared.settings.state.sweep_interval_ms.max(10));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = sweep_once(&shared.db, &shared.broker, &shared).await {
+            tracing::warn!(error = %e, "sweep failed; will try again");
+        }
+    }
+}
+
+/// One pass; returns how many jobs were published.
+pub async fn sweep_once(db: &Db, broker: &Broker, shared: &Shared) -> anyhow::Result<usize> {
+    let s = &shared.settings;
+    let report = db
+        .sweep(s.worker.max_attempts, s.state.redispatch_after_ms)
+        .await?;
+    if report.leases_expired + report.lost_failed + report.redispatched > 0 {
+        tracing::info!(
+            leases_expired = report.leases_expired,
+            lost_failed = report.lost_failed,
+            redispatched = report.redispatched,
+            "recovered jobs"
+        );
+    }
+    let mut published = 0;
+    loop {
+        let due = db.due_for_dispatch(PAGE).await?;
+        if due.is_empty() {
+            break;
+        }
+        let full = due.len() as i64 == PAGE;
+        let messages: Vec<JobMessage> = due
+            .iter()
+            .map(|j| JobMessage {
+                job_id: j.id,
+                batch_id: j.batch_id,
+                inference_type: j.inference_type.clone(),
+                endpoint: j.endpoint.clone(),
+                model: j.model.clone(),
+                body_json: serde_json::to_vec(&j.body).unwrap_or_default(),
+                accepted_at_ms: j.created_at.timestamp_millis(),
+            })
+            .collect();
+        let results = broker.publish_jobs(&messages).await?;
+        let confirmed: Vec<i64> = messages
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(m, _)| m.job_id)
+            .collect();
+        let n = confirmed.len();
+        db.mark_dispatched(confirmed).await?;
+        published += n;
+        if n < messages.len() {
+            anyhow::bail!("{} job messages were not confirmed", messages.len() - n);
+        }
+        if !full {
+            break;
+        }
+    }
+    if published > 0 {
+        tracing::info!(jobs = published, "sweeper published jobs");
+    }
+    Ok(published)
+}

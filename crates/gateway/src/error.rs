@@ -1,0 +1,98 @@
+//! Errors policy: every route returns `ApiError`. Client mistakes map to their contract type
+//! and status; anything unexpected is an opaque 500 whose cause is logged, never sent.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+use volley_domain::FieldError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        errors: Vec<FieldError>,
+    },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    BodyTooLarge(String),
+    #[error("async processing is not enabled on this server")]
+    AsyncDisabled,
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("the service is temporarily unavailable")]
+    Unavailable,
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest { .. } => "invalid_request",
+            ApiError::TooLarge(_) | ApiError::BodyTooLarge(_) => "too_large",
+            ApiError::AsyncDisabled => "async_disabled",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+}
+
+impl From<volley_db::DbError> for ApiError {
+    fn from(e: volley_db::DbError) -> Self {
+        match e {
+            // Pool exhausted or database down: the client may retry.
+            volley_db::DbError::Pool(_) => ApiError::Unavailable,
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest { .. } | ApiError::TooLarge(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::AsyncDisabled | ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(cause) = self {
+            tracing::error!(error = format!("{cause:#}"), "request failed");
+        }
+        let mut error = json!({"type": self.kind(), "message": self.to_string()});
+        if let ApiError::InvalidRequest { errors, .. } = self
+            && !errors.is_empty()
+        {
+            error["errors"] = errors
+                .iter()
+                .map(|e| json!({"index": e.index, "field": e.field, "message": e.message}))
+                .collect();
+        }
+        let mut resp = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthorized(_)) {
+            resp.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        resp.json(json!({ "error": error }))
+    }
+}

@@ -1,0 +1,34 @@
+use volley_config::Settings;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    volley_telemetry::init_logging("gateway");
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let gateway = match gateway::Gateway::build(settings) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    tracing::info!(port = gateway.port(), "gateway listening");
+    let handle = gateway.handle();
+    tokio::spawn(async move {
+        volley_telemetry::shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        handle.stop(true).await;
+    });
+    match gateway.run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway stopped");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,332 @@
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use volley_db::NewJob;
+use volley_domain::{BatchRejection, validate_batch};
+use volley_proto::{CancelJobs, Control, JobMessage, control};
+
+use crate::error::ApiError;
+use crate::views::{self, MediaLinks};
+use crate::AppState;
+
+/// At most this many batches in a listing (the contract's page).
+const LIST_LIMIT: i64 = 50;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/v1/batches", web::post().to(create_batch))
+        .route("/v1/batches", web::get().to(list_batches))
+        .route("/v1/batches/{id}", web::get().to(get_batch))
+        .route("/v1/batches/{id}/cancel", web::post().to(cancel_batch))
+        .route("/v1/jobs/{id}", web::get().to(get_job))
+        .route("/v1/jobs/{id}/cancel", web::post().to(cancel_job))
+        .route("/v1/models", web::get().to(list_models))
+        .route("/v1/media/{key:.*}", web::get().to(get_media));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let db = state.db.ping().await;
+    let broker = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        state.broker.ensure_connected(),
+    )
+    .await
+    .map(|r| r.is_ok())
+    .unwrap_or(false);
+    let body = json!({"database": db, "rabbitmq": broker});
+    if db && broker {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// The key's owner, from `Authorization: Bearer <key>`.
+async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or(ApiError::Unauthorized("missing API key: send Authorization: Bearer <key>"))?;
+    let key = header
+        .to_str()
+        .ok()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 256)
+        .ok_or(ApiError::Unauthorized("malformed Authorization header: expected Bearer <key>"))?;
+    state
+        .db
+        .authenticate(key)
+        .await?
+        .ok_or(ApiError::Unauthorized("unknown or revoked API key"))
+}
+
+fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or(ApiError::NotFound(what))
+}
+
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::BodyTooLarge(format!(
+                "the request body is larger than {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn create_batch(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    if !state.settings.gateway.async_enabled {
+        return Err(ApiError::AsyncDisabled);
+    }
+    let body = read_body(payload, state.settings.gateway.max_body_bytes).await?;
+    let request: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    let batch = validate_batch(&request, &*state.settings, &state.limits).map_err(|r| match r {
+        BatchRejection::TooLarge { .. } => ApiError::TooLarge(r.message()),
+        BatchRejection::Invalid(errors) => ApiError::InvalidRequest {
+            message: BatchRejection::Invalid(errors.clone()).message(),
+            errors,
+        },
+    })?;
+    let jobs: Vec<NewJob> = batch
+        .items
+        .into_iter()
+        .map(|i| NewJob {
+            inference_type: i.endpoint.inference_type().as_str().to_owned(),
+            endpoint: i.endpoint.path().to_owned(),
+            model: i.model,
+            body: i.body,
+        })
+        .collect();
+    let (view, dispatch) = state
+        .db
+        .create_batch(&owner, batch.label, jobs, state.settings.state.dispatch_grace_ms)
+        .await?;
+    tracing::info!(batch.id = view.id, jobs = dispatch.len(), "batch accepted");
+
+    // Committed: from here on the batch is durable. Publishing is best effort; whatever is
+    // not confirmed is published by batch-state's sweeper once the grace period passes.
+    let messages: Vec<JobMessage> = dispatch
+        .iter()
+        .map(|j| JobMessage {
+            job_id: j.id,
+            batch_id: j.batch_id,
+            inference_type: j.inference_type.clone(),
+            endpoint: j.endpoint.clone(),
+            model: j.model.clone(),
+            body_json: serde_json::to_vec(&j.body).unwrap_or_default(),
+            accepted_at_ms: j.created_at.timestamp_millis(),
+        })
+        .collect();
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        state.broker.publish_jobs(&messages),
+    )
+    .await
+    {
+        Ok(Ok(results)) => {
+            let confirmed: Vec<i64> = messages
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(m, _)| m.job_id)
+                .collect();
+            if confirmed.len() < messages.len() {
+                tracing::warn!(
+                    batch.id = view.id,
+                    unconfirmed = messages.len() - confirmed.len(),
+                    "some job messages were not confirmed; the sweeper will publish them"
+                );
+            }
+            if let Err(e) = state.db.mark_dispatched(confirmed).await {
+                tracing::warn!(batch.id = view.id, error = %e, "could not record dispatch");
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(batch.id = view.id, error = %e, "publishing failed; the sweeper will publish")
+        }
+        Err(_) => tracing::warn!(batch.id = view.id, "publishing timed out; the sweeper will publish"),
+    }
+    Ok(HttpResponse::Accepted().json(views::batch(&view)))
+}
+
+async fn list_batches(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    let list = state.db.list_batches(&owner, LIST_LIMIT).await?;
+    let data: Vec<Value> = list.iter().map(views::batch).collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+}
+
+async fn get_batch(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    let id = parse_id(&path, "batch")?;
+    let (b, jobs) = state
+        .db
+        .get_batch(&owner, id)
+        .await?
+        .ok_or(ApiError::NotFound("batch"))?;
+    Ok(HttpResponse::Ok().json(views::batch_with_jobs(
+        &b,
+        &jobs,
+        &state.settings.gateway.public_url,
+    )))
+}
+
+async fn cancel_batch(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    let id = parse_id(&path, "batch")?;
+    let (b, jobs, cancelled) = state
+        .db
+        .cancel_batch(&owner, id)
+        .await?
+        .ok_or(ApiError::NotFound("batch"))?;
+    if !cancelled.is_empty() {
+        tracing::info!(batch.id = id, jobs = cancelled.len(), "batch cancelled");
+        abort_running(&state, id, cancelled).await;
+    }
+    Ok(HttpResponse::Ok().json(views::batch_with_jobs(
+        &b,
+        &jobs,
+        &state.settings.gateway.public_url,
+    )))
+}
+
+/// Tells workers to abort in-flight calls. Best effort: a worker that misses it learns of the
+/// cancellation when it next renews its claim, and its late result is discarded anyway.
+async fn abort_running(state: &AppState, batch_id: i64, job_ids: Vec<i64>) {
+    let c = Control {
+        action: Some(control::Action::Cancel(CancelJobs {
+            batch_id,
+            job_ids,
+        })),
+    };
+    if let Err(e) = state.broker.publish_control(&c).await {
+        tracing::warn!(batch.id = batch_id, error = %e, "could not broadcast the cancellation");
+    }
+}
+
+fn links(state: &AppState) -> MediaLinks<'_> {
+    MediaLinks {
+        signer: &state.signer,
+        public_url: &state.settings.gateway.public_url,
+        ttl_secs: state.settings.media.url_ttl_secs as i64,
+        now: chrono::Utc::now().timestamp(),
+    }
+}
+
+async fn get_job(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    let id = parse_id(&path, "job")?;
+    let job = state
+        .db
+        .get_job(&owner, id)
+        .await?
+        .ok_or(ApiError::NotFound("job"))?;
+    Ok(HttpResponse::Ok().json(views::job(&job, &links(&state))))
+}
+
+async fn cancel_job(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    let id = parse_id(&path, "job")?;
+    let (job, cancelled) = state
+        .db
+        .cancel_job(&owner, id)
+        .await?
+        .ok_or(ApiError::NotFound("job"))?;
+    if cancelled {
+        tracing::info!(job.id = id, batch.id = job.batch_id, "job cancelled");
+        abort_running(&state, 0, vec![id]).await;
+    }
+    Ok(HttpResponse::Ok().json(views::job(&job, &links(&state))))
+}
+
+async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+    let data: Vec<Value> = state
+        .settings
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "volley",
+                "endpoints": m.endpoints,
+            })
+        })
+        .collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Deserialize)]
+struct MediaQuery {
+    expires: Option<i64>,
+    sig: Option<String>,
+}
+
+/// Serves stored media to whoever holds a valid signed link (no API key: the signature is
+/// the capability, so links work in browsers and `<img>` tags).
+async fn get_media(
+    path: web::Path<String>,
+    query: web::Query<MediaQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let key = path.into_inner();
+    let (Some(expires), Some(sig)) = (query.expires, query.sig.as_deref()) else {
+        return Err(ApiError::Forbidden("a signed link is required".into()));
+    };
+    state
+        .signer
+        .verify(&key, expires, sig, chrono::Utc::now().timestamp())
+        .map_err(|e| ApiError::Forbidden(e.to_string()))?;
+    let (size, body) = state.media.get(&key).await.map_err(|e| match e {
+        volley_media::MediaError::NotFound | volley_media::MediaError::BadKey(_) => {
+            ApiError::NotFound("media")
+        }
+        other => ApiError::Internal(other.into()),
+    })?;
+    Ok(HttpResponse::Ok()
+        .content_type(volley_media::content_type_for(&key))
+        .no_chunking(size)
+        .insert_header((header::CACHE_CONTROL, "private, max-age=3600"))
+        .streaming(body))
+}

@@ -1,0 +1,88 @@
+//! The contract's JSON shapes.
+
+use serde_json::{Value, json};
+use volley_db::{BatchView, JobSummary, JobView};
+use volley_media::Signer;
+
+pub fn batch(b: &BatchView) -> Value {
+    let c = &b.counts;
+    json!({
+        "id": b.id.to_string(),
+        "object": "batch",
+        "label": b.label,
+        "status": c.status().as_str(),
+        "total": b.total,
+        "queued": c.queued,
+        "processing": c.processing,
+        "processed": c.processed,
+        "failed": c.failed,
+        "cancelled": c.cancelled,
+        "created": b.created_at.timestamp(),
+    })
+}
+
+pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> Value {
+    let mut v = batch(b);
+    v["jobs"] = jobs
+        .iter()
+        .map(|j| {
+            json!({
+                "id": j.id.to_string(),
+                "status": j.status,
+                "inference_type": j.inference_type,
+                "url": format!("{public_url}/v1/jobs/{}", j.id),
+            })
+        })
+        .collect();
+    v
+}
+
+pub struct MediaLinks<'a> {
+    pub signer: &'a Signer,
+    pub public_url: &'a str,
+    pub ttl_secs: i64,
+    pub now: i64,
+}
+
+pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Value {
+    let mut v = json!({
+        "id": j.id.to_string(),
+        "object": "job",
+        "batch_id": j.batch_id.to_string(),
+        "status": j.status,
+        "inference_type": j.inference_type,
+        "endpoint": j.endpoint,
+        "model": j.model,
+        "attempts": j.attempt,
+        "created": j.created_at.timestamp(),
+        "started": j.started_at.map(|t| t.timestamp()),
+        "finished": j.finished_at.map(|t| t.timestamp()),
+        "updated": j.updated_at.timestamp(),
+    });
+    if let Some(result) = &j.result {
+        let mut r = result.clone();
+        // Signed afresh on every read: links never outlive their expiry, results do.
+        let expires = links.now + links.ttl_secs;
+        volley_media::rewrite_refs(&mut r, &|key| {
+            links.signer.url(links.public_url, key, expires)
+        });
+        v["result"] = r;
+    }
+    if j.status == "FAILED" {
+        v["error"] = json!({
+            "type": j.error_type.as_deref().unwrap_or("provider_error"),
+            "message": j.error_message.as_deref().unwrap_or(""),
+        });
+    }
+    if let Some(last) = &j.last_error {
+        v["last_error"] = json!(last);
+    }
+    if j.total_tokens.is_some() {
+        v["usage"] = json!({
+            "prompt_tokens": j.prompt_tokens,
+            "completion_tokens": j.completion_tokens,
+            "total_tokens": j.total_tokens,
+        });
+    }
+    v
+}

@@ -1,0 +1,310 @@
+//! Shared server state, request-body parsing and the `sim_*` control fields.
+
+use crate::error::ApiError;
+use crate::media::MAX_MEDIA_BYTES;
+use crate::predictions::Predictions;
+use crate::stats::{InFlightGuard, Stats};
+use crate::store::{FailCounter, FileStore};
+use actix_web::http::header::{AUTHORIZATION, CONTENT_LENGTH, HeaderMap};
+use actix_web::{HttpRequest, web};
+use futures::StreamExt as _;
+use serde_json::{Map, Value};
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+pub(crate) type Object = Map<String, Value>;
+
+pub(crate) const BODY_LIMIT: usize = 8 * 1024 * 1024;
+/// Oversized bodies are read and discarded up to this much so that the
+/// client sees the 413 instead of a reset connection.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+const TIMEOUT_SLEEP: Duration = Duration::from_secs(60);
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data in a
+    // state worse than "slightly stale counters", so recover.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) struct State {
+    pub default_latency: Duration,
+    pub api_key: Option<String>,
+    pub base_url: String,
+    pub stats: Stats,
+    pub files: Mutex<FileStore>,
+    pub predictions: Mutex<Predictions>,
+    fails: Mutex<FailCounter>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailMode {
+    Retryable,
+    Fatal,
+    RateLimit,
+    Malformed,
+    Timeout,
+}
+
+/// What the simulator should do with a call once its latency has elapsed.
+pub(crate) enum Outcome {
+    Succeed,
+    Malformed,
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct SimOpts {
+    pub latency_ms: Option<u64>,
+    pub fail: Option<FailMode>,
+    pub fail_times: Option<u64>,
+    pub key: Option<String>,
+    pub retry_after: Option<u64>,
+    pub media_bytes: u64,
+}
+
+impl SimOpts {
+    /// Reads `sim_*` fields from `primary`, falling back to `secondary`
+    /// (predictions accept them top-level or inside `input`).
+    pub fn parse(primary: &Object, secondary: Option<&Object>) -> Result<Self, ApiError> {
+        let pick = |name: &str| -> Option<&Object> {
+            if primary.get(name).is_some_and(|v| !v.is_null()) {
+                Some(primary)
+            } else {
+                secondary.filter(|s| s.get(name).is_some_and(|v| !v.is_null()))
+            }
+        };
+        let u = |name: &str| match pick(name) {
+            Some(obj) => opt_u64(obj, name),
+            None => Ok(None),
+        };
+        let s = |name: &str| match pick(name) {
+            Some(obj) => opt_str(obj, name).map(|v| v.map(str::to_owned)),
+            None => Ok(None),
+        };
+        let fail = match s("sim_fail")?.as_deref() {
+            None => None,
+            Some("retryable") => Some(FailMode::Retryable),
+            Some("fatal") => Some(FailMode::Fatal),
+            Some("rate_limit") => Some(FailMode::RateLimit),
+            Some("malformed") => Some(FailMode::Malformed),
+            Some("timeout") => Some(FailMode::Timeout),
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "unknown sim_fail '{other}' (expected retryable, fatal, rate_limit, malformed or timeout)"
+                    ),
+                    Some("sim_fail"),
+                ));
+            }
+        };
+        Ok(Self {
+            latency_ms: u("sim_latency_ms")?,
+            fail,
+            fail_times: u("sim_fail_times")?,
+            key: s("sim_key")?,
+            retry_after: u("sim_retry_after")?,
+            media_bytes: u("sim_media_bytes")?.unwrap_or(0).min(MAX_MEDIA_BYTES),
+        })
+    }
+}
+
+impl State {
+    pub fn new(default_latency: Duration, api_key: Option<String>, base_url: String) -> Self {
+        Self {
+            default_latency,
+            api_key,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            stats: Stats::default(),
+            files: Mutex::default(),
+            predictions: Mutex::default(),
+            fails: Mutex::default(),
+        }
+    }
+
+    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+        let Some(expected) = &self.api_key else {
+            return true;
+        };
+        let Some(value) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        // Replicate clients send `Token <key>`; OpenAI clients `Bearer <key>`.
+        value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("Token "))
+            .is_some_and(|k| k.trim() == expected)
+    }
+
+    pub fn latency(&self, sim: &SimOpts) -> Duration {
+        sim.latency_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.default_latency)
+    }
+
+    pub fn timeout_latency(sim: &SimOpts) -> Duration {
+        sim.latency_ms
+            .map(Duration::from_millis)
+            .unwrap_or(TIMEOUT_SLEEP)
+    }
+
+    /// Applies `sim_fail`/`sim_fail_times`: the failure hits only the first
+    /// N requests sharing a key.
+    pub fn decide_fail(&self, sim: &SimOpts, route: &str, body: &Object) -> Option<FailMode> {
+        let mode = sim.fail?;
+        let Some(times) = sim.fail_times else {
+            return Some(mode);
+        };
+        let key = match &sim.key {
+            Some(k) => format!("key:{k}"),
+            None => format!("hash:{route}:{:016x}", body_hash(body)),
+        };
+        let seen = lock(&self.fails).bump(key);
+        (seen <= times).then_some(mode)
+    }
+
+    /// Runs the latency of one synchronous inference call and its failure
+    /// mode. The returned guard keeps the call counted as in flight until the
+    /// handler has built its response.
+    pub async fn simulate(
+        &self,
+        sim: &SimOpts,
+        route: &str,
+        body: &Object,
+    ) -> Result<(Outcome, InFlightGuard<'_>), ApiError> {
+        let fail = self.decide_fail(sim, route, body);
+        let guard = InFlightGuard::new(&self.stats);
+        if fail == Some(FailMode::Timeout) {
+            tokio::time::sleep(Self::timeout_latency(sim)).await;
+            return Err(ApiError::timed_out());
+        }
+        tokio::time::sleep(self.latency(sim)).await;
+        match fail {
+            None | Some(FailMode::Timeout) => Ok((Outcome::Succeed, guard)),
+            Some(FailMode::Malformed) => Ok((Outcome::Malformed, guard)),
+            Some(FailMode::Retryable) => Err(ApiError::upstream()),
+            Some(FailMode::Fatal) => Err(ApiError::fatal()),
+            Some(FailMode::RateLimit) => Err(ApiError::rate_limited(sim.retry_after.unwrap_or(1))),
+        }
+    }
+
+    pub fn file_url(&self, id: &str) -> String {
+        format!("{}/files/{id}", self.base_url)
+    }
+}
+
+/// Hash of the body without `sim_*` fields (top level and inside `input`),
+/// so retries of the same logical request share a failure counter.
+fn body_hash(body: &Object) -> u64 {
+    fn strip(obj: &Object) -> Object {
+        obj.iter()
+            .filter(|(k, _)| !k.starts_with("sim_"))
+            .map(|(k, v)| match (k.as_str(), v) {
+                ("input", Value::Object(inner)) => (k.clone(), Value::Object(strip(inner))),
+                _ => (k.clone(), v.clone()),
+            })
+            .collect()
+    }
+    let mut h = DefaultHasher::new();
+    Value::Object(strip(body)).to_string().hash(&mut h);
+    h.finish()
+}
+
+/// Reads the body (max [`BODY_LIMIT`]) and parses it as a JSON object.
+pub(crate) async fn read_json(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<Object, ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut over = declared.is_some_and(|n| n > BODY_LIMIT as u64);
+    if declared.is_some_and(|n| n > DRAIN_LIMIT as u64) {
+        return Err(ApiError::too_large(BODY_LIMIT));
+    }
+    let mut buf = web::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::invalid(format!("could not read request body: {e}"), None))?;
+        seen += chunk.len();
+        if seen > BODY_LIMIT {
+            over = true;
+        }
+        if over {
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if over {
+        return Err(ApiError::too_large(BODY_LIMIT));
+    }
+    match serde_json::from_slice::<Value>(&buf) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(ApiError::invalid(
+            "the request body must be a JSON object",
+            None,
+        )),
+        Err(e) => Err(ApiError::invalid(
+            format!("We could not parse the JSON body of your request: {e}"),
+            None,
+        )),
+    }
+}
+
+pub(crate) fn req_str<'a>(obj: &'a Object, name: &str) -> Result<&'a str, ApiError> {
+    opt_str(obj, name)?.ok_or_else(|| ApiError::missing(name))
+}
+
+pub(crate) fn opt_str<'a>(obj: &'a Object, name: &str) -> Result<Option<&'a str>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::wrong_type(name, "a string")),
+    }
+}
+
+pub(crate) fn opt_u64(obj: &Object, name: &str) -> Result<Option<u64>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::wrong_type(name, "a non-negative integer")),
+    }
+}
+
+pub(crate) fn opt_f64(obj: &Object, name: &str) -> Result<Option<f64>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_f64()
+            .map(Some)
+            .ok_or_else(|| ApiError::wrong_type(name, "a number")),
+    }
+}
+
+pub(crate) fn opt_bool(obj: &Object, name: &str) -> Result<Option<bool>, ApiError> {
+    match obj.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ApiError::wrong_type(name, "a boolean")),
+    }
+}
+
+pub(crate) fn word_count(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+pub(crate) fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}

@@ -1,0 +1,186 @@
+//! The runtime every worker binary shares. A worker consumes only its inference type's queue:
+//!
+//! 1. decode the message (undecodable: dead-letter it, never loop);
+//! 2. claim the job from batch-state, which hands out the attempt number (a redelivered
+//!    message finds the job taken and is dropped);
+//! 3. ack the message: from here the claim in PostgreSQL is what keeps the job alive, so a
+//!    long job never meets RabbitMQ's consumer timeout; a worker that dies stops renewing its
+//!    lease and batch-state hands the job out again;
+//! 4. call the provider (capacity-limited), store media, publish the outcome event.
+
+pub mod providers;
+mod run;
+mod state_client;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use actix_web::{App, HttpResponse, HttpServer, web};
+use serde_json::json;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use volley_amqp::{Broker, Names};
+use volley_config::Settings;
+use volley_domain::InferenceType;
+use volley_media::MediaStore;
+
+pub use providers::{Job, Output, ProviderError, Providers};
+pub use state_client::{ClaimResult, StateClient};
+
+/// A job this worker is running.
+struct InFlight {
+    batch_id: i64,
+    attempt: i32,
+    cancel: CancellationToken,
+}
+
+pub struct Worker {
+    pub kind: InferenceType,
+    pub settings: Arc<Settings>,
+    pub providers: Providers,
+    pub state: StateClient,
+    pub broker: Broker,
+    in_flight: Mutex<HashMap<i64, InFlight>>,
+    consuming: AtomicBool,
+    draining: AtomicBool,
+}
+
+/// A started worker.
+pub struct Running {
+    pub port: u16,
+    worker: Arc<Worker>,
+    stop_consuming: CancellationToken,
+    stop_all: CancellationToken,
+    consumer: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl Running {
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+
+    /// Graceful stop: stop taking jobs, let running ones finish within `grace`, hand the rest
+    /// back to the queue, then close.
+    pub async fn stop(self, grace: Duration) {
+        self.worker.draining.store(true, Ordering::Relaxed);
+        self.stop_consuming.cancel();
+        let _ = self.consumer.await;
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.worker.in_flight.lock().await.is_empty()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        run::hand_back_all(&self.worker).await;
+        self.stop_all.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.server.stop(true).await;
+        self.worker.broker.close().await;
+    }
+}
+
+/// Builds the worker for `kind` and starts consuming on the current runtime.
+pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running> {
+    let listener = TcpListener::bind(&settings.worker.addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.worker.addr))?;
+    let port = listener.local_addr()?.port();
+    let settings = Arc::new(settings);
+    let media = MediaStore::local(&settings.media.dir, settings.media.max_bytes)?;
+    let worker = Arc::new(Worker {
+        kind,
+        providers: Providers::new(settings.clone(), media)?,
+        state: StateClient::new(&settings.state.url)?,
+        broker: Broker::new(
+            &settings.amqp_url,
+            &format!("volley-worker-{}", kind.key()),
+            Names::new(&settings.queue_prefix),
+        ),
+        settings,
+        in_flight: Mutex::new(HashMap::new()),
+        consuming: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+    });
+    let stop_consuming = CancellationToken::new();
+    let stop_all = CancellationToken::new();
+    let consumer = tokio::spawn(run::consume_forever(worker.clone(), stop_consuming.clone()));
+    let tasks = vec![
+        tokio::spawn(run::renew_leases(worker.clone(), stop_all.clone())),
+        tokio::spawn(run::control_forever(worker.clone(), stop_all.clone())),
+    ];
+    let data = web::Data::from(worker.clone());
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)?
+    .run();
+    let handle = server.handle();
+    tokio::spawn(server);
+    Ok(Running {
+        port,
+        worker,
+        stop_consuming,
+        stop_all,
+        consumer,
+        tasks,
+        server: handle,
+    })
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok"}))
+}
+
+async fn readyz(w: web::Data<Worker>) -> HttpResponse {
+    let consuming = w.consuming.load(Ordering::Relaxed);
+    let draining = w.draining.load(Ordering::Relaxed);
+    let state = w.state.ready().await;
+    let in_flight = w.in_flight.lock().await.len();
+    let body = json!({
+        "rabbitmq": consuming,
+        "batch_state": state,
+        "draining": draining,
+        "in_flight": in_flight,
+    });
+    if consuming && state && !draining {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// The whole `main` of a worker binary.
+pub async fn main(kind: InferenceType) -> std::process::ExitCode {
+    volley_telemetry::init_logging("worker");
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("worker-{}: {e}", kind.key());
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
+    let running = match start(kind, settings) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("worker-{}: {e:#}", kind.key());
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(port = running.port, inference_type = %kind, "worker started");
+    volley_telemetry::shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight jobs");
+    running.stop(grace).await;
+    std::process::ExitCode::SUCCESS
+}

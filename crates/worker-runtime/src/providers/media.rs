@@ -1,0 +1,103 @@
+//! Moving provider media into Volley's store, streamed and capped.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use volley_media::{MediaError, MediaStore, extension_for, media_ref};
+
+use super::{Job, ProviderError};
+
+pub struct Store<'a> {
+    pub media: &'a MediaStore,
+    pub job: &'a Job,
+}
+
+fn media_error(e: MediaError) -> ProviderError {
+    match e {
+        MediaError::TooLarge { max } => ProviderError::fatal(
+            "media_too_large",
+            format!("the provider's media is larger than the {max} byte limit"),
+        ),
+        MediaError::Source(m) => ProviderError::retry(format!("downloading media: {m}")),
+        other => ProviderError::retry(format!("storing media: {other}")),
+    }
+}
+
+impl Store<'_> {
+    fn key(&self, i: usize, content_type: &str) -> String {
+        format!(
+            "jobs/{}/a{}-{i}.{}",
+            self.job.id,
+            self.job.attempt,
+            extension_for(content_type)
+        )
+    }
+
+    fn entry(key: &str, content_type: &str, bytes: u64) -> Value {
+        json!({"url": media_ref(key), "content_type": content_type, "bytes": bytes})
+    }
+
+    /// Streams a provider's response body into the store.
+    pub async fn response(
+        &self,
+        i: usize,
+        resp: reqwest::Response,
+        fallback_type: &str,
+    ) -> Result<Value, ProviderError> {
+        let ct = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned())
+            .filter(|v| !v.is_empty() && v != "application/octet-stream")
+            .unwrap_or_else(|| fallback_type.to_owned());
+        if let Some(len) = resp.content_length()
+            && len > self.media.max_bytes()
+        {
+            return Err(media_error(MediaError::TooLarge {
+                max: self.media.max_bytes(),
+            }));
+        }
+        let key = self.key(i, &ct);
+        let n = self
+            .media
+            .put_stream(&key, resp.bytes_stream().map(|c| c.map_err(|e| e.to_string())))
+            .await
+            .map_err(media_error)?;
+        Ok(Self::entry(&key, &ct, n))
+    }
+
+    /// Downloads a media URL the provider returned.
+    pub async fn url(
+        &self,
+        http: &reqwest::Client,
+        i: usize,
+        url: &str,
+        fallback_type: &str,
+    ) -> Result<Value, ProviderError> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ProviderError::retry(format!(
+                "the provider returned a media link that is not http(s): {:?}",
+                url.chars().take(80).collect::<String>()
+            )));
+        }
+        let resp = http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| ProviderError::retry(format!("downloading media: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(ProviderError::retry(format!(
+                "downloading media: HTTP {}",
+                resp.status().as_u16()
+            )));
+        }
+        self.response(i, resp, fallback_type).await
+    }
+
+    pub async fn bytes(&self, i: usize, content_type: &str, body: Bytes) -> Result<Value, ProviderError> {
+        let key = self.key(i, content_type);
+        let n = self.media.put_bytes(&key, body).await.map_err(media_error)?;
+        Ok(Self::entry(&key, content_type, n))
+    }
+}

@@ -1,0 +1,169 @@
+//! Replicate-style create-and-poll predictions, for long media jobs: create, poll with
+//! backoff, cancel upstream when the job is cancelled, then fetch the output URLs.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use volley_domain::Endpoint;
+
+use super::media::Store;
+use super::{Job, Output, Provider, ProviderError, send_error};
+
+const MAX_POLL: Duration = Duration::from_secs(10);
+
+pub async fn run(
+    p: &Provider,
+    job: &Job,
+    upstream: &str,
+    store: &Store<'_>,
+    cancel: &CancellationToken,
+) -> Result<Output, ProviderError> {
+    let mut input = job.body.clone();
+    if let Some(o) = input.as_object_mut() {
+        o.remove("model");
+    }
+    let kind = match job.endpoint {
+        Endpoint::VideosGenerations => "video",
+        Endpoint::MusicGenerations | Endpoint::AudioSpeech => "audio",
+        _ => "image",
+    };
+    if input.get("kind").is_none() {
+        input["kind"] = json!(kind);
+    }
+    let resp = p
+        .auth(p.http.post(p.url("/predictions")))
+        .json(&json!({"model": upstream, "input": input}))
+        .send()
+        .await
+        .map_err(|e| send_error(&p.config.name, e))?;
+    if !resp.status().is_success() {
+        return Err(p.status_error(resp).await);
+    }
+    let malformed =
+        |why: &str| ProviderError::retry(format!("{}: malformed response: {why}", p.config.name));
+    let created: Value = resp
+        .json()
+        .await
+        .map_err(|e| malformed(&format!("not JSON: {e}")))?;
+    let id = created
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| malformed("no prediction id"))?
+        .to_owned();
+    let get_url = created
+        .pointer("/urls/get")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| p.url(&format!("/predictions/{id}")));
+    let cancel_url = created
+        .pointer("/urls/cancel")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_else(|| p.url(&format!("/predictions/{id}/cancel")));
+    tracing::debug!(job.id = job.id, prediction = %id, "prediction created");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(p.config.timeout_ms);
+    let mut wait = Duration::from_millis(p.config.poll_interval_ms.max(10));
+    let mut current = created;
+    loop {
+        match current.get("status").and_then(Value::as_str).unwrap_or("") {
+            "succeeded" => break,
+            "failed" => {
+                let e = current
+                    .get("error")
+                    .map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()))
+                    .unwrap_or_else(|| "no reason given".into());
+                return Err(ProviderError::fatal(
+                    "provider_error",
+                    format!("{}: prediction failed: {e}", p.config.name),
+                ));
+            }
+            "canceled" => {
+                return Err(ProviderError::retry(format!(
+                    "{}: the prediction was cancelled upstream",
+                    p.config.name
+                )));
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            cancel_upstream(p, &cancel_url).await;
+            return Err(ProviderError::retry(format!(
+                "{}: prediction did not finish within {} ms",
+                p.config.name, p.config.timeout_ms
+            )));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                cancel_upstream(p, &cancel_url).await;
+                return Err(ProviderError::Cancelled);
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = (wait * 3 / 2).min(MAX_POLL);
+        let r = tokio::select! {
+            _ = cancel.cancelled() => {
+                cancel_upstream(p, &cancel_url).await;
+                return Err(ProviderError::Cancelled);
+            }
+            r = p.auth(p.http.get(&get_url)).send() => r,
+        };
+        let resp = match r {
+            Ok(r) => r,
+            // A failed poll is not a failed prediction: poll again.
+            Err(e) => {
+                tracing::debug!(job.id = job.id, error = %e, "poll failed");
+                continue;
+            }
+        };
+        if resp.status().as_u16() == 429 || resp.status().is_server_error() {
+            continue;
+        }
+        if !resp.status().is_success() {
+            return Err(p.status_error(resp).await);
+        }
+        current = match resp.json().await {
+            Ok(v) => v,
+            Err(e) => return Err(malformed(&format!("poll answer not JSON: {e}"))),
+        };
+    }
+
+    let urls: Vec<String> = match current.get("output") {
+        Some(Value::String(u)) => vec![u.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    };
+    if urls.is_empty() {
+        return Err(malformed("a succeeded prediction without output URLs"));
+    }
+    let fallback = match kind {
+        "video" => "video/mp4",
+        "audio" => "audio/wav",
+        _ => "image/png",
+    };
+    let mut data = Vec::with_capacity(urls.len());
+    for (i, u) in urls.iter().enumerate() {
+        data.push(store.url(&p.http, i, u, fallback).await?);
+    }
+    Ok(Output {
+        result: json!({
+            "object": kind,
+            "model": job.model,
+            "prediction_id": id,
+            "data": data,
+        }),
+        usage: None,
+    })
+}
+
+async fn cancel_upstream(p: &Provider, url: &str) {
+    match p.auth(p.http.post(url)).send().await {
+        Ok(_) => tracing::debug!("prediction cancelled upstream"),
+        Err(e) => tracing::warn!(error = %e, "could not cancel the prediction upstream"),
+    }
+}

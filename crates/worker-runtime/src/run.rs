@@ -1,0 +1,446 @@
+//! The worker's loops: consuming jobs, renewing leases, listening for cancellations.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use volley_amqp::lapin::message::Delivery;
+use volley_amqp::lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use volley_amqp::lapin::types::FieldTable;
+use volley_amqp::{connect, consumer_channel, declare_topology};
+use volley_domain::{Endpoint, InferenceType};
+use volley_proto::{Control, Failed, JobEvent, JobMessage, Message, Retry, Succeeded, control, job_event};
+
+use crate::providers::{Job, Output, ProviderError};
+use crate::state_client::ClaimResult;
+use crate::{InFlight, Worker};
+
+pub async fn consume_forever(w: Arc<Worker>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(usize::from(w.settings.worker.concurrency)));
+    let mut backoff = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        match consume(&w, &stop, &slots).await {
+            Ok(()) => break,
+            Err(e) => {
+                w.consuming.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, "job consumer lost; reconnecting");
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    w.consuming.store(false, Ordering::Relaxed);
+}
+
+async fn consume(
+    w: &Arc<Worker>,
+    stop: &CancellationToken,
+    slots: &Arc<Semaphore>,
+) -> anyhow::Result<()> {
+    let names = w.broker.names().clone();
+    let queue = names.job_queue(w.kind);
+    let conn = connect(&w.settings.amqp_url, &format!("volley-worker-{}-jobs", w.kind.key())).await?;
+    let ch = consumer_channel(&conn, w.settings.worker.concurrency).await?;
+    declare_topology(&ch, &names).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    w.consuming.store(true, Ordering::Relaxed);
+    tracing::info!(queue = %queue, "consuming");
+    loop {
+        // A free slot first, then a message: prefetch never outruns what we can run.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = slots.clone().acquire_owned() => p?,
+        };
+        let delivery = tokio::select! {
+            _ = stop.cancelled() => break,
+            d = consumer.next() => d,
+        };
+        let Some(delivery) = delivery else {
+            anyhow::bail!("the broker cancelled the consumer");
+        };
+        tokio::spawn(handle(w.clone(), delivery?, permit));
+    }
+    // Unacked prefetched messages go back to the queue when the channel closes; give the
+    // claims in progress a moment to ack theirs first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = conn.close(200, "worker stopping".into()).await;
+    Ok(())
+}
+
+/// Checks a message against the worker's type and turns it into a job.
+pub fn decode(kind: InferenceType, payload: &[u8]) -> Result<(Job, i64), String> {
+    let m = JobMessage::decode(payload).map_err(|e| format!("not a JobMessage: {e}"))?;
+    let endpoint: Endpoint = m.endpoint.parse().map_err(|e| format!("{e}"))?;
+    if endpoint.inference_type() != kind || m.inference_type != kind.as_str() {
+        return Err(format!(
+            "a {} job ({}) on the {} queue",
+            m.inference_type, m.endpoint, kind
+        ));
+    }
+    if m.job_id <= 0 {
+        return Err(format!("bad job id {}", m.job_id));
+    }
+    let body: serde_json::Value =
+        serde_json::from_slice(&m.body_json).map_err(|e| format!("body is not JSON: {e}"))?;
+    if !body.is_object() {
+        return Err("body is not a JSON object".into());
+    }
+    Ok((
+        Job {
+            id: m.job_id,
+            batch_id: m.batch_id,
+            attempt: 0,
+            endpoint,
+            model: m.model,
+            body,
+        },
+        m.accepted_at_ms,
+    ))
+}
+
+async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
+    let (mut job, _accepted_ms) = match decode(w.kind, &d.data) {
+        Ok(j) => j,
+        Err(why) => {
+            tracing::warn!(reason = %why, "dead-lettering an undecodable job message");
+            let _ = d
+                .nack(BasicNackOptions {
+                    requeue: false,
+                    ..Default::default()
+                })
+                .await;
+            return;
+        }
+    };
+    let claim = {
+        let mut tries = 0;
+        loop {
+            match w.state.claim(job.id).await {
+                Ok(c) => break c,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    tracing::warn!(job.id = job.id, error = %e, "claim failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 * tries)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(job.id = job.id, error = %e, "claim failed; returning the message");
+                    let _ = d
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..Default::default()
+                        })
+                        .await;
+                    return;
+                }
+            }
+        }
+    };
+    let attempt = match claim {
+        ClaimResult::Claimed(a) => a,
+        ClaimResult::Refused | ClaimResult::NotFound => {
+            // Redelivered, duplicated, cancelled or finished: nothing to do.
+            tracing::debug!(job.id = job.id, "job not claimable; dropping the message");
+            let _ = d.ack(BasicAckOptions::default()).await;
+            return;
+        }
+    };
+    // The claim is durable in PostgreSQL: the message has done its work.
+    if let Err(e) = d.ack(BasicAckOptions::default()).await {
+        tracing::debug!(job.id = job.id, error = %e, "ack after claim failed (redelivery will be refused)");
+    }
+    job.attempt = attempt;
+    let cancel = CancellationToken::new();
+    w.in_flight.lock().await.insert(
+        job.id,
+        InFlight {
+            batch_id: job.batch_id,
+            attempt,
+            cancel: cancel.clone(),
+        },
+    );
+    tracing::info!(job.id = job.id, batch.id = job.batch_id, attempt, inference_type = %w.kind, "job started");
+    let started = Instant::now();
+    let result = w.providers.run(&job, &cancel).await;
+    w.in_flight.lock().await.remove(&job.id);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    report(&w, &job, result, duration_ms).await;
+}
+
+fn backoff_ms(w: &Worker, attempt: i32) -> i64 {
+    let base = w.settings.worker.retry_base_ms.max(1) as f64;
+    let max = w.settings.worker.retry_max_ms.max(1) as f64;
+    let exp = (base * 2f64.powi(attempt.clamp(1, 30) - 1)).min(max);
+    // Full jitter on the upper half, so retries of a failed burst spread out.
+    (exp * rand::rng().random_range(0.5..=1.0)) as i64
+}
+
+async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, duration_ms: u64) {
+    let max = w.settings.worker.max_attempts as i32;
+    let (outcome, label) = match result {
+        Ok(out) => (
+            job_event::Outcome::Succeeded(Succeeded {
+                result_json: serde_json::to_vec(&out.result).unwrap_or_default(),
+                usage: out.usage.map(|u| volley_proto::Usage {
+                    prompt_tokens: u.prompt_tokens,
+                    completion_tokens: u.completion_tokens,
+                    total_tokens: u.total_tokens,
+                }),
+            }),
+            "succeeded",
+        ),
+        Err(ProviderError::Cancelled) => {
+            tracing::info!(job.id = job.id, batch.id = job.batch_id, attempt = job.attempt, duration_ms, "job aborted");
+            return;
+        }
+        Err(ProviderError::Retryable { message, retry_after }) if job.attempt < max => {
+            let delay_ms = retry_after
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_else(|| backoff_ms(w, job.attempt));
+            (
+                job_event::Outcome::Retry(Retry {
+                    error: message,
+                    delay_ms,
+                }),
+                "retry",
+            )
+        }
+        Err(ProviderError::Retryable { message, .. }) => (
+            job_event::Outcome::Failed(Failed {
+                error_type: "provider_error".into(),
+                message: format!("gave up after {} attempts: {message}", job.attempt),
+            }),
+            "failed",
+        ),
+        Err(ProviderError::Fatal { error_type, message }) => (
+            job_event::Outcome::Failed(Failed {
+                error_type: error_type.into(),
+                message,
+            }),
+            "failed",
+        ),
+    };
+    let event = JobEvent {
+        job_id: job.id,
+        attempt: job.attempt,
+        outcome: Some(outcome),
+        at_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    tracing::info!(
+        job.id = job.id,
+        batch.id = job.batch_id,
+        attempt = job.attempt,
+        inference_type = %job.endpoint.inference_type(),
+        duration_ms,
+        outcome = label,
+        "job attempt finished"
+    );
+    publish_event(w, event).await;
+}
+
+/// Publishes an outcome, retrying through broker hiccups. If it cannot, the lease runs out
+/// and batch-state hands the job out again: never lost, at worst done twice.
+async fn publish_event(w: &Worker, event: JobEvent) {
+    for i in 0..5u32 {
+        match w.broker.publish_events(std::slice::from_ref(&event)).await {
+            Ok(r) if r.iter().all(Result::is_ok) => return,
+            Ok(r) => tracing::warn!(job.id = event.job_id, errors = ?r, "event not confirmed"),
+            Err(e) => tracing::warn!(job.id = event.job_id, error = %e, "publishing event failed"),
+        }
+        tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(i))).await;
+    }
+    tracing::error!(job.id = event.job_id, "could not report the outcome; the lease will expire and the job will be retried");
+}
+
+/// Keeps claims alive for as long as jobs run; a claim batch-state no longer recognises
+/// (cancelled, or handed to another worker) aborts its job.
+pub async fn renew_leases(w: Arc<Worker>, stop: CancellationToken) {
+    let every = Duration::from_millis((w.settings.state.lease_ms / 3).max(50));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let held: Vec<(i64, i32)> = w
+            .in_flight
+            .lock()
+            .await
+            .iter()
+            .map(|(id, f)| (*id, f.attempt))
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        match w.state.renew(&held).await {
+            Ok(alive) => {
+                let alive: std::collections::HashSet<i64> = alive.into_iter().collect();
+                let map = w.in_flight.lock().await;
+                for (id, attempt) in held {
+                    if !alive.contains(&id)
+                        && let Some(f) = map.get(&id)
+                        && f.attempt == attempt
+                    {
+                        tracing::info!(job.id = id, "claim no longer valid (cancelled or reassigned); aborting");
+                        f.cancel.cancel();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "lease renewal failed"),
+        }
+    }
+}
+
+/// Listens on the control fanout for cancellations.
+pub async fn control_forever(w: Arc<Worker>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    while !stop.is_cancelled() {
+        if let Err(e) = control(&w, &stop).await {
+            tracing::warn!(error = %e, "control consumer lost; reconnecting");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+async fn control(w: &Worker, stop: &CancellationToken) -> anyhow::Result<()> {
+    let names = w.broker.names().clone();
+    let conn = connect(&w.settings.amqp_url, &format!("volley-worker-{}-control", w.kind.key())).await?;
+    let ch = conn.create_channel().await?;
+    declare_topology(&ch, &names).await?;
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.queue_bind(
+        q.name().clone(),
+        names.control_exchange().as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let mut consumer = ch
+        .basic_consume(
+            q.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    loop {
+        let d = tokio::select! {
+            _ = stop.cancelled() => {
+                let _ = conn.close(200, "worker stopping".into()).await;
+                return Ok(());
+            }
+            d = consumer.next() => d,
+        };
+        let Some(d) = d else {
+            anyhow::bail!("control consumer cancelled");
+        };
+        let d = d?;
+        let Ok(c) = Control::decode(d.data.as_slice()) else {
+            tracing::warn!("ignoring an undecodable control message");
+            continue;
+        };
+        if let Some(control::Action::Cancel(c)) = c.action {
+            let map = w.in_flight.lock().await;
+            for (id, f) in map.iter() {
+                if c.job_ids.contains(id) || (c.batch_id > 0 && f.batch_id == c.batch_id) {
+                    tracing::info!(job.id = id, batch.id = f.batch_id, "cancelling a running job");
+                    f.cancel.cancel();
+                }
+            }
+        }
+    }
+}
+
+/// At the end of the grace period: abort what still runs and hand it back to the queue at
+/// once, instead of waiting for its lease to run out.
+pub async fn hand_back_all(w: &Worker) {
+    let held: Vec<(i64, i32)> = {
+        let map = w.in_flight.lock().await;
+        map.iter()
+            .map(|(id, f)| {
+                f.cancel.cancel();
+                (*id, f.attempt)
+            })
+            .collect()
+    };
+    if held.is_empty() {
+        return;
+    }
+    let events: Vec<JobEvent> = held
+        .iter()
+        .map(|(id, attempt)| JobEvent {
+            job_id: *id,
+            attempt: *attempt,
+            outcome: Some(job_event::Outcome::Retry(Retry {
+                error: "worker shut down; handed back".into(),
+                delay_ms: 0,
+            })),
+            at_ms: chrono::Utc::now().timestamp_millis(),
+        })
+        .collect();
+    match w.broker.publish_events(&events).await {
+        Ok(_) => tracing::info!(jobs = events.len(), "handed running jobs back"),
+        Err(e) => tracing::warn!(error = %e, "could not hand jobs back; their leases will expire"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(t: &str, endpoint: &str, body: &[u8]) -> Vec<u8> {
+        JobMessage {
+            job_id: 5,
+            batch_id: 1,
+            inference_type: t.into(),
+            endpoint: endpoint.into(),
+            model: "m".into(),
+            body_json: body.to_vec(),
+            accepted_at_ms: 0,
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn decode_checks_everything() {
+        let ok = msg("LLM", "/v1/completions", br#"{"prompt":"x"}"#);
+        assert_eq!(decode(InferenceType::Llm, &ok).unwrap().0.id, 5);
+        assert!(decode(InferenceType::Image, &ok).unwrap_err().contains("on the IMAGE queue"));
+        assert!(decode(InferenceType::Llm, &msg("LLM", "/v1/x", b"{}")).is_err());
+        assert!(decode(InferenceType::Llm, &msg("LLM", "/v1/completions", b"[1]")).is_err());
+        assert!(decode(InferenceType::Llm, &msg("LLM", "/v1/completions", b"{")).is_err());
+        assert!(decode(InferenceType::Llm, b"\xff\xff").is_err());
+    }
+}
