@@ -1,1 +1,301 @@
-//! placeholder
+//! Test harness: starts a whole Volley stack in-process — gateway, batch-state, the five
+//! workers and the provider simulator — against the real RabbitMQ and PostgreSQL. Each stack
+//! gets its own database and its own queue prefix, so tests run in parallel; both are removed
+//! when the stack is dropped.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use volley_amqp::{Names, connect, delete_topology};
+use volley_config::Settings;
+use volley_db::Db;
+use volley_db::testing::TestDatabase;
+use volley_domain::InferenceType;
+
+pub use provider_sim::{SimConfig, SimHandle};
+
+pub fn amqp_url() -> String {
+    std::env::var("VOLLEY_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// The shipped configuration, with test-friendly timings.
+pub fn base_settings() -> Settings {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/volley.toml");
+    let mut s = Settings::from_file(&path).unwrap();
+    s.amqp_url = amqp_url();
+    s.database_pool_size = 4;
+    s.gateway.workers = 1;
+    s.state.sweep_interval_ms = 200;
+    s.state.dispatch_grace_ms = 1_000;
+    s.state.lease_ms = 3_000;
+    s.worker.concurrency = 32;
+    s.worker.retry_base_ms = 20;
+    s.worker.retry_max_ms = 200;
+    s.worker.shutdown_grace_secs = 1;
+    s
+}
+
+pub struct Stack {
+    pub url: String,
+    pub key: String,
+    pub db: Db,
+    pub settings: Settings,
+    pub sim: Option<SimHandle>,
+    pub http: reqwest::Client,
+    gateway: Option<GatewayTask>,
+    state: Option<batch_state::Running>,
+    workers: Vec<worker_runtime::Running>,
+    _media: tempfile::TempDir,
+    _database: TestDatabase,
+}
+
+struct GatewayTask {
+    handle: gateway::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// What a test may change before the stack starts.
+pub struct Options {
+    pub sim: SimConfig,
+    pub workers: Vec<InferenceType>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            sim: SimConfig {
+                latency_ms: 5,
+                ..SimConfig::default()
+            },
+            workers: InferenceType::ALL.to_vec(),
+        }
+    }
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(Options::default(), |_| {}).await
+    }
+
+    pub async fn start_with(opts: Options, tweak: impl FnOnce(&mut Settings)) -> Stack {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        }
+        let (database, db) = TestDatabase::create().await.unwrap();
+        let sim = provider_sim::spawn(TcpListener::bind("127.0.0.1:0").unwrap(), opts.sim)
+            .await
+            .unwrap();
+        let media = tempfile::tempdir().unwrap();
+        let gw_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let st_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gw_port = gw_listener.local_addr().unwrap().port();
+        let st_port = st_listener.local_addr().unwrap().port();
+
+        let mut s = base_settings();
+        s.database_url = database.url.clone();
+        s.queue_prefix = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        s.gateway.addr = format!("127.0.0.1:{gw_port}");
+        s.gateway.public_url = format!("http://127.0.0.1:{gw_port}");
+        s.state.addr = format!("127.0.0.1:{st_port}");
+        s.state.url = format!("http://127.0.0.1:{st_port}");
+        s.worker.addr = "127.0.0.1:0".into();
+        s.media.dir = media.path().to_string_lossy().into_owned();
+        s.media.signing_key = volley_config::Secret::new(uuid::Uuid::new_v4().to_string());
+        for p in &mut s.providers {
+            p.base_url = format!("{}/v1", sim.url());
+        }
+        tweak(&mut s);
+        s.validate().unwrap();
+
+        let state = batch_state::start_on(s.clone(), st_listener).unwrap();
+        let gw = gateway::Gateway::build_on(s.clone(), gw_listener).unwrap();
+        let handle = gw.handle();
+        let task = tokio::spawn(gw.run());
+        let workers = opts
+            .workers
+            .iter()
+            .map(|k| worker_runtime::start(*k, s.clone()).unwrap())
+            .collect();
+        let key = db.create_key("alice", None).await.unwrap().secret;
+        let stack = Stack {
+            url: format!("http://127.0.0.1:{gw_port}"),
+            key,
+            db,
+            settings: s,
+            sim: Some(sim),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            gateway: Some(GatewayTask { handle, task }),
+            state: Some(state),
+            workers,
+            _media: media,
+            _database: database,
+        };
+        stack.wait_ready().await;
+        stack
+    }
+
+    /// Waits until the gateway, batch-state and every worker report ready.
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut urls = vec![
+            format!("{}/readyz", self.url),
+            format!("{}/readyz", self.settings.state.url),
+        ];
+        for w in &self.workers {
+            urls.push(format!("http://127.0.0.1:{}/readyz", w.port));
+        }
+        for u in urls {
+            loop {
+                if let Ok(r) = self.http.get(&u).send().await
+                    && r.status().is_success()
+                {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{u} never became ready");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Jobs each worker is running now (from its `/readyz`).
+    pub async fn worker_in_flight(&self) -> u64 {
+        let mut n = 0;
+        for w in &self.workers {
+            let r = self
+                .http
+                .get(format!("http://127.0.0.1:{}/readyz", w.port))
+                .send()
+                .await
+                .unwrap();
+            let v: Value = r.json().await.unwrap();
+            n += v["in_flight"].as_u64().unwrap();
+        }
+        n
+    }
+
+    pub fn names(&self) -> Names {
+        Names::new(&self.settings.queue_prefix)
+    }
+
+    pub fn sim(&self) -> &SimHandle {
+        self.sim.as_ref().unwrap()
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.send(
+            self.http.post(format!("{}{path}", self.url)).json(body),
+            &self.key,
+        )
+        .await
+    }
+
+    pub async fn post_empty(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.post(format!("{}{path}", self.url)), &self.key)
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.url)), &self.key)
+            .await
+    }
+
+    pub async fn get_as(&self, path: &str, key: &str) -> (u16, Value) {
+        self.send(self.http.get(format!("{}{path}", self.url)), key)
+            .await
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder, key: &str) -> (u16, Value) {
+        let r = rb.bearer_auth(key).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, v)
+    }
+
+    /// Polls a batch until `done(batch)` or the timeout.
+    pub async fn wait_batch(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, b) = self.get(&format!("/v1/batches/{id}")).await;
+            assert_eq!(status, 200, "{b}");
+            if done(&b) {
+                return b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "batch {id} did not get there in {timeout:?}: {}",
+                serde_json::json!({
+                    "status": b["status"], "queued": b["queued"], "processing": b["processing"],
+                    "processed": b["processed"], "failed": b["failed"], "cancelled": b["cancelled"]
+                })
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn wait_done(&self, id: &str, timeout: Duration) -> Value {
+        self.wait_batch(id, timeout, |b| b["status"] == "DONE")
+            .await
+    }
+
+    /// Stops everything in order and removes the stack's queues and database.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        for w in self.workers.drain(..) {
+            w.stop(Duration::from_millis(500)).await;
+        }
+        if let Some(g) = self.gateway.take() {
+            g.handle.stop(true).await;
+            let _ = g.task.await;
+        }
+        if let Some(s) = self.state.take() {
+            s.stop().await;
+        }
+        if let Some(sim) = self.sim.take() {
+            sim.stop().await;
+        }
+        cleanup_queues(&self.settings.queue_prefix).await;
+    }
+}
+
+async fn cleanup_queues(prefix: &str) {
+    if let Ok(conn) = connect(&amqp_url(), "volley-test-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = delete_topology(&ch, &Names::new(prefix)).await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // A test that panicked did not call `stop`: still remove its queues.
+        if self.state.is_some() {
+            let prefix = self.settings.queue_prefix.clone();
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    rt.block_on(cleanup_queues(&prefix));
+                }
+            })
+            .join();
+        }
+    }
+}

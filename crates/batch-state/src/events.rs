@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use volley_amqp::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
 use volley_amqp::lapin::types::FieldTable;
 use volley_amqp::{Names, connect, consumer_channel, declare_topology};
 use volley_db::{Db, Event, Outcome, Usage};
 use volley_proto::{JobEvent, Message, job_event};
-use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
 
@@ -122,12 +122,17 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
         }
         let Some(tag) = last_good else { continue };
         apply_with_retry(&shared.db, events, stop).await?;
-        ch.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
+        ch.basic_ack(tag, BasicAckOptions { multiple: true })
+            .await?;
     }
 }
 
 /// A database outage holds the events (unacked, so nothing is lost) and retries.
-async fn apply_with_retry(db: &Db, events: Vec<Event>, stop: &CancellationToken) -> anyhow::Result<()> {
+async fn apply_with_retry(
+    db: &Db,
+    events: Vec<Event>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(100);
     loop {
         match db.apply_events(events.clone()).await {
@@ -178,7 +183,11 @@ mod tests {
             result_json: b"{nope".to_vec(),
             usage: None,
         }));
-        assert!(decode(&bad.encode_to_vec()).unwrap_err().contains("not JSON"));
+        assert!(
+            decode(&bad.encode_to_vec())
+                .unwrap_err()
+                .contains("not JSON")
+        );
         let mut bad = ok.clone();
         bad.attempt = 0;
         bad.outcome = Some(job_event::Outcome::Failed(Failed::default()));

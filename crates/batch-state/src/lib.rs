@@ -117,7 +117,7 @@ pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Run
     let tasks = vec![
         tokio::spawn(events::run(shared.clone(), stop.clone())),
         tokio::spawn(sweeper::run(shared.clone(), stop.clone())),
-        tokio::spawn(claim_batcher(shared.clone(), rx)),
+        tokio::spawn(claim_batcher(shared.clone(), rx, stop.clone())),
     ];
     let data = web::Data::from(shared.clone());
     let server = HttpServer::new(move || {
@@ -168,7 +168,12 @@ async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimBody>) -> HttpRes
             .json(json!({"error": format!("job_ids must hold 1 to {CLAIM_BATCH} ids")}));
     }
     let (reply, answer) = oneshot::channel();
-    if shared.claims.send(ClaimRequest { ids, reply }).await.is_err() {
+    if shared
+        .claims
+        .send(ClaimRequest { ids, reply })
+        .await
+        .is_err()
+    {
         return HttpResponse::ServiceUnavailable().json(json!({"error": "shutting down"}));
     }
     match answer.await {
@@ -219,8 +224,18 @@ async fn renew(shared: web::Data<Shared>, body: web::Json<RenewBody>) -> HttpRes
 
 /// Merges concurrent claim requests into one UPDATE: many workers each claiming one job cost
 /// one round trip instead of one transaction each.
-async fn claim_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<ClaimRequest>) {
-    while let Some(first) = rx.recv().await {
+async fn claim_batcher(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<ClaimRequest>,
+    stop: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            // Requests still queued are answered "shutting down" when their sender drops.
+            _ = stop.cancelled() => None,
+        };
+        let Some(first) = first else { return };
         let mut reqs = vec![first];
         let mut n = reqs[0].ids.len();
         while n < CLAIM_BATCH {

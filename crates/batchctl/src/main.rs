@@ -105,7 +105,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 println!("{}", k.secret);
             }
             KeysCommand::List => {
-                println!("{:<6} {:<24} {:<24} {:<12} {:<20} REVOKED", "ID", "NAME", "OWNER", "PREFIX", "CREATED");
+                println!(
+                    "{:<6} {:<24} {:<24} {:<12} {:<20} REVOKED",
+                    "ID", "NAME", "OWNER", "PREFIX", "CREATED"
+                );
                 for k in db.list_keys().await? {
                     println!(
                         "{:<6} {:<24} {:<24} {:<12} {:<20} {}",

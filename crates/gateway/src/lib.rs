@@ -7,7 +7,7 @@ mod views;
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use actix_web::dev::{Server, ServerHandle};
+use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use volley_amqp::{Broker, Names};
 use volley_config::Settings;
@@ -15,6 +15,7 @@ use volley_db::Db;
 use volley_domain::Limits;
 use volley_media::{MediaStore, Signer};
 
+pub use actix_web::dev::ServerHandle;
 pub use error::ApiError;
 
 pub struct AppState {
@@ -97,6 +98,7 @@ impl Gateway {
     pub async fn run(self) -> std::io::Result<()> {
         let r = self.server.await;
         self.broker.close().await;
+
         r
     }
 }

@@ -7,9 +7,9 @@ use volley_db::NewJob;
 use volley_domain::{BatchRejection, validate_batch};
 use volley_proto::{CancelJobs, Control, JobMessage, control};
 
+use crate::AppState;
 use crate::error::ApiError;
 use crate::views::{self, MediaLinks};
-use crate::AppState;
 
 /// At most this many batches in a listing (the contract's page).
 const LIST_LIMIT: i64 = 50;
@@ -53,14 +53,18 @@ async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> 
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
-        .ok_or(ApiError::Unauthorized("missing API key: send Authorization: Bearer <key>"))?;
+        .ok_or(ApiError::Unauthorized(
+            "missing API key: send Authorization: Bearer <key>",
+        ))?;
     let key = header
         .to_str()
         .ok()
         .and_then(|h| h.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|k| !k.is_empty() && k.len() <= 256)
-        .ok_or(ApiError::Unauthorized("malformed Authorization header: expected Bearer <key>"))?;
+        .ok_or(ApiError::Unauthorized(
+            "malformed Authorization header: expected Bearer <key>",
+        ))?;
     state
         .db
         .authenticate(key)
@@ -78,7 +82,8 @@ fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
 async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::BodyTooLarge(format!(
                 "the request body is larger than {limit} bytes"
@@ -120,7 +125,12 @@ async fn create_batch(
         .collect();
     let (view, dispatch) = state
         .db
-        .create_batch(&owner, batch.label, jobs, state.settings.state.dispatch_grace_ms)
+        .create_batch(
+            &owner,
+            batch.label,
+            jobs,
+            state.settings.state.dispatch_grace_ms,
+        )
         .await?;
     tracing::info!(batch.id = view.id, jobs = dispatch.len(), "batch accepted");
 
@@ -165,7 +175,10 @@ async fn create_batch(
         Ok(Err(e)) => {
             tracing::warn!(batch.id = view.id, error = %e, "publishing failed; the sweeper will publish")
         }
-        Err(_) => tracing::warn!(batch.id = view.id, "publishing timed out; the sweeper will publish"),
+        Err(_) => tracing::warn!(
+            batch.id = view.id,
+            "publishing timed out; the sweeper will publish"
+        ),
     }
     Ok(HttpResponse::Accepted().json(views::batch(&view)))
 }
@@ -226,10 +239,7 @@ async fn cancel_batch(
 /// cancellation when it next renews its claim, and its late result is discarded anyway.
 async fn abort_running(state: &AppState, batch_id: i64, job_ids: Vec<i64>) {
     let c = Control {
-        action: Some(control::Action::Cancel(CancelJobs {
-            batch_id,
-            job_ids,
-        })),
+        action: Some(control::Action::Cancel(CancelJobs { batch_id, job_ids })),
     };
     if let Err(e) = state.broker.publish_control(&c).await {
         tracing::warn!(batch.id = batch_id, error = %e, "could not broadcast the cancellation");

@@ -189,6 +189,9 @@ pub struct Broker {
     conn_name: String,
     names: Names,
     live: Mutex<Option<Arc<Live>>>,
+    /// The runtime that owns the connection's I/O. actix-web runs handlers on per-thread
+    /// runtimes that die with the server; a connection opened there would die with them.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Broker {
@@ -198,6 +201,7 @@ impl Broker {
             conn_name: conn_name.to_owned(),
             names,
             live: Mutex::new(None),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -213,13 +217,21 @@ impl Broker {
         {
             return Ok(l.clone());
         }
-        let conn = connect(&self.url, &self.conn_name).await?;
-        let channel = conn.create_channel().await?;
-        declare_topology(&channel, &self.names).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let l = Arc::new(Live { conn, channel });
+        let (url, name, names) = (self.url.clone(), self.conn_name.clone(), self.names.clone());
+        let open = async move {
+            let conn = connect(&url, &name).await?;
+            let channel = conn.create_channel().await?;
+            declare_topology(&channel, &names).await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, AmqpError>(Live { conn, channel })
+        };
+        let live = match &self.runtime {
+            Some(rt) => rt.spawn(open).await.map_err(|_| AmqpError::Timeout)??,
+            None => open.await?,
+        };
+        let l = Arc::new(live);
         *guard = Some(l.clone());
         Ok(l)
     }
@@ -376,8 +388,10 @@ impl Broker {
 
     /// Closes the connection politely.
     pub async fn close(&self) {
-        if let Some(l) = self.live.lock().await.take() {
-            let _ = l.conn.close(200, "bye".into()).await;
+        let live = self.live.lock().await.take();
+        if let Some(l) = live {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), l.conn.close(200, "bye".into())).await;
         }
     }
 }
@@ -395,8 +409,11 @@ pub struct Outgoing {
 pub async fn delete_topology(ch: &Channel, names: &Names) -> Result<(), AmqpError> {
     use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
     for q in names.work_queues() {
-        ch.queue_delete(Names::dlq(&q).as_str().into(), QueueDeleteOptions::default())
-            .await?;
+        ch.queue_delete(
+            Names::dlq(&q).as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await?;
         ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await?;
     }

@@ -260,18 +260,30 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("VOLLEY_AMQP_URL", "RabbitMQ URL"),
     ("VOLLEY_QUEUE_PREFIX", "prefix of queue and exchange names"),
     ("VOLLEY_GATEWAY_ADDR", "gateway listen address"),
-    ("VOLLEY_PUBLIC_URL", "base URL of links the gateway hands out"),
-    ("VOLLEY_ASYNC_ENABLED", "false turns batch submission off (503)"),
+    (
+        "VOLLEY_PUBLIC_URL",
+        "base URL of links the gateway hands out",
+    ),
+    (
+        "VOLLEY_ASYNC_ENABLED",
+        "false turns batch submission off (503)",
+    ),
     ("VOLLEY_STATE_ADDR", "batch-state listen address"),
     ("VOLLEY_STATE_URL", "where workers reach batch-state"),
     ("VOLLEY_LEASE_MS", "how long a claim lasts without renewal"),
     ("VOLLEY_WORKER_ADDR", "worker health listen address"),
     ("VOLLEY_WORKER_CONCURRENCY", "jobs a worker runs at once"),
     ("VOLLEY_MAX_ATTEMPTS", "attempts per job"),
-    ("VOLLEY_SHUTDOWN_GRACE_SECS", "how long a stopping worker lets jobs finish"),
+    (
+        "VOLLEY_SHUTDOWN_GRACE_SECS",
+        "how long a stopping worker lets jobs finish",
+    ),
     ("VOLLEY_MEDIA_DIR", "local media store directory"),
     ("VOLLEY_MEDIA_SIGNING_KEY", "key that signs media URLs"),
-    ("VOLLEY_PROVIDER_<NAME>_BASE_URL", "override a provider's base URL"),
+    (
+        "VOLLEY_PROVIDER_<NAME>_BASE_URL",
+        "override a provider's base URL",
+    ),
     ("VOLLEY_PROVIDER_<NAME>_API_KEY", "a provider's API key"),
 ];
 
@@ -466,7 +478,10 @@ impl Settings {
 
 impl ModelConfig {
     pub fn endpoints(&self) -> Vec<Endpoint> {
-        self.endpoints.iter().filter_map(|e| e.parse().ok()).collect()
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.parse().ok())
+            .collect()
     }
 }
 
@@ -525,8 +540,14 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
         assert_eq!(s.queue_prefix, "t1");
         assert_eq!(s.worker.concurrency, 3);
         assert_eq!(s.providers[0].base_url, "http://127.0.0.1:1");
-        assert_eq!(s.check("qwen3-8b", Endpoint::ChatCompletions), ModelCheck::Served);
-        assert_eq!(s.check("other", Endpoint::ChatCompletions), ModelCheck::UnknownModel);
+        assert_eq!(
+            s.check("qwen3-8b", Endpoint::ChatCompletions),
+            ModelCheck::Served
+        );
+        assert_eq!(
+            s.check("other", Endpoint::ChatCompletions),
+            ModelCheck::UnknownModel
+        );
     }
 
     #[test]
@@ -552,7 +573,10 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
         for (text, want) in [
             ("queue_prefix = 5", "invalid type"),
             ("nonsense = true", "unknown field"),
-            ("[[models]]\nname='m'\nendpoints=['/v1/x']\nroutes=[]", "needs at least one"),
+            (
+                "[[models]]\nname='m'\nendpoints=['/v1/x']\nroutes=[]",
+                "needs at least one",
+            ),
             ("queue_prefix = 'a b'", "queue_prefix"),
             (
                 "[[providers]]\nname='p'\nkind='openai'\nbase_url='ftp://x'",
@@ -580,8 +604,14 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
         let s = Settings::from_file(&path).unwrap();
         s.validate().unwrap();
         // The contract's example models and one model for every endpoint.
-        assert_eq!(s.check("flux-dev", Endpoint::ImagesGenerations), ModelCheck::Served);
-        assert_eq!(s.check("qwen3-8b", Endpoint::ChatCompletions), ModelCheck::Served);
+        assert_eq!(
+            s.check("flux-dev", Endpoint::ImagesGenerations),
+            ModelCheck::Served
+        );
+        assert_eq!(
+            s.check("qwen3-8b", Endpoint::ChatCompletions),
+            ModelCheck::Served
+        );
         for e in Endpoint::ALL {
             assert!(
                 s.models.iter().any(|m| m.endpoints().contains(&e)),

@@ -112,7 +112,12 @@ fn views(conn: &mut PgConn, rows: Vec<BatchRow>) -> Result<Vec<BatchView>, DbErr
         .collect())
 }
 
-const BATCH_COLUMNS: (batches::id, batches::label, batches::total, batches::created_at) = (
+const BATCH_COLUMNS: (
+    batches::id,
+    batches::label,
+    batches::total,
+    batches::created_at,
+) = (
     batches::id,
     batches::label,
     batches::total,
@@ -215,7 +220,8 @@ impl Db {
         id: i64,
     ) -> Result<Option<(BatchView, Vec<JobSummary>)>, DbError> {
         let owner = owner.to_owned();
-        self.run(move |conn| batch_with_jobs(conn, &owner, id)).await
+        self.run(move |conn| batch_with_jobs(conn, &owner, id))
+            .await
     }
 
     pub async fn get_job(&self, owner: &str, id: i64) -> Result<Option<JobView>, DbError> {
@@ -256,7 +262,11 @@ impl Db {
 
     /// Cancels one job if it is QUEUED or PROCESSING. `None` if it does not exist for this
     /// owner; otherwise the job afterwards and whether this call cancelled it.
-    pub async fn cancel_job(&self, owner: &str, id: i64) -> Result<Option<(JobView, bool)>, DbError> {
+    pub async fn cancel_job(
+        &self,
+        owner: &str,
+        id: i64,
+    ) -> Result<Option<(JobView, bool)>, DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
             conn.transaction(|conn| {

@@ -15,7 +15,9 @@ use crate::{Db, DbError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
     /// The caller now runs the job; outcomes must carry this attempt number.
-    Claimed { attempt: i32 },
+    Claimed {
+        attempt: i32,
+    },
     /// Someone else runs it, or it has finished or been cancelled.
     Refused,
     NotFound,
@@ -30,10 +32,19 @@ pub struct Usage {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Succeeded { result: Value, usage: Option<Usage> },
-    Failed { error_type: String, message: String },
+    Succeeded {
+        result: Value,
+        usage: Option<Usage>,
+    },
+    Failed {
+        error_type: String,
+        message: String,
+    },
     /// Hand the job back to the queue after `delay_ms`.
-    Retry { error: String, delay_ms: i64 },
+    Retry {
+        error: String,
+        delay_ms: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -63,18 +63,37 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
     let (_t, db) = setup().await;
     let (b, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
-    let first = db.claim(vec![ids[0], ids[0], 999_999], 60_000).await.unwrap();
+    let first = db
+        .claim(vec![ids[0], ids[0], 999_999], 60_000)
+        .await
+        .unwrap();
     assert_eq!(first[0].1, Claim::Claimed { attempt: 1 });
     assert_eq!(first[1].1, Claim::Refused, "same job twice in one round");
     assert_eq!(first[2].1, Claim::NotFound);
     // A redelivered message cannot claim a running job again.
-    assert_eq!(db.claim(vec![ids[0]], 60_000).await.unwrap()[0].1, Claim::Refused);
+    assert_eq!(
+        db.claim(vec![ids[0]], 60_000).await.unwrap()[0].1,
+        Claim::Refused
+    );
 
     // Stale attempt and duplicates change nothing.
-    assert!(db.apply_events(vec![ok(ids[0], 7)]).await.unwrap().is_empty());
-    let applied = db.apply_events(vec![ok(ids[0], 1), ok(ids[0], 1)]).await.unwrap();
+    assert!(
+        db.apply_events(vec![ok(ids[0], 7)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let applied = db
+        .apply_events(vec![ok(ids[0], 1), ok(ids[0], 1)])
+        .await
+        .unwrap();
     assert_eq!(applied, vec![(ids[0], "PROCESSED".to_string())]);
-    assert!(db.apply_events(vec![ok(ids[0], 1)]).await.unwrap().is_empty());
+    assert!(
+        db.apply_events(vec![ok(ids[0], 1)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let job = db.get_job("o", ids[0]).await.unwrap().unwrap();
     assert_eq!(job.status, "PROCESSED");
     assert_eq!(job.total_tokens, Some(3));
@@ -94,7 +113,12 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
         db.claim(vec![ids[1]], 60_000).await.unwrap()[0].1,
         Claim::Claimed { attempt: 2 }
     );
-    assert!(db.apply_events(vec![ok(ids[1], 1)]).await.unwrap().is_empty());
+    assert!(
+        db.apply_events(vec![ok(ids[1], 1)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let failed = Event {
         job_id: ids[1],
         attempt: 2,
@@ -113,8 +137,20 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
     let (view, _, cancelled) = db.cancel_batch("o", b.id).await.unwrap().unwrap();
     assert_eq!(cancelled, vec![ids[2]]);
     assert_eq!(view.counts.status(), BatchStatus::Done);
-    assert_eq!((view.counts.processed, view.counts.failed, view.counts.cancelled), (1, 1, 1));
-    assert!(db.apply_events(vec![ok(ids[2], 1)]).await.unwrap().is_empty());
+    assert_eq!(
+        (
+            view.counts.processed,
+            view.counts.failed,
+            view.counts.cancelled
+        ),
+        (1, 1, 1)
+    );
+    assert!(
+        db.apply_events(vec![ok(ids[2], 1)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let (_, _, again) = db.cancel_batch("o", b.id).await.unwrap().unwrap();
     assert!(again.is_empty(), "cancel is idempotent");
     assert!(db.cancel_batch("other", b.id).await.unwrap().is_none());
@@ -135,17 +171,31 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let r = db.sweep(4, 600_000).await.unwrap();
     assert_eq!(r.leases_expired, 1);
-    let due: Vec<i64> = db.due_for_dispatch(100).await.unwrap().iter().map(|j| j.id).collect();
+    let due: Vec<i64> = db
+        .due_for_dispatch(100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
     assert!(due.contains(&ids[0]));
     // Renewal: a live claim stays, a stale attempt is not renewed.
     db.claim(vec![ids[0]], 60_000).await.unwrap();
-    assert_eq!(db.renew(vec![(ids[0], 2), (ids[1], 1)], 60_000).await.unwrap(), vec![ids[0]]);
+    assert_eq!(
+        db.renew(vec![(ids[0], 2), (ids[1], 1)], 60_000)
+            .await
+            .unwrap(),
+        vec![ids[0]]
+    );
     // On the last attempt a lost worker fails the job instead.
     db.claim(vec![ids[1]], 1).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let r = db.sweep(1, 600_000).await.unwrap();
     assert_eq!(r.lost_failed, 1);
-    assert_eq!(db.get_job("o", ids[1]).await.unwrap().unwrap().status, "FAILED");
+    assert_eq!(
+        db.get_job("o", ids[1]).await.unwrap().unwrap().status,
+        "FAILED"
+    );
 }
 
 #[tokio::test]
@@ -153,7 +203,10 @@ async fn keys_are_hashed_and_revocable() {
     let (_t, db) = setup().await;
     let k = db.create_key("ci", None).await.unwrap();
     assert!(k.secret.starts_with("vk_"));
-    assert_eq!(db.authenticate(&k.secret).await.unwrap().as_deref(), Some("ci"));
+    assert_eq!(
+        db.authenticate(&k.secret).await.unwrap().as_deref(),
+        Some("ci")
+    );
     assert_eq!(db.authenticate("vk_wrong").await.unwrap(), None);
     let listed = db.list_keys().await.unwrap();
     assert_eq!(listed.len(), 1);

@@ -56,7 +56,10 @@ pub struct FieldError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchRejection {
     /// More items than allowed; nothing else is checked.
-    TooLarge { count: usize, max: usize },
+    TooLarge {
+        count: usize,
+        max: usize,
+    },
     Invalid(Vec<FieldError>),
 }
 
@@ -238,7 +241,9 @@ impl Checker<'_> {
         let endpoint = endpoint?;
         let before = self.errors.len();
         let model = self.body(endpoint, body, catalog);
-        let size = serde_json::to_vec(body).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(body)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size > self.limits.max_body_bytes {
             self.err(
                 "body",
@@ -290,9 +295,7 @@ impl Checker<'_> {
         let max_text = self.limits.max_text_chars;
         match endpoint {
             Endpoint::ChatCompletions => self.messages(body),
-            Endpoint::Completions
-            | Endpoint::VideosGenerations
-            | Endpoint::MusicGenerations => {
+            Endpoint::Completions | Endpoint::VideosGenerations | Endpoint::MusicGenerations => {
                 self.string(body, "prompt", max_text, true);
             }
             Endpoint::ImagesGenerations => {
@@ -478,7 +481,8 @@ mod tests {
 
     #[test]
     fn too_many_items_is_too_large() {
-        let item = json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x"}});
+        let item =
+            json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x"}});
         let ok = json!({"requests": vec![item.clone(); 256]});
         assert_eq!(check(ok).unwrap().items.len(), 256);
         let big = json!({"requests": vec![item; 257]});

@@ -53,7 +53,9 @@ pub fn check_key(key: &str) -> Result<(), MediaError> {
     let ok = !key.is_empty()
         && key.len() <= 512
         && !key.starts_with('/')
-        && !key.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        && !key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
         && key
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
@@ -114,8 +116,11 @@ impl MediaStore {
     }
 
     pub async fn put_bytes(&self, key: &str, body: Bytes) -> Result<u64, MediaError> {
-        self.put_stream(key, futures::stream::once(async move { Ok::<_, MediaError>(body) }))
-            .await
+        self.put_stream(
+            key,
+            futures::stream::once(async move { Ok::<_, MediaError>(body) }),
+        )
+        .await
     }
 
     /// The object's size and a stream of its bytes.
@@ -126,7 +131,10 @@ impl MediaStore {
         check_key(key)?;
         let r = self.store.get(&Path::from(key)).await?;
         let size = r.meta.size;
-        Ok((size, r.into_stream().map(|c| c.map_err(MediaError::from)).boxed()))
+        Ok((
+            size,
+            r.into_stream().map(|c| c.map_err(MediaError::from)).boxed(),
+        ))
     }
 }
 
@@ -255,7 +263,16 @@ mod tests {
 
     #[test]
     fn keys_cannot_escape() {
-        for bad in ["", "/etc/passwd", "../x", "a/../b", "a//b", "a b", "a\0b", "a/./b"] {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a b",
+            "a\0b",
+            "a/./b",
+        ] {
             assert!(check_key(bad).is_err(), "{bad:?}");
         }
         check_key("jobs/43/1-0.png").unwrap();
@@ -283,12 +300,17 @@ mod tests {
             s.verify("jobs/1/a.png", 100, "zz", 50),
             Err(SignError::BadSignature)
         );
-        assert!(Signer::new(b"other").verify("jobs/1/a.png", 100, &sig, 50).is_err());
+        assert!(
+            Signer::new(b"other")
+                .verify("jobs/1/a.png", 100, &sig, 50)
+                .is_err()
+        );
     }
 
     #[test]
     fn rewrites_nested_refs() {
-        let mut v = json!({"data": [{"url": "volley-media:jobs/1/a.png"}, {"url": "https://x"}], "n": 1});
+        let mut v =
+            json!({"data": [{"url": "volley-media:jobs/1/a.png"}, {"url": "https://x"}], "n": 1});
         rewrite_refs(&mut v, &|k| format!("U({k})"));
         assert_eq!(v["data"][0]["url"], "U(jobs/1/a.png)");
         assert_eq!(v["data"][1]["url"], "https://x");
@@ -298,8 +320,9 @@ mod tests {
     async fn streams_in_and_out_with_a_cap() {
         let dir = tempfile::tempdir().unwrap();
         let store = MediaStore::local(dir.path().to_str().unwrap(), 3 * 1024 * 1024).unwrap();
-        let chunks: Vec<Result<Bytes, MediaError>> =
-            (0..2).map(|_| Ok(Bytes::from(vec![7u8; 1024 * 1024]))).collect();
+        let chunks: Vec<Result<Bytes, MediaError>> = (0..2)
+            .map(|_| Ok(Bytes::from(vec![7u8; 1024 * 1024])))
+            .collect();
         let n = store
             .put_stream("jobs/1/0.bin", futures::stream::iter(chunks))
             .await
@@ -310,14 +333,21 @@ mod tests {
         let got: Vec<Bytes> = body.map(|c| c.unwrap()).collect().await;
         assert_eq!(got.iter().map(|b| b.len() as u64).sum::<u64>(), n);
 
-        let big: Vec<Result<Bytes, MediaError>> =
-            (0..4).map(|_| Ok(Bytes::from(vec![0u8; 1024 * 1024]))).collect();
+        let big: Vec<Result<Bytes, MediaError>> = (0..4)
+            .map(|_| Ok(Bytes::from(vec![0u8; 1024 * 1024])))
+            .collect();
         let e = store
             .put_stream("jobs/1/big.bin", futures::stream::iter(big))
             .await
             .unwrap_err();
         assert!(matches!(e, MediaError::TooLarge { .. }));
-        assert!(matches!(store.get("jobs/1/big.bin").await, Err(MediaError::NotFound)));
-        assert!(matches!(store.get("../etc").await, Err(MediaError::BadKey(_))));
+        assert!(matches!(
+            store.get("jobs/1/big.bin").await,
+            Err(MediaError::NotFound)
+        ));
+        assert!(matches!(
+            store.get("../etc").await,
+            Err(MediaError::BadKey(_))
+        ));
     }
 }

@@ -13,7 +13,11 @@ pub fn init_logging(service: &'static str) {
     let r = if std::io::stderr().is_terminal() {
         builder.try_init()
     } else {
-        builder.json().flatten_event(true).with_current_span(false).try_init()
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init()
     };
     // A second init (tests starting several services in one process) keeps the first.
     let _ = r;

@@ -15,7 +15,9 @@ use volley_amqp::lapin::options::{
 use volley_amqp::lapin::types::FieldTable;
 use volley_amqp::{connect, consumer_channel, declare_topology};
 use volley_domain::{Endpoint, InferenceType};
-use volley_proto::{Control, Failed, JobEvent, JobMessage, Message, Retry, Succeeded, control, job_event};
+use volley_proto::{
+    Control, Failed, JobEvent, JobMessage, Message, Retry, Succeeded, control, job_event,
+};
 
 use crate::providers::{Job, Output, ProviderError};
 use crate::state_client::ClaimResult;
@@ -48,7 +50,11 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let names = w.broker.names().clone();
     let queue = names.job_queue(w.kind);
-    let conn = connect(&w.settings.amqp_url, &format!("volley-worker-{}-jobs", w.kind.key())).await?;
+    let conn = connect(
+        &w.settings.amqp_url,
+        &format!("volley-worker-{}-jobs", w.kind.key()),
+    )
+    .await?;
     let ch = consumer_channel(&conn, w.settings.worker.concurrency).await?;
     declare_topology(&ch, &names).await?;
     let mut consumer = ch
@@ -205,10 +211,19 @@ async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, du
             "succeeded",
         ),
         Err(ProviderError::Cancelled) => {
-            tracing::info!(job.id = job.id, batch.id = job.batch_id, attempt = job.attempt, duration_ms, "job aborted");
+            tracing::info!(
+                job.id = job.id,
+                batch.id = job.batch_id,
+                attempt = job.attempt,
+                duration_ms,
+                "job aborted"
+            );
             return;
         }
-        Err(ProviderError::Retryable { message, retry_after }) if job.attempt < max => {
+        Err(ProviderError::Retryable {
+            message,
+            retry_after,
+        }) if job.attempt < max => {
             let delay_ms = retry_after
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or_else(|| backoff_ms(w, job.attempt));
@@ -227,7 +242,10 @@ async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, du
             }),
             "failed",
         ),
-        Err(ProviderError::Fatal { error_type, message }) => (
+        Err(ProviderError::Fatal {
+            error_type,
+            message,
+        }) => (
             job_event::Outcome::Failed(Failed {
                 error_type: error_type.into(),
                 message,
@@ -264,7 +282,10 @@ async fn publish_event(w: &Worker, event: JobEvent) {
         }
         tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(i))).await;
     }
-    tracing::error!(job.id = event.job_id, "could not report the outcome; the lease will expire and the job will be retried");
+    tracing::error!(
+        job.id = event.job_id,
+        "could not report the outcome; the lease will expire and the job will be retried"
+    );
 }
 
 /// Keeps claims alive for as long as jobs run; a claim batch-state no longer recognises
@@ -295,7 +316,10 @@ pub async fn renew_leases(w: Arc<Worker>, stop: CancellationToken) {
                         && let Some(f) = map.get(&id)
                         && f.attempt == attempt
                     {
-                        tracing::info!(job.id = id, "claim no longer valid (cancelled or reassigned); aborting");
+                        tracing::info!(
+                            job.id = id,
+                            "claim no longer valid (cancelled or reassigned); aborting"
+                        );
                         f.cancel.cancel();
                     }
                 }
@@ -322,7 +346,11 @@ pub async fn control_forever(w: Arc<Worker>, stop: CancellationToken) {
 
 async fn control(w: &Worker, stop: &CancellationToken) -> anyhow::Result<()> {
     let names = w.broker.names().clone();
-    let conn = connect(&w.settings.amqp_url, &format!("volley-worker-{}-control", w.kind.key())).await?;
+    let conn = connect(
+        &w.settings.amqp_url,
+        &format!("volley-worker-{}-control", w.kind.key()),
+    )
+    .await?;
     let ch = conn.create_channel().await?;
     declare_topology(&ch, &names).await?;
     let q = ch
@@ -375,7 +403,11 @@ async fn control(w: &Worker, stop: &CancellationToken) -> anyhow::Result<()> {
             let map = w.in_flight.lock().await;
             for (id, f) in map.iter() {
                 if c.job_ids.contains(id) || (c.batch_id > 0 && f.batch_id == c.batch_id) {
-                    tracing::info!(job.id = id, batch.id = f.batch_id, "cancelling a running job");
+                    tracing::info!(
+                        job.id = id,
+                        batch.id = f.batch_id,
+                        "cancelling a running job"
+                    );
                     f.cancel.cancel();
                 }
             }
@@ -437,7 +469,11 @@ mod tests {
     fn decode_checks_everything() {
         let ok = msg("LLM", "/v1/completions", br#"{"prompt":"x"}"#);
         assert_eq!(decode(InferenceType::Llm, &ok).unwrap().0.id, 5);
-        assert!(decode(InferenceType::Image, &ok).unwrap_err().contains("on the IMAGE queue"));
+        assert!(
+            decode(InferenceType::Image, &ok)
+                .unwrap_err()
+                .contains("on the IMAGE queue")
+        );
         assert!(decode(InferenceType::Llm, &msg("LLM", "/v1/x", b"{}")).is_err());
         assert!(decode(InferenceType::Llm, &msg("LLM", "/v1/completions", b"[1]")).is_err());
         assert!(decode(InferenceType::Llm, &msg("LLM", "/v1/completions", b"{")).is_err());

@@ -61,7 +61,10 @@ impl Store<'_> {
         let key = self.key(i, &ct);
         let n = self
             .media
-            .put_stream(&key, resp.bytes_stream().map(|c| c.map_err(|e| e.to_string())))
+            .put_stream(
+                &key,
+                resp.bytes_stream().map(|c| c.map_err(|e| e.to_string())),
+            )
             .await
             .map_err(media_error)?;
         Ok(Self::entry(&key, &ct, n))
@@ -95,9 +98,18 @@ impl Store<'_> {
         self.response(i, resp, fallback_type).await
     }
 
-    pub async fn bytes(&self, i: usize, content_type: &str, body: Bytes) -> Result<Value, ProviderError> {
+    pub async fn bytes(
+        &self,
+        i: usize,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<Value, ProviderError> {
         let key = self.key(i, content_type);
-        let n = self.media.put_bytes(&key, body).await.map_err(media_error)?;
+        let n = self
+            .media
+            .put_bytes(&key, body)
+            .await
+            .map_err(media_error)?;
         Ok(Self::entry(&key, content_type, n))
     }
 }

@@ -180,7 +180,10 @@ impl Provider {
         }
         ProviderError::fatal(
             "invalid_request",
-            format!("{name} refused the request (HTTP {}): {message}", status.as_u16()),
+            format!(
+                "{name} refused the request (HTTP {}): {message}",
+                status.as_u16()
+            ),
         )
     }
 }
@@ -262,7 +265,11 @@ impl Providers {
     }
 
     /// Runs one attempt of a job on its provider.
-    pub async fn run(&self, job: &Job, cancel: &CancellationToken) -> Result<Output, ProviderError> {
+    pub async fn run(
+        &self,
+        job: &Job,
+        cancel: &CancellationToken,
+    ) -> Result<Output, ProviderError> {
         let (p, upstream) = self.route(job)?;
         let _slot = tokio::select! {
             _ = cancel.cancelled() => return Err(ProviderError::Cancelled),

@@ -72,7 +72,11 @@ pub async fn run(
             "failed" => {
                 let e = current
                     .get("error")
-                    .map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()))
+                    .map(|e| {
+                        e.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| e.to_string())
+                    })
                     .unwrap_or_else(|| "no reason given".into());
                 return Err(ProviderError::fatal(
                     "provider_error",

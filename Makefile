@@ -1,0 +1,32 @@
+# Volley: `make run` runs the whole system, `make test` runs every test.
+.PHONY: setup services build test lint run up down bench chaos
+
+CARGO ?= cargo
+
+setup:
+	@scripts/setup.sh
+
+services: setup
+	@scripts/services.sh
+
+build: setup
+	$(CARGO) build --workspace
+
+# Real RabbitMQ and PostgreSQL are started if they are not running; each test makes its own
+# database and queue prefix, so tests run in parallel.
+test: services
+	$(CARGO) build --workspace --all-targets
+	$(CARGO) test --workspace --no-fail-fast
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+run: setup
+	@scripts/stack.sh run
+
+up: setup
+	@scripts/stack.sh up
+
+down:
+	@scripts/stack.sh down

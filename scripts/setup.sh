@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what building and testing Volley needs from Debian's packages, if missing:
+# libpq (diesel links it), pkg-config, the PostgreSQL and RabbitMQ servers, espeak-ng (local
+# text-to-speech). Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+need=()
+for pkg in libpq-dev pkg-config postgresql rabbitmq-server espeak-ng curl; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
+done
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is not installed; install Rust (rustup) first" >&2
+  exit 1
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
