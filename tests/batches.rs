@@ -132,7 +132,7 @@ fn six(i: usize) -> Vec<Value> {
         ),
         item(
             "/v1/images/generations",
-            json!({"model": "flux-dev", "prompt": format!("lamp {i}"), "response_format": if i % 2 == 0 { "url" } else { "b64_json" }}),
+            json!({"model": "flux-dev", "prompt": format!("lamp {i}"), "response_format": if i.is_multiple_of(2) { "url" } else { "b64_json" }}),
         ),
         item(
             "/v1/videos/generations",
