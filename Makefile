@@ -30,3 +30,9 @@ up: setup
 
 down:
 	@scripts/stack.sh down
+
+# The benchmark (release build; several minutes): Volley against this machine's own ceiling.
+bench: services
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run --release -p volley-bench -- $(BENCH_ARGS)
+	$(CARGO) bench -p volley-bench --bench micro

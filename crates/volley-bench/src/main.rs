@@ -1,0 +1,399 @@
+//! `volley-bench`: measures Volley end to end on this machine against the machine's own
+//! ceiling, in the same run. Run it with `make bench` (release build); not part of `make test`.
+
+mod ceiling;
+mod stack;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use volley_db::Db;
+use volley_db::testing::TestDatabase;
+
+use stack::{Stack, StackOptions, Usage};
+
+#[derive(Parser)]
+#[command(name = "volley-bench", about = "Benchmark Volley against this machine's ceiling")]
+struct Cli {
+    /// Jobs in the throughput scenario (rounded up to whole 256-item batches).
+    #[arg(long, default_value_t = 50_000)]
+    jobs: usize,
+    /// Concurrent submitting clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Jobs in the slow-job scenario (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    slow_jobs: usize,
+    /// Simulator latency in the slow-job scenario.
+    #[arg(long, default_value_t = 2_000)]
+    slow_latency_ms: u64,
+    /// Provider and worker concurrency in the slow-job scenario.
+    #[arg(long, default_value_t = 2_000)]
+    slow_concurrency: usize,
+    #[arg(long, env = "VOLLEY_TEST_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+    /// The configuration the stack runs with (its providers are pointed at the simulator).
+    #[arg(long, default_value = "config/volley.toml")]
+    config: PathBuf,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "MISS" }
+}
+
+fn mixed_batch(b: usize) -> Value {
+    let requests: Vec<Value> = (0..256)
+        .map(|i| {
+            let n = b * 256 + i;
+            match i % 6 {
+                0 => json!({"endpoint": "/v1/chat/completions", "body": {"model": "qwen3-8b", "messages": [{"role": "user", "content": format!("Describe lamp {n}.")}]}}),
+                1 => json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": format!("Once upon a time {n}")}}),
+                2 => json!({"endpoint": "/v1/images/generations", "body": {"model": "flux-dev", "prompt": format!("a desk lamp {n}")}}),
+                3 => json!({"endpoint": "/v1/videos/generations", "body": {"model": "sim-video", "prompt": format!("waves {n}")}}),
+                4 => json!({"endpoint": "/v1/music/generations", "body": {"model": "sim-music", "prompt": format!("jazz {n}")}}),
+                _ => json!({"endpoint": "/v1/audio/speech", "body": {"model": "tts-1", "input": format!("Hello number {n}"), "voice": "alloy"}}),
+            }
+        })
+        .collect();
+    json!({"label": format!("bench {b}"), "requests": requests})
+}
+
+fn llm_batch(b: usize) -> Value {
+    let requests: Vec<Value> = (0..256)
+        .map(|i| json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": format!("slow {b}-{i}")}}))
+        .collect();
+    json!({"requests": requests})
+}
+
+struct LoadReport {
+    jobs: usize,
+    submit_secs: f64,
+    total_secs: f64,
+    submit_ms: Vec<f64>,
+    get_ms: Vec<f64>,
+    job_ms: Vec<f64>,
+}
+
+async fn unfinished(db: &Db) -> anyhow::Result<i64> {
+    Ok(db
+        .run(|c| {
+            use diesel::RunQueryDsl;
+            #[derive(diesel::QueryableByName)]
+            struct N {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let r: N = diesel::sql_query(
+                "SELECT count(*) AS n FROM jobs WHERE owner = 'bench' AND status IN ('QUEUED', 'PROCESSING')",
+            )
+            .get_result(&mut **c)?;
+            Ok(r.n)
+        })
+        .await?)
+}
+
+async fn job_latencies(db: &Db) -> anyhow::Result<(Vec<f64>, i64)> {
+    db.run(|c| {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct L {
+            #[diesel(sql_type = diesel::sql_types::Double)]
+            ms: f64,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            status: String,
+        }
+        let rows: Vec<L> = diesel::sql_query(
+            "SELECT EXTRACT(EPOCH FROM (finished_at - created_at))::float8 * 1000 AS ms, status \
+             FROM jobs WHERE owner = 'bench'",
+        )
+        .load(&mut **c)?;
+        let not_processed = rows.iter().filter(|r| r.status != "PROCESSED").count() as i64;
+        let mut ms: Vec<f64> = rows.into_iter().map(|r| r.ms).collect();
+        ms.sort_by(f64::total_cmp);
+        Ok((ms, not_processed))
+    })
+    .await
+    .map_err(Into::into)
+}
+
+async fn run_load(
+    gateway: &str,
+    key: &str,
+    db: &Db,
+    batches: usize,
+    clients: usize,
+    make: fn(usize) -> Value,
+) -> anyhow::Result<LoadReport> {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let submit_ms = Arc::new(Mutex::new(Vec::new()));
+    let running = Arc::new(AtomicBool::new(true));
+    let start = Instant::now();
+
+    // A reader polls batches while the load runs, as a client watching progress would.
+    let poller = {
+        let (http, ids, running, url, key) =
+            (http.clone(), ids.clone(), running.clone(), gateway.to_owned(), key.to_owned());
+        tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = 0usize;
+            while running.load(Ordering::Relaxed) {
+                let id = {
+                    let ids = ids.lock().await;
+                    if ids.is_empty() { None } else { Some(ids[i % ids.len()].clone()) }
+                };
+                i += 7;
+                if let Some(id) = id {
+                    let t = Instant::now();
+                    if let Ok(r) = http.get(format!("{url}/v1/batches/{id}")).bearer_auth(&key).send().await
+                        && r.status().is_success()
+                        && r.bytes().await.is_ok()
+                    {
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            lat
+        })
+    };
+
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (http, next, ids, submit_ms, url, key) =
+                (http.clone(), next.clone(), ids.clone(), submit_ms.clone(), gateway.to_owned(), key.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let b = next.fetch_add(1, Ordering::Relaxed);
+                    if b >= batches {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let body = serde_json::to_vec(&make(b))?;
+                    let t = Instant::now();
+                    let r = http
+                        .post(format!("{url}/v1/batches"))
+                        .bearer_auth(&key)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .send()
+                        .await?;
+                    let status = r.status();
+                    let v: Value = r.json().await?;
+                    let ms = t.elapsed().as_secs_f64() * 1000.0;
+                    if status.as_u16() != 202 {
+                        anyhow::bail!("batch refused: {status} {v}");
+                    }
+                    submit_ms.lock().await.push(ms);
+                    ids.lock().await.push(v["id"].as_str().unwrap_or_default().to_owned());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let submit_secs = start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    while unfinished(db).await? > 0 {
+        if Instant::now() > deadline {
+            anyhow::bail!("jobs still unfinished after 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total_secs = start.elapsed().as_secs_f64();
+    running.store(false, Ordering::Relaxed);
+    let mut get_ms = poller.await?;
+    get_ms.sort_by(f64::total_cmp);
+    let mut submit_ms = Arc::try_unwrap(submit_ms).map(|m| m.into_inner()).unwrap_or_default();
+    submit_ms.sort_by(f64::total_cmp);
+    let (job_ms, not_processed) = job_latencies(db).await?;
+    if not_processed > 0 {
+        eprintln!("warning: {not_processed} jobs did not end PROCESSED");
+    }
+    Ok(LoadReport {
+        jobs: batches * 256,
+        submit_secs,
+        total_secs,
+        submit_ms,
+        get_ms,
+        job_ms,
+    })
+}
+
+/// Removes a finished stack's queues and exchanges from the broker.
+async fn delete_queues(amqp_url: &str, prefix: &str) {
+    if let Ok(conn) = volley_amqp::connect(amqp_url, "volley-bench-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = volley_amqp::delete_topology(&ch, &volley_amqp::Names::new(prefix)).await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
+
+fn cpu_per_1000(before: &[(String, Usage)], after: &[(String, Usage)], jobs: usize) -> Vec<(String, f64, u64)> {
+    before
+        .iter()
+        .zip(after)
+        .map(|((name, b), (_, a))| (name.clone(), (a.cpu_secs - b.cpu_secs) * 1000.0 / jobs as f64, a.peak_rss_kb))
+        .collect()
+}
+
+async fn fresh_db() -> anyhow::Result<(TestDatabase, Db, String)> {
+    let (t, db) = TestDatabase::create().await?;
+    let key = db.create_key("bench", None).await?.secret;
+    Ok((t, db, key))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow::anyhow!("cannot find the binaries' directory"))?;
+    let batches = cli.jobs.div_ceil(256);
+    println!(
+        "volley-bench: release build, {} cores; throughput scenario {} jobs ({} batches of 256, six endpoints mixed), {} clients, simulator latency 0",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        batches * 256,
+        batches,
+        cli.clients
+    );
+
+    // Scenario 1: throughput, with the ceiling measured in the same run.
+    let (tdb, db, key) = fresh_db().await?;
+    let opts = StackOptions {
+        database_url: tdb.url.clone(),
+        amqp_url: cli.amqp_url.clone(),
+        sim_latency_ms: 0,
+        worker_concurrency: 64,
+        bin_dir: bin_dir.clone(),
+        config: cli.config.clone(),
+    };
+    let stack = Stack::start(&opts).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = stack.usage();
+    let before = stack.usage();
+    let load = run_load(&stack.gateway, &key, &db, batches, cli.clients, mixed_batch).await?;
+    let after = stack.usage();
+    let prefix = stack.prefix.clone();
+    stack.stop();
+    delete_queues(&cli.amqp_url, &prefix).await;
+    drop(db);
+    drop(tdb);
+
+    let (ctdb, cdb) = TestDatabase::create().await?;
+    let sample = volley_proto::JobMessage {
+        job_id: 1_000_000,
+        batch_id: 10_000,
+        inference_type: "LLM".into(),
+        endpoint: "/v1/chat/completions".into(),
+        model: "qwen3-8b".into(),
+        body_json: br#"{"model":"qwen3-8b","messages":[{"role":"user","content":"Describe lamp 12345."}]}"#.to_vec(),
+        accepted_at_ms: 1_795_000_000_000,
+    };
+    let job_len = prost::Message::encoded_len(&sample);
+    let ceiling = ceiling::measure(&cdb, &cli.amqp_url, load.jobs, job_len, 300).await?;
+    drop(cdb);
+    drop(ctdb);
+
+    let accepted = load.jobs as f64 / load.submit_secs;
+    let completed = load.jobs as f64 / load.total_secs;
+    let ratio = completed / ceiling.jobs_per_sec();
+    println!();
+    println!("== throughput ({} jobs) ==", load.jobs);
+    println!("jobs accepted          {accepted:>9.0} jobs/s");
+    println!("jobs completed         {completed:>9.0} jobs/s end to end (first submit to last job terminal)");
+    println!(
+        "ceiling                {:>9.0} jobs/s  (RabbitMQ: 2 messages/job, confirms + acks, quorum queue: {:.1} s; PostgreSQL: insert + claim + outcome, batched: {:.1} s; run together)",
+        ceiling.jobs_per_sec(),
+        ceiling.amqp_secs,
+        ceiling.pg_secs
+    );
+    println!("volley / ceiling       {:>9.0} %       target >= 50 %           {}", ratio * 100.0, verdict(ratio >= 0.5));
+    let (s50, s99) = (pct(&load.submit_ms, 0.5), pct(&load.submit_ms, 0.99));
+    println!("submit 256 p50 / p99   {s50:>6.1} / {s99:.1} ms   target < 25 / 60 ms      {}", verdict(s50 < 25.0 && s99 < 60.0));
+    println!("job latency p50 / p99  {:>6.0} / {:.0} ms   (accept to terminal)", pct(&load.job_ms, 0.5), pct(&load.job_ms, 0.99));
+    let (g50, g99) = (pct(&load.get_ms, 0.5), pct(&load.get_ms, 0.99));
+    println!("GET batch p50 / p99    {g50:>6.2} / {g99:.2} ms   target p99 < 5 ms        {}   ({} samples)", verdict(g99 < 5.0), load.get_ms.len());
+    println!("per service            cpu s/1000 jobs   peak RSS    idle RSS (target < 30 MB)");
+    for ((name, cpu, peak), (_, idle)) in cpu_per_1000(&before, &after, load.jobs).into_iter().zip(&idle) {
+        println!(
+            "  {name:<20} {cpu:>10.2}      {:>7.1} MB    {:>5.1} MB   {}",
+            peak as f64 / 1024.0,
+            idle.rss_kb as f64 / 1024.0,
+            verdict(idle.rss_kb < 30 * 1024)
+        );
+    }
+
+    // Scenario 2: many slow jobs.
+    if cli.slow_jobs > 0 {
+        let (tdb, db, key) = fresh_db().await?;
+        let text = std::fs::read_to_string(&cli.config)?;
+        let lifted: String = text
+            .lines()
+            .map(|l| {
+                if l.trim_start().starts_with("max_concurrency") {
+                    format!("max_concurrency = {}", cli.slow_concurrency)
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = std::env::temp_dir().join(format!("volley-bench-{}.toml", std::process::id()));
+        std::fs::write(&cfg, lifted)?;
+        let opts = StackOptions {
+            database_url: tdb.url.clone(),
+            amqp_url: cli.amqp_url.clone(),
+            sim_latency_ms: cli.slow_latency_ms,
+            worker_concurrency: u16::try_from(cli.slow_concurrency).unwrap_or(u16::MAX),
+            bin_dir,
+            config: cfg.clone(),
+        };
+        let stack = Stack::start(&opts).await?;
+        let slow_batches = cli.slow_jobs.div_ceil(256);
+        let load = run_load(&stack.gateway, &key, &db, slow_batches, cli.clients, llm_batch).await?;
+        let usage = stack.usage();
+        let prefix = stack.prefix.clone();
+        stack.stop();
+        delete_queues(&cli.amqp_url, &prefix).await;
+        let _ = std::fs::remove_file(&cfg);
+        let ideal = cli.slow_concurrency as f64 / (cli.slow_latency_ms as f64 / 1000.0);
+        let achieved = load.jobs as f64 / load.total_secs;
+        println!();
+        println!(
+            "== slow jobs ({} jobs, {} ms each, {} concurrent) ==",
+            load.jobs, cli.slow_latency_ms, cli.slow_concurrency
+        );
+        println!(
+            "throughput             {achieved:>9.0} jobs/s of ideal {ideal:.0} = {:.0} %   target >= 90 %   {}",
+            achieved / ideal * 100.0,
+            verdict(achieved >= 0.9 * ideal)
+        );
+        for (name, u) in usage.iter().filter(|(n, _)| n.starts_with("worker-")) {
+            println!(
+                "  {name:<20} peak RSS {:>7.1} MB   target < 150 MB   {}",
+                u.peak_rss_kb as f64 / 1024.0,
+                verdict(u.peak_rss_kb < 150 * 1024)
+            );
+        }
+        drop(db);
+        drop(tdb);
+    }
+    Ok(())
+}
