@@ -37,6 +37,16 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
     v
 }
 
+/// Tokens the batch's jobs used so far (chat and completions report usage), summed.
+pub fn usage(u: &volley_db::usage::BatchUsage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "jobs": u.jobs,
+    })
+}
+
 pub struct MediaLinks<'a> {
     pub signer: &'a Signer,
     pub public_url: &'a str,

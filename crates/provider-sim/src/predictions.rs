@@ -354,11 +354,35 @@ pub(crate) async fn create(
     }
 
     let state: Arc<State> = st.into_inner();
-    tokio::spawn(async move {
-        tokio::time::sleep(latency).await;
+    {
+        let (state, id) = (state.clone(), id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            finish(&state, &id);
+        });
+    }
+    // Replicate's sync mode: `Prefer: wait[=N]` holds the create for up to N seconds (60 at
+    // most) and answers with the prediction as it stands then, finished if it was quick.
+    if let Some(wait) = prefer_wait(&req) {
+        tokio::time::sleep(latency.min(wait)).await;
         finish(&state, &id);
-    });
+        let preds = lock(&state.predictions);
+        if let Some(p) = preds.map.get(&id) {
+            return Ok(HttpResponse::build(StatusCode::CREATED).json(p.to_json(&state.base_url)));
+        }
+    }
     Ok(HttpResponse::build(StatusCode::CREATED).json(json))
+}
+
+/// The `Prefer: wait` or `Prefer: wait=N` header, capped at 60 s as Replicate does.
+fn prefer_wait(req: &HttpRequest) -> Option<std::time::Duration> {
+    let v = req.headers().get("prefer")?.to_str().ok()?.trim();
+    let secs = match v.strip_prefix("wait") {
+        Some("") => 60,
+        Some(rest) => rest.strip_prefix('=')?.trim().parse::<u64>().ok()?.min(60),
+        None => return None,
+    };
+    Some(std::time::Duration::from_secs(secs))
 }
 
 pub(crate) async fn get(path: web::Path<String>, st: Data) -> HttpResponse {

@@ -97,6 +97,9 @@ pub struct StateSettings {
     pub redispatch_after_ms: u64,
     /// Events applied in one transaction at most.
     pub event_batch: usize,
+    /// A job not started this long after it was accepted fails with type `expired`
+    /// (0: never).
+    pub expire_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,13 +120,40 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MediaSettings {
-    /// Local directory of the media store.
+    /// Where media is kept: a local directory (default) or an S3-compatible bucket.
+    pub store: MediaStoreKind,
+    /// Local directory of the media store (`store = "local"`).
     pub dir: String,
+    /// The bucket (`store = "s3"`).
+    pub s3: S3Settings,
     /// Key for signing media URLs; must be the same on the gateway and workers.
     pub signing_key: Secret,
     pub url_ttl_secs: u64,
     /// Largest media file a worker stores.
     pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaStoreKind {
+    #[default]
+    Local,
+    S3,
+}
+
+/// An S3-compatible bucket (AWS S3, MinIO, Ceph, R2, ...). Credentials left empty fall back to
+/// the standard `AWS_*` environment variables and instance or pod credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Empty: `us-east-1`, or `AWS_REGION`.
+    pub region: String,
+    /// An S3-compatible server's URL (MinIO: `http://minio:9000`); empty for AWS itself.
+    /// `http://` endpoints are allowed, for in-cluster servers.
+    pub endpoint: String,
+    pub access_key_id: Secret,
+    pub secret_access_key: Secret,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -133,6 +163,37 @@ pub enum ProviderKind {
     Openai,
     /// Replicate-style create-and-poll predictions.
     Predictions,
+    /// Local text-to-speech with the espeak-ng program (no HTTP; WAV output).
+    Espeak,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Predictions => "predictions",
+            ProviderKind::Espeak => "espeak",
+        }
+    }
+
+    /// Whether an adapter of this kind implements `endpoint`.
+    pub fn serves(self, endpoint: Endpoint) -> bool {
+        match self {
+            ProviderKind::Openai => !matches!(
+                endpoint,
+                Endpoint::VideosGenerations | Endpoint::MusicGenerations
+            ),
+            ProviderKind::Predictions => {
+                !matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+            }
+            ProviderKind::Espeak => endpoint == Endpoint::AudioSpeech,
+        }
+    }
+
+    /// Kinds reached over HTTP, which need a `base_url`.
+    pub fn is_http(self) -> bool {
+        !matches!(self, ProviderKind::Espeak)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -140,18 +201,37 @@ pub enum ProviderKind {
 pub struct ProviderConfig {
     pub name: String,
     pub kind: ProviderKind,
+    /// Where the API lives (HTTP kinds only), e.g. `http://localhost:8000/v1`.
+    #[serde(default)]
     pub base_url: String,
     #[serde(default)]
     pub api_key: Secret,
+    /// One request (a whole prediction, an espeak-ng run) may take this long.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Calls in flight at once, per worker process. 429s lower it for a while (see
+    /// docs/providers.md); it never goes above this.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
     #[serde(default)]
     pub requests_per_minute: Option<u32>,
-    /// How often a prediction is polled at first (doubles up to 10 s).
+    /// LLM tokens per minute (`openai` only): each chat or completion reserves an estimate
+    /// before it starts, corrected by the usage the provider reports.
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// How often a prediction is polled at first (grows by half up to 10 s).
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
+    /// The espeak-ng program (`espeak` only): a name looked up on PATH, or a path.
+    #[serde(default)]
+    pub command: Option<String>,
+}
+
+impl ProviderConfig {
+    /// The program an `espeak` provider runs.
+    pub fn command(&self) -> &str {
+        self.command.as_deref().unwrap_or("espeak-ng")
+    }
 }
 
 fn default_timeout_ms() -> u64 {
@@ -223,6 +303,7 @@ impl Default for StateSettings {
             lease_ms: 60_000,
             redispatch_after_ms: 600_000,
             event_batch: 256,
+            expire_after_ms: 86_400_000,
         }
     }
 }
@@ -243,7 +324,9 @@ impl Default for WorkerSettings {
 impl Default for MediaSettings {
     fn default() -> Self {
         MediaSettings {
+            store: MediaStoreKind::Local,
             dir: ".volley/media".into(),
+            s3: S3Settings::default(),
             signing_key: Secret::default(),
             url_ttl_secs: 3_600,
             max_bytes: 256 * 1024 * 1024,
@@ -271,6 +354,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("VOLLEY_STATE_ADDR", "batch-state listen address"),
     ("VOLLEY_STATE_URL", "where workers reach batch-state"),
     ("VOLLEY_LEASE_MS", "how long a claim lasts without renewal"),
+    (
+        "VOLLEY_EXPIRE_AFTER_MS",
+        "a job not started this long after acceptance fails as expired (0: never)",
+    ),
     ("VOLLEY_WORKER_ADDR", "worker health listen address"),
     ("VOLLEY_WORKER_CONCURRENCY", "jobs a worker runs at once"),
     ("VOLLEY_MAX_ATTEMPTS", "attempts per job"),
@@ -278,7 +365,16 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "VOLLEY_SHUTDOWN_GRACE_SECS",
         "how long a stopping worker lets jobs finish",
     ),
+    ("VOLLEY_MEDIA_STORE", "media store: local or s3"),
     ("VOLLEY_MEDIA_DIR", "local media store directory"),
+    ("VOLLEY_MEDIA_S3_BUCKET", "S3 bucket of the media store"),
+    ("VOLLEY_MEDIA_S3_REGION", "S3 region of the media store"),
+    (
+        "VOLLEY_MEDIA_S3_ENDPOINT",
+        "URL of an S3-compatible server (MinIO, ...)",
+    ),
+    ("VOLLEY_MEDIA_S3_ACCESS_KEY_ID", "S3 access key id"),
+    ("VOLLEY_MEDIA_S3_SECRET_ACCESS_KEY", "S3 secret access key"),
     ("VOLLEY_MEDIA_SIGNING_KEY", "key that signs media URLs"),
     (
         "VOLLEY_PROVIDER_<NAME>_BASE_URL",
@@ -354,11 +450,32 @@ impl Settings {
                 "VOLLEY_STATE_ADDR" => self.state.addr = v.into(),
                 "VOLLEY_STATE_URL" => self.state.url = v.into(),
                 "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
+                "VOLLEY_EXPIRE_AFTER_MS" => self.state.expire_after_ms = parse(key, v)?,
                 "VOLLEY_WORKER_ADDR" => self.worker.addr = v.into(),
                 "VOLLEY_WORKER_CONCURRENCY" => self.worker.concurrency = parse(key, v)?,
                 "VOLLEY_MAX_ATTEMPTS" => self.worker.max_attempts = parse(key, v)?,
                 "VOLLEY_SHUTDOWN_GRACE_SECS" => self.worker.shutdown_grace_secs = parse(key, v)?,
+                "VOLLEY_MEDIA_STORE" => {
+                    self.media.store = match v.trim() {
+                        "local" => MediaStoreKind::Local,
+                        "s3" => MediaStoreKind::S3,
+                        _ => {
+                            return Err(ConfigError::Env {
+                                key: key.into(),
+                                value: v.into(),
+                                message: "expected local or s3".into(),
+                            });
+                        }
+                    }
+                }
                 "VOLLEY_MEDIA_DIR" => self.media.dir = v.into(),
+                "VOLLEY_MEDIA_S3_BUCKET" => self.media.s3.bucket = v.into(),
+                "VOLLEY_MEDIA_S3_REGION" => self.media.s3.region = v.into(),
+                "VOLLEY_MEDIA_S3_ENDPOINT" => self.media.s3.endpoint = v.into(),
+                "VOLLEY_MEDIA_S3_ACCESS_KEY_ID" => self.media.s3.access_key_id = Secret::new(v),
+                "VOLLEY_MEDIA_S3_SECRET_ACCESS_KEY" => {
+                    self.media.s3.secret_access_key = Secret::new(v)
+                }
                 "VOLLEY_MEDIA_SIGNING_KEY" => self.media.signing_key = Secret::new(v),
                 _ => {
                     if let Some(rest) = key.strip_prefix("VOLLEY_PROVIDER_") {
@@ -421,23 +538,13 @@ impl Settings {
         if self.database_pool_size == 0 {
             return bad("database_pool_size must be at least 1".into());
         }
+        self.validate_media()?;
         let mut names = std::collections::HashSet::new();
         for p in &self.providers {
             if !names.insert(p.name.as_str()) {
                 return bad(format!("provider {:?} is defined twice", p.name));
             }
-            if !(p.base_url.starts_with("http://") || p.base_url.starts_with("https://")) {
-                return bad(format!(
-                    "provider {:?}: base_url must start with http:// or https://",
-                    p.name
-                ));
-            }
-            if p.max_concurrency == 0 || p.timeout_ms == 0 {
-                return bad(format!(
-                    "provider {:?}: max_concurrency and timeout_ms must be at least 1",
-                    p.name
-                ));
-            }
+            p.validate().map_err(ConfigError::Invalid)?;
         }
         let mut models = std::collections::HashSet::new();
         for m in &self.models {
@@ -456,15 +563,69 @@ impl Settings {
                 }
             }
             for r in &m.routes {
-                if !names.contains(r.provider.as_str()) {
+                let Some(p) = self.provider(&r.provider) else {
                     return bad(format!(
                         "model {:?} routes to unknown provider {:?}",
                         m.name, r.provider
                     ));
+                };
+                // A route that cannot serve one of the model's endpoints would fail every such
+                // job at run time; say so at start-up instead.
+                for e in m.endpoints() {
+                    if !p.kind.serves(e) {
+                        return bad(format!(
+                            "model {:?}: provider {:?} (kind {}) cannot serve {e}",
+                            m.name,
+                            p.name,
+                            p.kind.as_str()
+                        ));
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    fn validate_media(&self) -> Result<(), ConfigError> {
+        let m = &self.media;
+        let bad = |m: &str| Err(ConfigError::Invalid(format!("media: {m}")));
+        if m.max_bytes == 0 || m.url_ttl_secs == 0 {
+            return bad("max_bytes and url_ttl_secs must be at least 1");
+        }
+        match m.store {
+            MediaStoreKind::Local if m.dir.trim().is_empty() => {
+                bad("dir must name a directory when store = \"local\"")
+            }
+            MediaStoreKind::Local => Ok(()),
+            MediaStoreKind::S3 => {
+                let s3 = &m.s3;
+                // S3 bucket names: 3-63 lowercase letters, digits, '-' and '.'.
+                if s3.bucket.len() < 3
+                    || s3.bucket.len() > 63
+                    || !s3
+                        .bucket
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c))
+                {
+                    return bad(&format!(
+                        "store = \"s3\" needs s3.bucket (VOLLEY_MEDIA_S3_BUCKET): 3-63 lowercase \
+                         letters, digits, '-' or '.', got {:?}",
+                        s3.bucket
+                    ));
+                }
+                let http = ["http://", "https://"];
+                if !s3.endpoint.is_empty() && !http.iter().any(|p| s3.endpoint.starts_with(p)) {
+                    return bad("s3.endpoint must start with http:// or https://");
+                }
+                if s3.access_key_id.is_empty() != s3.secret_access_key.is_empty() {
+                    return bad(
+                        "set both s3 access_key_id and secret_access_key, or neither (to use \
+                         AWS_* variables or instance credentials)",
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
@@ -473,6 +634,71 @@ impl Settings {
 
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+}
+
+impl ProviderConfig {
+    /// One provider's own consistency: every error names the provider and the setting.
+    fn validate(&self) -> Result<(), String> {
+        let name = &self.name;
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "provider name {name:?} must be letters, digits, '-' or '_' (it names the \
+                 VOLLEY_PROVIDER_<NAME>_* variables)"
+            ));
+        }
+        let kind = self.kind.as_str();
+        if self.kind.is_http() {
+            if !(self.base_url.starts_with("http://") || self.base_url.starts_with("https://")) {
+                return Err(format!(
+                    "provider {name:?}: base_url must start with http:// or https://"
+                ));
+            }
+        } else if !self.base_url.is_empty() {
+            return Err(format!(
+                "provider {name:?}: kind {kind} runs locally and takes no base_url"
+            ));
+        }
+        if self.max_concurrency == 0 || self.timeout_ms == 0 {
+            return Err(format!(
+                "provider {name:?}: max_concurrency and timeout_ms must be at least 1"
+            ));
+        }
+        if self.max_concurrency > 100_000 {
+            return Err(format!(
+                "provider {name:?}: max_concurrency {} is beyond any sensible limit (100000)",
+                self.max_concurrency
+            ));
+        }
+        if self.requests_per_minute == Some(0) || self.tokens_per_minute == Some(0) {
+            return Err(format!(
+                "provider {name:?}: requests_per_minute and tokens_per_minute must be at least 1 \
+                 (leave them out for no limit)"
+            ));
+        }
+        if self.tokens_per_minute.is_some() && self.kind != ProviderKind::Openai {
+            return Err(format!(
+                "provider {name:?}: tokens_per_minute applies to kind openai only, not {kind}"
+            ));
+        }
+        if self.poll_interval_ms == 0 {
+            return Err(format!(
+                "provider {name:?}: poll_interval_ms must be at least 1"
+            ));
+        }
+        match (&self.command, self.kind) {
+            (Some(_), k) if k != ProviderKind::Espeak => Err(format!(
+                "provider {name:?}: command applies to kind espeak only, not {kind}"
+            )),
+            (Some(c), _) if c.trim().is_empty() || c.chars().any(char::is_control) => Err(format!(
+                "provider {name:?}: command {c:?} must name a program"
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -532,6 +758,7 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
         let mut s = Settings::from_toml(FILE).unwrap();
         s.apply_env(&env(&[
             ("VOLLEY_WORKER_CONCURRENCY", "3"),
+            ("VOLLEY_EXPIRE_AFTER_MS", "0"),
             ("VOLLEY_PROVIDER_LOCAL_SIM_BASE_URL", "http://127.0.0.1:1"),
             ("UNRELATED", "x"),
         ]))
@@ -539,6 +766,7 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
         s.validate().unwrap();
         assert_eq!(s.queue_prefix, "t1");
         assert_eq!(s.worker.concurrency, 3);
+        assert_eq!(s.state.expire_after_ms, 0);
         assert_eq!(s.providers[0].base_url, "http://127.0.0.1:1");
         assert_eq!(
             s.check("qwen3-8b", Endpoint::ChatCompletions),
@@ -591,6 +819,162 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
                 "unknown provider",
             ),
             ("[[models", "TOML parse error"),
+        ] {
+            let r = Settings::from_toml(text).and_then(|s| s.validate().map(|_| s));
+            let e = r.expect_err(text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    const KINDS: &str = r#"
+[[providers]]
+name = "vllm"
+kind = "openai"
+base_url = "http://localhost:8000/v1"
+tokens_per_minute = 100000
+[[providers]]
+name = "replicate"
+kind = "predictions"
+base_url = "https://api.replicate.com/v1"
+[[providers]]
+name = "espeak"
+kind = "espeak"
+max_concurrency = 2
+[[models]]
+name = "say"
+endpoints = ["/v1/audio/speech"]
+routes = [{ provider = "espeak" }, { provider = "vllm" }]
+"#;
+
+    #[test]
+    fn every_provider_kind_parses() {
+        let mut s = Settings::from_toml(KINDS).unwrap();
+        s.apply_env(&env(&[("VOLLEY_PROVIDER_REPLICATE_API_KEY", "r8_x")]))
+            .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.providers[0].tokens_per_minute, Some(100_000));
+        assert_eq!(s.providers[1].api_key.expose(), "r8_x");
+        assert_eq!(s.providers[2].kind, ProviderKind::Espeak);
+        assert_eq!(s.providers[2].command(), "espeak-ng");
+        assert!(s.providers[2].base_url.is_empty());
+        assert_eq!(s.check("say", Endpoint::AudioSpeech), ModelCheck::Served);
+    }
+
+    #[test]
+    fn provider_kinds_are_checked_against_their_settings_and_models() {
+        for (extra, want) in [
+            (
+                "[[providers]]\nname='e2'\nkind='espeak'\nbase_url='http://x'",
+                "runs locally and takes no base_url",
+            ),
+            (
+                "[[providers]]\nname='p2'\nkind='predictions'\nbase_url='http://x'\ntokens_per_minute=5",
+                "tokens_per_minute applies to kind openai only",
+            ),
+            (
+                "[[providers]]\nname='o2'\nkind='openai'\nbase_url='http://x'\ncommand='espeak-ng'",
+                "command applies to kind espeak only",
+            ),
+            (
+                "[[providers]]\nname='e2'\nkind='espeak'\ncommand='  '",
+                "must name a program",
+            ),
+            (
+                "[[providers]]\nname='o2'\nkind='openai'\nbase_url='http://x'\nrequests_per_minute=0",
+                "must be at least 1",
+            ),
+            (
+                "[[providers]]\nname='bad name'\nkind='openai'\nbase_url='http://x'",
+                "must be letters, digits",
+            ),
+            (
+                "[[providers]]\nname='o2'\nkind='openai'\nbase_url='http://x'\nmax_concurrency=-1",
+                "invalid value",
+            ),
+            (
+                "[[models]]\nname='v'\nendpoints=['/v1/videos/generations']\nroutes=[{provider='vllm'}]",
+                "cannot serve /v1/videos/generations",
+            ),
+            (
+                "[[models]]\nname='c'\nendpoints=['/v1/completions']\nroutes=[{provider='espeak'}]",
+                "cannot serve /v1/completions",
+            ),
+            (
+                "[[models]]\nname='c'\nendpoints=['/v1/chat/completions']\nroutes=[{provider='replicate'}]",
+                "cannot serve /v1/chat/completions",
+            ),
+        ] {
+            let text = format!("{KINDS}\n{extra}");
+            let r = Settings::from_toml(&text).and_then(|s| s.validate().map(|_| s));
+            let e = r.expect_err(extra).to_string();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+        let mut s = Settings::from_toml(KINDS).unwrap();
+        let e = s
+            .apply_env(&env(&[("VOLLEY_PROVIDER_ESPEAK_BASE_URL", "http://x")]))
+            .and_then(|_| s.validate())
+            .unwrap_err();
+        assert!(e.to_string().contains("takes no base_url"), "{e}");
+    }
+
+    #[test]
+    fn media_store_settings() {
+        let s = Settings::from_toml("").unwrap();
+        assert_eq!(s.media.store, MediaStoreKind::Local);
+        let text = r#"
+[media]
+store = "s3"
+[media.s3]
+bucket = "volley-media"
+region = "eu-west-1"
+endpoint = "http://minio:9000"
+"#;
+        let mut s = Settings::from_toml(text).unwrap();
+        s.apply_env(&env(&[
+            ("VOLLEY_MEDIA_S3_ACCESS_KEY_ID", "AKIA-EXAMPLE"),
+            ("VOLLEY_MEDIA_S3_SECRET_ACCESS_KEY", "very-secret"),
+        ]))
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.media.s3.bucket, "volley-media");
+        assert_eq!(s.media.s3.secret_access_key.expose(), "very-secret");
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("very-secret") && !dbg.contains("AKIA-EXAMPLE"),
+            "{dbg}"
+        );
+
+        let mut s = Settings::from_toml("").unwrap();
+        s.apply_env(&env(&[
+            ("VOLLEY_MEDIA_STORE", "s3"),
+            ("VOLLEY_MEDIA_S3_BUCKET", "b-1.x"),
+        ]))
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.media.store, MediaStoreKind::S3);
+
+        let e = Settings::from_toml("")
+            .unwrap()
+            .apply_env(&env(&[("VOLLEY_MEDIA_STORE", "ftp")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("expected local or s3"), "{e}");
+        for (text, want) in [
+            ("[media]\nstore='s3'", "needs s3.bucket"),
+            (
+                "[media]\nstore='s3'\ns3.bucket='Bad_Bucket'",
+                "needs s3.bucket",
+            ),
+            (
+                "[media]\nstore='s3'\ns3.bucket='ok-bucket'\ns3.endpoint='minio:9000'",
+                "s3.endpoint must start with",
+            ),
+            (
+                "[media]\nstore='s3'\ns3.bucket='ok-bucket'\ns3.access_key_id='a'",
+                "set both",
+            ),
+            ("[media]\nstore='gcs'", "unknown variant"),
+            ("[media]\ndir=''", "dir must name a directory"),
+            ("[media]\nmax_bytes=0", "max_bytes"),
         ] {
             let r = Settings::from_toml(text).and_then(|s| s.validate().map(|_| s));
             let e = r.expect_err(text).to_string();

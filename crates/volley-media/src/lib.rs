@@ -9,11 +9,15 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use hmac::{Hmac, Mac};
+use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
+use object_store::{
+    Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMultipartOptions, WriteMultipart,
+};
 use serde_json::Value;
 use sha2::Sha256;
+use volley_config::{MediaSettings, MediaStoreKind, S3Settings};
 
 /// Prefix of a media reference inside a stored job result.
 pub const SCHEME: &str = "volley-media:";
@@ -45,6 +49,9 @@ impl From<object_store::Error> for MediaError {
 pub struct MediaStore {
     store: Arc<dyn ObjectStore>,
     max_bytes: u64,
+    /// Whether objects carry their content type (S3 does; the local store cannot). Volley
+    /// serves media with the type from the key's extension either way.
+    content_types: bool,
 }
 
 /// Keys are made by workers, but they arrive back through URLs: accept only a safe alphabet
@@ -66,7 +73,45 @@ pub fn check_key(key: &str) -> Result<(), MediaError> {
     }
 }
 
+/// An S3 client for the settings. Builds without touching the network; credentials left
+/// empty come from the `AWS_*` variables or the instance/pod role when first needed.
+pub fn s3_builder(s3: &S3Settings) -> AmazonS3Builder {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(&s3.bucket);
+    if !s3.region.is_empty() {
+        b = b.with_region(&s3.region);
+    }
+    if !s3.endpoint.is_empty() {
+        // MinIO and most self-hosted servers want path-style URLs and may run plain HTTP
+        // inside a cluster.
+        b = b
+            .with_endpoint(&s3.endpoint)
+            .with_allow_http(s3.endpoint.starts_with("http://"))
+            .with_virtual_hosted_style_request(false);
+    }
+    if !s3.access_key_id.is_empty() {
+        b = b
+            .with_access_key_id(s3.access_key_id.expose())
+            .with_secret_access_key(s3.secret_access_key.expose());
+    }
+    b
+}
+
 impl MediaStore {
+    /// The store the settings name: a local directory (default) or an S3-compatible bucket.
+    pub fn from_settings(m: &MediaSettings) -> Result<MediaStore, MediaError> {
+        match m.store {
+            MediaStoreKind::Local => MediaStore::local(&m.dir, m.max_bytes),
+            MediaStoreKind::S3 => {
+                let s3 = s3_builder(&m.s3)
+                    .build()
+                    .map_err(|e| MediaError::Store(format!("S3 bucket {:?}: {e}", m.s3.bucket)))?;
+                let mut store = MediaStore::with_store(Arc::new(s3), m.max_bytes);
+                store.content_types = true;
+                Ok(store)
+            }
+        }
+    }
+
     pub fn local(dir: &str, max_bytes: u64) -> Result<MediaStore, MediaError> {
         std::fs::create_dir_all(dir).map_err(|e| MediaError::Store(format!("{dir}: {e}")))?;
         let fs = LocalFileSystem::new_with_prefix(dir)?;
@@ -74,7 +119,11 @@ impl MediaStore {
     }
 
     pub fn with_store(store: Arc<dyn ObjectStore>, max_bytes: u64) -> MediaStore {
-        MediaStore { store, max_bytes }
+        MediaStore {
+            store,
+            max_bytes,
+            content_types: false,
+        }
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -89,7 +138,15 @@ impl MediaStore {
         E: std::fmt::Display,
     {
         check_key(key)?;
-        let upload = self.store.put_multipart(&Path::from(key)).await?;
+        let mut opts = PutMultipartOptions::default();
+        if self.content_types {
+            opts.attributes =
+                Attributes::from_iter([(Attribute::ContentType, content_type_for(key))]);
+        }
+        let upload = self
+            .store
+            .put_multipart_opts(&Path::from(key), opts)
+            .await?;
         let mut w = WriteMultipart::new_with_chunk_size(upload, 1024 * 1024);
         let mut body = std::pin::pin!(body);
         let mut n: u64 = 0;
@@ -314,6 +371,62 @@ mod tests {
         rewrite_refs(&mut v, &|k| format!("U({k})"));
         assert_eq!(v["data"][0]["url"], "U(jobs/1/a.png)");
         assert_eq!(v["data"][1]["url"], "https://x");
+    }
+
+    #[test]
+    fn s3_stores_build_from_settings_without_network() {
+        let toml = r#"
+[media]
+store = "s3"
+max_bytes = 1000
+[media.s3]
+bucket = "volley-media"
+region = "eu-west-1"
+endpoint = "http://127.0.0.1:9000"
+access_key_id = "minio"
+secret_access_key = "minio-secret"
+"#;
+        let s = volley_config::Settings::from_toml(toml).unwrap();
+        s.validate().unwrap();
+        let store = MediaStore::from_settings(&s.media).unwrap();
+        assert_eq!(store.max_bytes(), 1000);
+        assert!(store.content_types);
+        let b = s3_builder(&s.media.s3);
+        use object_store::aws::AmazonS3ConfigKey as K;
+        assert_eq!(
+            b.get_config_value(&K::Bucket).as_deref(),
+            Some("volley-media")
+        );
+        assert_eq!(b.get_config_value(&K::Region).as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            b.get_config_value(&K::Endpoint).as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        assert_eq!(
+            b.get_config_value(&K::AccessKeyId).as_deref(),
+            Some("minio")
+        );
+        assert_eq!(
+            b.get_config_value(&K::VirtualHostedStyleRequest).as_deref(),
+            Some("false")
+        );
+
+        // AWS itself: no endpoint, credentials from the environment or the instance.
+        let mut m = s.media.clone();
+        m.s3.endpoint.clear();
+        m.s3.access_key_id = volley_config::Secret::default();
+        m.s3.secret_access_key = volley_config::Secret::default();
+        MediaStore::from_settings(&m).unwrap();
+
+        // The default is the local directory.
+        let dir = tempfile::tempdir().unwrap();
+        let m = volley_config::MediaSettings {
+            dir: dir.path().join("media").to_string_lossy().into_owned(),
+            ..Default::default()
+        };
+        let local = MediaStore::from_settings(&m).unwrap();
+        assert!(!local.content_types);
+        assert!(dir.path().join("media").is_dir());
     }
 
     #[tokio::test]

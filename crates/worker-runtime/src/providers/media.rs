@@ -98,6 +98,26 @@ impl Store<'_> {
         self.response(i, resp, fallback_type).await
     }
 
+    /// Streams bytes Volley produced itself (a local engine's output file) into the store.
+    pub async fn stream<S, E>(
+        &self,
+        i: usize,
+        content_type: &str,
+        body: S,
+    ) -> Result<Value, ProviderError>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let key = self.key(i, content_type);
+        let n = self
+            .media
+            .put_stream(&key, body)
+            .await
+            .map_err(media_error)?;
+        Ok(Self::entry(&key, content_type, n))
+    }
+
     pub async fn bytes(
         &self,
         i: usize,

@@ -1,7 +1,10 @@
 //! Provider adapters. One trait-free dispatch on the provider's kind; each kind is a module.
-//! Capacity lives here too: each provider has a concurrency limit, an optional request rate,
-//! and a pause that a 429 or `Retry-After` sets for all its jobs.
+//! Capacity lives here too: each provider has an adaptive concurrency limit (`capacity.rs`),
+//! an optional request rate and token rate, and a pause that a 429 or `Retry-After` sets for
+//! all its jobs.
 
+mod capacity;
+mod espeak;
 mod media;
 mod openai;
 mod predictions;
@@ -11,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use volley_config::{ProviderConfig, ProviderKind, Settings};
@@ -79,11 +82,15 @@ impl ProviderError {
 pub struct Provider {
     pub config: ProviderConfig,
     http: reqwest::Client,
-    slots: Semaphore,
+    capacity: capacity::Capacity,
     /// No call starts before this instant (set by 429 / Retry-After).
     paused_until: Mutex<Instant>,
     /// Next start allowed by `requests_per_minute`.
     next_start: Mutex<Instant>,
+    /// Call metrics, set once by [`Providers::with_metrics`].
+    meters: std::sync::OnceLock<volley_telemetry::metrics::ProviderMeters>,
+    /// `tokens_per_minute`, for chat and completions.
+    tokens: Option<std::sync::Mutex<capacity::TokenBucket>>,
 }
 
 impl Provider {
@@ -95,12 +102,75 @@ impl Provider {
             .build()?;
         let now = Instant::now();
         Ok(Provider {
-            slots: Semaphore::new(config.max_concurrency),
+            capacity: capacity::Capacity::new(config.max_concurrency),
+            tokens: config
+                .tokens_per_minute
+                .map(|t| std::sync::Mutex::new(capacity::TokenBucket::new(t))),
             config,
             http,
             paused_until: Mutex::new(now),
+            meters: std::sync::OnceLock::new(),
             next_start: Mutex::new(now),
         })
+    }
+
+    /// The concurrency limit now (lowered by 429s, see `capacity.rs`).
+    pub fn concurrency_limit(&self) -> usize {
+        self.capacity.limit()
+    }
+
+    fn bucket(&self) -> Option<std::sync::MutexGuard<'_, capacity::TokenBucket>> {
+        self.tokens
+            .as_ref()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reserves the job's estimated tokens, waiting until the provider's token rate allows
+    /// them. Returns what was reserved, to correct afterwards.
+    async fn reserve_tokens(
+        &self,
+        job: &Job,
+        cancel: &CancellationToken,
+    ) -> Result<u64, ProviderError> {
+        if !matches!(
+            job.endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions
+        ) {
+            return Ok(0);
+        }
+        let Some((taken, wait)) = self
+            .bucket()
+            .map(|mut b| b.reserve(estimate_tokens(&job.body)))
+        else {
+            return Ok(0);
+        };
+        if !wait.is_zero() {
+            tracing::debug!(
+                job.id = job.id,
+                wait_ms = wait.as_millis() as u64,
+                "waiting for tokens"
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.settle_tokens(taken, None);
+                    return Err(ProviderError::Cancelled);
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        Ok(taken)
+    }
+
+    /// Corrects a reservation: by the tokens the provider reports, or a full refund when the
+    /// call produced none (failed, or reported no usage).
+    fn settle_tokens(&self, reserved: u64, used: Option<i64>) {
+        if reserved == 0 {
+            return;
+        }
+        if let Some(mut b) = self.bucket() {
+            let used = used.filter(|u| *u > 0).unwrap_or(0);
+            b.adjust(reserved as i64 - used);
+        }
     }
 
     /// Waits out a pause and the request rate, or returns `Cancelled`.
@@ -131,16 +201,23 @@ impl Provider {
         Ok(())
     }
 
-    /// A 429 slows the whole provider down, not just the job that met it.
+    /// A 429 slows the whole provider down, not just the job that met it: every call waits
+    /// out the pause, and the concurrency limit is halved.
     async fn pause(&self, d: Duration) {
+        self.capacity.rate_limited(d);
         let mut p = self.paused_until.lock().await;
-        let until = Instant::now() + d.min(Duration::from_secs(300));
+        let until = Instant::now() + d.min(MAX_PAUSE);
         if until > *p {
             *p = until;
         }
     }
 
     fn auth(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        // The provider call's trace context goes along (W3C `traceparent`), so a provider
+        // that traces (vLLM, an internal gateway) joins the job's trace.
+        let rb = volley_telemetry::trace::current_context_headers()
+            .into_iter()
+            .fold(rb, |rb, (k, v)| rb.header(k, v));
         if self.config.api_key.is_empty() {
             rb
         } else {
@@ -159,12 +236,15 @@ impl Provider {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+            .and_then(parse_retry_after)
+            .map(|d| d.min(MAX_PAUSE));
         let text = resp.text().await.unwrap_or_default();
         let message = provider_message(&text);
         let name = &self.config.name;
         if status.as_u16() == 429 {
+            if let Some(m) = self.meters.get() {
+                m.rate_limited();
+            }
             let wait = retry_after.unwrap_or(Duration::from_secs(1));
             self.pause(wait).await;
             return ProviderError::Retryable {
@@ -185,6 +265,96 @@ impl Provider {
                 status.as_u16()
             ),
         )
+    }
+}
+
+/// The longest a provider's `Retry-After` may pause it (and delay a job's retry).
+const MAX_PAUSE: Duration = Duration::from_secs(300);
+
+/// `Retry-After` in seconds (fractions allowed, as some servers send) or as an HTTP date.
+fn parse_retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(3600.0)));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let ms = (at.timestamp_millis() - chrono::Utc::now().timestamp_millis()).clamp(0, 3_600_000);
+    Some(Duration::from_millis(ms as u64))
+}
+
+/// A rough token count for `tokens_per_minute`, known before the call: about four characters
+/// per token of the prompt or messages (plus a few tokens of framing per message), plus the
+/// completion's ceiling, `max_tokens` (or `max_completion_tokens`), or
+/// [`DEFAULT_COMPLETION_ESTIMATE`] when the request sets none. The reservation is corrected
+/// with the usage the provider reports.
+pub fn estimate_tokens(body: &Value) -> u64 {
+    fn chars(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.chars().count(),
+            Value::Array(a) => a.iter().map(chars).sum(),
+            Value::Object(o) => o.get("text").or_else(|| o.get("content")).map_or(0, chars),
+            _ => 0,
+        }
+    }
+    let mut prompt_chars = 0usize;
+    let mut framing = 0u64;
+    if let Some(messages) = body.get("messages").and_then(Value::as_array) {
+        for m in messages {
+            prompt_chars += m.get("content").map_or(0, chars);
+            framing += 4;
+        }
+    }
+    if let Some(p) = body.get("prompt") {
+        prompt_chars += chars(p);
+    }
+    let completion = body
+        .get("max_tokens")
+        .or_else(|| body.get("max_completion_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(DEFAULT_COMPLETION_ESTIMATE);
+    (prompt_chars as u64).div_ceil(4) + framing + completion
+}
+
+/// Completion tokens assumed for a request that sets no `max_tokens`.
+pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+
+/// The client span of one provider call (one job attempt; a prediction's create, polls and
+/// downloads all belong to it).
+fn call_span(p: &Provider, job: &Job, upstream: &str) -> tracing::Span {
+    let span = volley_telemetry::trace::client_span("POST", job.endpoint.path());
+    if !span.is_disabled() {
+        use volley_telemetry::tracing_opentelemetry::OpenTelemetrySpanExt;
+        span.record(
+            "server.address",
+            volley_telemetry::trace::host_of(&p.config.base_url),
+        );
+        span.set_attribute("volley.provider", p.config.name.clone());
+        span.set_attribute("gen_ai.request.model", upstream.to_owned());
+        span.set_attribute("job.id", job.id);
+        span.set_attribute("attempt", i64::from(job.attempt));
+    }
+    span
+}
+
+/// The call's outcome in its span and its provider's metrics.
+fn record_call(
+    span: &tracing::Span,
+    metered: Option<volley_telemetry::metrics::CallGuard<'_>>,
+    result: &Result<Output, ProviderError>,
+) {
+    use volley_telemetry::metrics::CallOutcome;
+    let outcome = match result {
+        Ok(_) => CallOutcome::Ok,
+        Err(ProviderError::Retryable { .. }) => CallOutcome::Retryable,
+        Err(ProviderError::Fatal { .. }) => CallOutcome::Fatal,
+        Err(ProviderError::Cancelled) => CallOutcome::Cancelled,
+    };
+    if matches!(outcome, CallOutcome::Retryable | CallOutcome::Fatal) {
+        volley_telemetry::trace::record_error(span);
+    }
+    if let Some(m) = metered {
+        m.finish(outcome);
     }
 }
 
@@ -237,6 +407,14 @@ impl Providers {
         self.by_name.get(name)
     }
 
+    /// Counts every provider's calls, in-flight calls and 429s in `metrics`.
+    pub fn with_metrics(self, metrics: &volley_telemetry::Metrics) -> Providers {
+        for (name, p) in &self.by_name {
+            let _ = p.meters.set(metrics.providers.for_provider(name));
+        }
+        self
+    }
+
     /// The route for this attempt: attempts are spread over the model's providers in order, so
     /// retries exhaust the first provider's share before falling over to the next.
     fn route(&self, job: &Job) -> Result<(Arc<Provider>, String), ProviderError> {
@@ -273,32 +451,92 @@ impl Providers {
         let (p, upstream) = self.route(job)?;
         let _slot = tokio::select! {
             _ = cancel.cancelled() => return Err(ProviderError::Cancelled),
-            s = p.slots.acquire() => s.map_err(|_| ProviderError::retry("provider closed"))?,
+            s = p.capacity.acquire() => s.ok_or_else(|| ProviderError::retry("provider closed"))?,
         };
         p.pace(cancel).await?;
+        let reserved = p.reserve_tokens(job, cancel).await?;
         let store = media::Store {
             media: &self.media,
             job,
         };
+        let span = call_span(&p, job, &upstream);
+        let metered = p.meters.get().map(|m| m.start());
         let call = async {
             match p.config.kind {
                 ProviderKind::Openai => openai::run(&p, job, &upstream, &store).await,
                 ProviderKind::Predictions => {
                     predictions::run(&p, job, &upstream, &store, cancel).await
                 }
+                ProviderKind::Espeak => espeak::run(&p, job, &store).await,
             }
         };
-        tokio::select! {
-            r = call => r,
-            // Dropping the call aborts the HTTP request; predictions cancel upstream themselves.
-            _ = cancel.cancelled(), if p.config.kind == ProviderKind::Openai => Err(ProviderError::Cancelled),
+        let result = tokio::select! {
+            r = tracing::Instrument::instrument(call, span.clone()) => r,
+            // Dropping the call aborts the HTTP request or kills espeak-ng; predictions cancel
+            // upstream themselves.
+            _ = cancel.cancelled(), if p.config.kind != ProviderKind::Predictions => Err(ProviderError::Cancelled),
+        };
+        record_call(&span, metered, &result);
+        p.settle_tokens(
+            reserved,
+            result
+                .as_ref()
+                .ok()
+                .and_then(|o| o.usage)
+                .map(|u| u.total_tokens),
+        );
+        if result.is_ok() {
+            p.capacity.succeeded();
         }
+        result
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("0"), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("-1"), None);
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("1e9"), Some(Duration::from_secs(3600)));
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        let d = parse_retry_after(&later).unwrap();
+        assert!(
+            d > Duration::from_secs(25) && d <= Duration::from_secs(30),
+            "{d:?}"
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+    }
+
+    #[test]
+    fn token_estimates() {
+        use serde_json::json;
+        // 40 characters = 10 tokens, 4 tokens of framing, max_tokens 16.
+        let chat =
+            json!({"messages": [{"role": "user", "content": "x".repeat(40)}], "max_tokens": 16});
+        assert_eq!(estimate_tokens(&chat), 10 + 4 + 16);
+        let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "abcd"}]}],
+            "max_completion_tokens": 1});
+        assert_eq!(estimate_tokens(&parts), 1 + 4 + 1);
+        let completion = json!({"prompt": "abcde"});
+        assert_eq!(
+            estimate_tokens(&completion),
+            2 + DEFAULT_COMPLETION_ESTIMATE
+        );
+        assert_eq!(
+            estimate_tokens(&json!({"prompt": 5, "max_tokens": "many"})),
+            DEFAULT_COMPLETION_ESTIMATE
+        );
+    }
 
     #[test]
     fn provider_messages() {

@@ -10,6 +10,20 @@ use volley_domain::Endpoint;
 use super::media::Store;
 use super::{Job, Output, Provider, ProviderError, send_error};
 
+/// How long a create may wait for a quick prediction to finish (Replicate allows 1 to 60).
+const PREFER_WAIT_SECS: u64 = 5;
+
+/// Sync mode: a quick prediction comes back finished from the create itself, saving a poll
+/// round trip; a long one comes back running and is polled. Only when the request timeout
+/// leaves room for the wait.
+fn prefer_wait(p: &Provider, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    let secs = PREFER_WAIT_SECS.min(p.config.timeout_ms / 2000);
+    if secs == 0 {
+        rb
+    } else {
+        rb.header("Prefer", format!("wait={secs}"))
+    }
+}
 const MAX_POLL: Duration = Duration::from_secs(10);
 
 pub async fn run(
@@ -28,12 +42,11 @@ pub async fn run(
         Endpoint::MusicGenerations | Endpoint::AudioSpeech => "audio",
         _ => "image",
     };
-    if input.get("kind").is_none() {
-        input["kind"] = json!(kind);
-    }
+    // Replicate's `version` takes "owner/model", "owner/model:version" or a version id.
+    // The request body's other fields are the model's input, passed through unchanged.
     let resp = p
-        .auth(p.http.post(p.url("/predictions")))
-        .json(&json!({"model": upstream, "input": input}))
+        .auth(prefer_wait(p, p.http.post(p.url("/predictions"))))
+        .json(&json!({"version": upstream, "input": input}))
         .send()
         .await
         .map_err(|e| send_error(&p.config.name, e))?;
