@@ -1,6 +1,7 @@
 //! Consumes workers' outcome events and applies them in batches: one statement and one
 //! multiple-ack per batch instead of a transaction and an ack per event.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,25 @@ use crate::Shared;
 
 /// Converts a wire event to a domain event; `Err` names why it cannot be applied.
 pub fn decode(payload: &[u8]) -> Result<Event, String> {
+    decode_with_context(payload).map(|(e, _)| e)
+}
+
+/// What an event says about its job besides the outcome, for logs and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventContext {
+    pub batch_id: i64,
+    pub inference_type: String,
+    pub duration_ms: i64,
+}
+
+/// [`decode`], with the event's [`EventContext`].
+pub fn decode_with_context(payload: &[u8]) -> Result<(Event, EventContext), String> {
     let e = JobEvent::decode(payload).map_err(|e| format!("not a JobEvent: {e}"))?;
+    let context = EventContext {
+        batch_id: e.batch_id,
+        inference_type: e.inference_type.clone(),
+        duration_ms: e.duration_ms,
+    };
     if e.job_id <= 0 || e.attempt <= 0 {
         return Err(format!("bad job id {} or attempt {}", e.job_id, e.attempt));
     }
@@ -40,11 +59,14 @@ pub fn decode(payload: &[u8]) -> Result<Event, String> {
             delay_ms: r.delay_ms,
         },
     };
-    Ok(Event {
-        job_id: e.job_id,
-        attempt: e.attempt,
-        outcome,
-    })
+    Ok((
+        Event {
+            job_id: e.job_id,
+            attempt: e.attempt,
+            outcome,
+        },
+        context,
+    ))
 }
 
 /// Runs until `stop`, reconnecting after broker failures.
@@ -69,6 +91,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()> {
     let s = &shared.settings;
     let names = Names::new(&s.queue_prefix);
+    let queue = names.events_queue();
     let conn = connect(&s.amqp_url, "volley-batch-state-events").await?;
     let batch = s.state.event_batch.max(1);
     let ch = consumer_channel(&conn, (batch * 2).min(u16::MAX as usize) as u16).await?;
@@ -103,15 +126,26 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
             }
         }
         let mut events = Vec::with_capacity(deliveries.len());
+        let mut received = Vec::with_capacity(deliveries.len());
         let mut last_good = None;
         for d in &deliveries {
-            match decode(&d.data) {
-                Ok(e) => {
+            match decode_with_context(&d.data) {
+                Ok((e, context)) => {
+                    // Each event continues its job's trace: the worker's publish is its parent.
+                    let span = volley_amqp::trace::consumer_span("batch-state", &queue, d);
+                    span.record("job.id", e.job_id);
+                    span.record("attempt", e.attempt);
+                    if context.batch_id > 0 {
+                        span.record("batch.id", context.batch_id);
+                        span.record("inference_type", context.inference_type.as_str());
+                    }
+                    received.push((e.job_id, e.attempt, context, span));
                     events.push(e);
                     last_good = Some(d.delivery_tag);
                 }
                 Err(why) => {
                     tracing::warn!(reason = %why, "dead-lettering an undecodable event");
+                    shared.metrics.amqp.dead_lettered(&queue);
                     d.nack(BasicNackOptions {
                         requeue: false,
                         ..Default::default()
@@ -121,10 +155,47 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
             }
         }
         let Some(tag) = last_good else { continue };
-        apply_with_retry(&shared.db, events, stop).await?;
+        let applied = apply_with_retry(&shared.db, events, stop).await?;
+        record_applied(shared, received, applied);
         ch.basic_ack(tag, BasicAckOptions { multiple: true })
             .await?;
     }
+}
+
+/// One log event per state change, inside the event's consumer span (so it is part of the
+/// job's trace too), and the counts.
+fn record_applied(
+    shared: &Shared,
+    received: Vec<(i64, i32, EventContext, tracing::Span)>,
+    applied: Vec<(i64, String)>,
+) {
+    let total = received.len();
+    let n_applied = applied.len();
+    let mut applied: HashMap<i64, String> = applied.into_iter().collect();
+    for (job_id, attempt, c, span) in received {
+        let Some(status) = applied.remove(&job_id) else {
+            span.record("job.status", "ignored");
+            continue;
+        };
+        span.record("job.status", status.as_str());
+        span.in_scope(|| {
+            tracing::info!(
+                job.id = job_id,
+                batch.id = c.batch_id,
+                attempt,
+                inference_type = %c.inference_type,
+                duration_ms = c.duration_ms,
+                status = %status,
+                "job state changed"
+            )
+        });
+        shared.metrics.jobs.transition(&c.inference_type, &status);
+    }
+    let ignored = total - n_applied;
+    if ignored > 0 {
+        tracing::debug!(ignored, "duplicate, stale or late events ignored");
+    }
+    shared.metrics.state.events(n_applied, ignored);
 }
 
 /// A database outage holds the events (unacked, so nothing is lost) and retries.
@@ -132,20 +203,11 @@ async fn apply_with_retry(
     db: &Db,
     events: Vec<Event>,
     stop: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(i64, String)>> {
     let mut delay = Duration::from_millis(100);
     loop {
         match db.apply_events(events.clone()).await {
-            Ok(applied) => {
-                for (id, status) in &applied {
-                    tracing::info!(job.id = id, status = %status, "job state changed");
-                }
-                let ignored = events.len() - applied.len();
-                if ignored > 0 {
-                    tracing::debug!(ignored, "duplicate, stale or late events ignored");
-                }
-                return Ok(());
-            }
+            Ok(applied) => return Ok(applied),
             Err(e) => {
                 tracing::warn!(error = %e, events = events.len(), "applying events failed; retrying");
                 if stop.is_cancelled() {
@@ -173,6 +235,7 @@ mod tests {
                 usage: None,
             })),
             at_ms: 0,
+            ..Default::default()
         };
         assert!(decode(&ok.encode_to_vec()).is_ok());
         let mut bad = ok.clone();

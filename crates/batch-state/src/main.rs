@@ -4,7 +4,7 @@ use volley_config::Settings;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    volley_telemetry::init_logging("batch-state");
+    let telemetry = volley_telemetry::init("batch-state");
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
@@ -23,5 +23,6 @@ async fn main() -> ExitCode {
     volley_telemetry::shutdown_signal().await;
     tracing::info!("shutting down");
     running.stop().await;
+    telemetry.shutdown().await;
     ExitCode::SUCCESS
 }

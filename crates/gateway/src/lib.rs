@@ -6,6 +6,7 @@ mod views;
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpResponse, HttpServer, web};
@@ -14,6 +15,7 @@ use volley_config::Settings;
 use volley_db::Db;
 use volley_domain::Limits;
 use volley_media::{MediaStore, Signer};
+use volley_telemetry::Metrics;
 
 pub use actix_web::dev::ServerHandle;
 pub use error::ApiError;
@@ -25,13 +27,23 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     pub media: MediaStore,
     pub signer: Signer,
+    pub metrics: Arc<Metrics>,
+    /// Set on shutdown: `/readyz` answers 503 so the load balancer stops sending requests.
+    pub draining: Arc<AtomicBool>,
+    /// Bounds the batches being published in the background after their 202.
+    pub publishing: Arc<tokio::sync::Semaphore>,
 }
+
+/// Batches published in the background at once; past this, a request publishes its own batch
+/// before answering, which pushes back on clients instead of queueing without bound.
+const BACKGROUND_PUBLISHES: usize = 64;
 
 /// A built gateway, bound but not yet serving.
 pub struct Gateway {
     port: u16,
     server: Server,
     broker: Arc<Broker>,
+    draining: Arc<AtomicBool>,
 }
 
 impl Gateway {
@@ -48,12 +60,17 @@ impl Gateway {
     pub fn build_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Gateway> {
         let port = listener.local_addr()?.port();
         let db = Db::new(&settings.database_url, settings.database_pool_size)?;
-        let broker = Arc::new(Broker::new(
-            &settings.amqp_url,
-            "volley-gateway",
-            Names::new(&settings.queue_prefix),
-        ));
-        let media = MediaStore::local(&settings.media.dir, settings.media.max_bytes)?;
+        let metrics = Metrics::new()?;
+        let broker = Arc::new(
+            Broker::new(
+                &settings.amqp_url,
+                "volley-gateway",
+                Names::new(&settings.queue_prefix),
+            )
+            .with_metrics(metrics.clone()),
+        );
+        let draining = Arc::new(AtomicBool::new(false));
+        let media = MediaStore::from_settings(&settings.media)?;
         let signer = Signer::new(settings.media.signing_key.expose().as_bytes());
         let workers = settings.gateway.workers.max(1);
         let state = web::Data::new(AppState {
@@ -63,10 +80,18 @@ impl Gateway {
             broker: broker.clone(),
             media,
             signer,
+            metrics: metrics.clone(),
+            draining: draining.clone(),
+            publishing: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_PUBLISHES)),
         });
         let server = HttpServer::new(move || {
             App::new()
+                .wrap(volley_telemetry::http::Observe::new(
+                    "gateway",
+                    metrics.clone(),
+                ))
                 .app_data(state.clone())
+                .service(volley_telemetry::http::metrics_resource(metrics.clone()))
                 .configure(routes::configure)
                 .default_service(web::to(|| async {
                     HttpResponse::NotFound().json(serde_json::json!({
@@ -83,7 +108,13 @@ impl Gateway {
             port,
             server,
             broker,
+            draining,
         })
+    }
+
+    /// Turns readiness off (before a graceful stop), so no new requests are routed here.
+    pub fn drain_switch(&self) -> DrainSwitch {
+        DrainSwitch(self.draining.clone())
     }
 
     pub fn port(&self) -> u16 {
@@ -100,5 +131,15 @@ impl Gateway {
         self.broker.close().await;
 
         r
+    }
+}
+
+/// Flips the gateway's readiness off; see [`Gateway::drain_switch`].
+#[derive(Clone)]
+pub struct DrainSwitch(Arc<AtomicBool>);
+
+impl DrainSwitch {
+    pub fn drain(&self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }

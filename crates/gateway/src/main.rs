@@ -2,7 +2,7 @@ use volley_config::Settings;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    volley_telemetry::init_logging("gateway");
+    let telemetry = volley_telemetry::init("gateway");
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
@@ -19,16 +19,20 @@ async fn main() -> std::process::ExitCode {
     };
     tracing::info!(port = gateway.port(), "gateway listening");
     let handle = gateway.handle();
+    let drain = gateway.drain_switch();
     tokio::spawn(async move {
         volley_telemetry::shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
+        drain.drain();
         handle.stop(true).await;
     });
-    match gateway.run().await {
+    let code = match gateway.run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "gateway stopped");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

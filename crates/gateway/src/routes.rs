@@ -3,6 +3,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 use volley_db::NewJob;
 use volley_domain::{BatchRejection, validate_batch};
 use volley_proto::{CancelJobs, Control, JobMessage, control};
@@ -40,8 +41,9 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     .await
     .map(|r| r.is_ok())
     .unwrap_or(false);
-    let body = json!({"database": db, "rabbitmq": broker});
-    if db && broker {
+    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let body = json!({"database": db, "rabbitmq": broker, "draining": draining});
+    if db && broker && !draining {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -133,9 +135,11 @@ async fn create_batch(
         )
         .await?;
     tracing::info!(batch.id = view.id, jobs = dispatch.len(), "batch accepted");
+    count_accepted(&state, &dispatch);
 
-    // Committed: from here on the batch is durable. Publishing is best effort; whatever is
-    // not confirmed is published by batch-state's sweeper once the grace period passes.
+    // Committed: from here on the batch is durable, so the client gets its 202 without waiting
+    // for the broker's confirms. Publishing is best effort; whatever is not confirmed is
+    // published by batch-state's sweeper once the grace period passes.
     let messages: Vec<JobMessage> = dispatch
         .iter()
         .map(|j| JobMessage {
@@ -148,6 +152,22 @@ async fn create_batch(
             accepted_at_ms: j.created_at.timestamp_millis(),
         })
         .collect();
+    let publish =
+        publish_batch(state.clone(), view.id, messages).instrument(tracing::Span::current());
+    match state.publishing.clone().try_acquire_owned() {
+        Ok(permit) => {
+            actix_web::rt::spawn(async move {
+                publish.await;
+                drop(permit);
+            });
+        }
+        Err(_) => publish.await,
+    }
+    Ok(HttpResponse::Accepted().json(views::batch(&view)))
+}
+
+/// Publishes a batch's job messages and records which the broker confirmed.
+async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<JobMessage>) {
     match tokio::time::timeout(
         std::time::Duration::from_secs(5),
         state.broker.publish_jobs(&messages),
@@ -163,24 +183,23 @@ async fn create_batch(
                 .collect();
             if confirmed.len() < messages.len() {
                 tracing::warn!(
-                    batch.id = view.id,
+                    batch.id = batch_id,
                     unconfirmed = messages.len() - confirmed.len(),
                     "some job messages were not confirmed; the sweeper will publish them"
                 );
             }
             if let Err(e) = state.db.mark_dispatched(confirmed).await {
-                tracing::warn!(batch.id = view.id, error = %e, "could not record dispatch");
+                tracing::warn!(batch.id = batch_id, error = %e, "could not record dispatch");
             }
         }
         Ok(Err(e)) => {
-            tracing::warn!(batch.id = view.id, error = %e, "publishing failed; the sweeper will publish")
+            tracing::warn!(batch.id = batch_id, error = %e, "publishing failed; the sweeper will publish")
         }
         Err(_) => tracing::warn!(
-            batch.id = view.id,
+            batch.id = batch_id,
             "publishing timed out; the sweeper will publish"
         ),
     }
-    Ok(HttpResponse::Accepted().json(views::batch(&view)))
 }
 
 async fn list_batches(
@@ -205,11 +224,9 @@ async fn get_batch(
         .get_batch(&owner, id)
         .await?
         .ok_or(ApiError::NotFound("batch"))?;
-    Ok(HttpResponse::Ok().json(views::batch_with_jobs(
-        &b,
-        &jobs,
-        &state.settings.gateway.public_url,
-    )))
+    let mut v = views::batch_with_jobs(&b, &jobs, &state.settings.gateway.public_url);
+    v["usage"] = views::usage(&state.db.batch_usage(&owner, id).await?);
+    Ok(HttpResponse::Ok().json(v))
 }
 
 async fn cancel_batch(
@@ -226,6 +243,9 @@ async fn cancel_batch(
         .ok_or(ApiError::NotFound("batch"))?;
     if !cancelled.is_empty() {
         tracing::info!(batch.id = id, jobs = cancelled.len(), "batch cancelled");
+        for j in jobs.iter().filter(|j| cancelled.contains(&j.id)) {
+            job_cancelled(&state, id, j.id, &j.inference_type);
+        }
         abort_running(&state, id, cancelled).await;
     }
     Ok(HttpResponse::Ok().json(views::batch_with_jobs(
@@ -233,6 +253,41 @@ async fn cancel_batch(
         &jobs,
         &state.settings.gateway.public_url,
     )))
+}
+
+/// Jobs accepted per inference type: one counter update per type present, not per job.
+fn count_accepted(state: &AppState, jobs: &[volley_db::JobDispatch]) {
+    for t in volley_domain::InferenceType::ALL {
+        let n = jobs
+            .iter()
+            .filter(|j| j.inference_type == t.as_str())
+            .count();
+        if n > 0 {
+            state
+                .metrics
+                .jobs
+                .accepted
+                .with_label_values(&[t.as_str()])
+                .inc_by(n as u64);
+        }
+    }
+}
+
+/// One event per cancelled job (a state change), and its count.
+fn job_cancelled(state: &AppState, batch_id: i64, job_id: i64, inference_type: &str) {
+    tracing::info!(
+        job.id = job_id,
+        batch.id = batch_id,
+        inference_type,
+        status = "CANCELLED",
+        "job cancelled"
+    );
+    state
+        .metrics
+        .jobs
+        .cancelled
+        .with_label_values(&[inference_type])
+        .inc();
 }
 
 /// Tells workers to abort in-flight calls. Best effort: a worker that misses it learns of the
@@ -283,7 +338,7 @@ async fn cancel_job(
         .await?
         .ok_or(ApiError::NotFound("job"))?;
     if cancelled {
-        tracing::info!(job.id = id, batch.id = job.batch_id, "job cancelled");
+        job_cancelled(&state, job.batch_id, id, &job.inference_type);
         abort_running(&state, 0, vec![id]).await;
     }
     Ok(HttpResponse::Ok().json(views::job(&job, &links(&state))))

@@ -9,6 +9,9 @@
 //!   the delivery limit) and routes it, by the source queue's name, to `<queue>.dlq`.
 //! - `P.control` (fanout) broadcasts cancellations to every worker.
 
+pub mod depths;
+pub mod trace;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +25,10 @@ use lapin::{
 };
 use prost::Message;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 use volley_domain::InferenceType;
 use volley_proto::{Control, JobEvent, JobMessage};
+use volley_telemetry::Metrics;
 
 pub use lapin;
 
@@ -192,6 +197,8 @@ pub struct Broker {
     /// The runtime that owns the connection's I/O. actix-web runs handlers on per-thread
     /// runtimes that die with the server; a connection opened there would die with them.
     runtime: Option<tokio::runtime::Handle>,
+    /// Publish results are counted here when set.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Broker {
@@ -202,7 +209,14 @@ impl Broker {
             names,
             live: Mutex::new(None),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            metrics: None,
         }
+    }
+
+    /// Counts publish confirms and failures in `metrics` (`volley_amqp_published_total`).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Broker {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn names(&self) -> &Names {
@@ -254,6 +268,10 @@ impl Broker {
     }
 
     /// Publishes many messages, then waits for all their confirms. One result per message.
+    ///
+    /// Each message gets a producer span (a child of the current span) that lasts until its
+    /// confirm, and carries that span's W3C trace context in its `traceparent`/`tracestate`
+    /// headers, so the consumer continues the same trace.
     pub async fn publish_many(
         &self,
         messages: Vec<Outgoing>,
@@ -262,11 +280,20 @@ impl Broker {
         let mut pending = Vec::with_capacity(messages.len());
         let mut broken = false;
         for m in messages {
+            let destination = if m.exchange.is_empty() {
+                m.routing_key.clone()
+            } else {
+                m.exchange.clone()
+            };
+            let span = trace::producer_span(&destination, &m.routing_key, m.message_id.as_deref());
             let mut props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(ShortString::from("application/x-protobuf"));
             if let Some(id) = m.message_id {
                 props = props.with_message_id(ShortString::from(id));
+            }
+            if let Some(headers) = trace::headers(m.headers, &span) {
+                props = props.with_headers(headers);
             }
             let r = live
                 .channel
@@ -280,23 +307,37 @@ impl Broker {
                     &m.payload,
                     props,
                 )
+                .instrument(span.clone())
                 .await;
             if r.is_err() {
                 broken = true;
             }
-            pending.push(r);
+            pending.push((r, destination, span));
         }
-        let confirms = pending.into_iter().map(|p| async move {
-            let confirm = p?;
-            match tokio::time::timeout(Duration::from_secs(30), confirm).await {
-                Err(_) => Err(AmqpError::Timeout),
-                Ok(Err(e)) => Err(AmqpError::Lapin(e)),
-                Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable),
-                Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
-                Ok(Ok(Confirmation::NotRequested)) => Err(AmqpError::NoConfirm),
-            }
-        });
+        let confirms = pending
+            .into_iter()
+            .map(|(p, destination, span)| async move {
+                let r = match p {
+                    Err(e) => Err(AmqpError::Lapin(e)),
+                    Ok(confirm) => {
+                        match tokio::time::timeout(Duration::from_secs(30), confirm).await {
+                            Err(_) => Err(AmqpError::Timeout),
+                            Ok(Err(e)) => Err(AmqpError::Lapin(e)),
+                            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable),
+                            Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
+                            Ok(Ok(Confirmation::NotRequested)) => Err(AmqpError::NoConfirm),
+                        }
+                    }
+                };
+                if r.is_err() {
+                    volley_telemetry::trace::record_error(&span);
+                }
+                if let Some(m) = &self.metrics {
+                    m.amqp.published(&destination, publish_result(&r));
+                }
+                r
+            });
         let results = futures::future::join_all(confirms).await;
         if broken
             || results
@@ -331,6 +372,7 @@ impl Broker {
                     .unwrap_or_default(),
                 payload: j.encode_to_vec(),
                 message_id: Some(j.job_id.to_string()),
+                headers: Vec::new(),
             })
             .collect();
         self.publish_many(out).await
@@ -347,6 +389,7 @@ impl Broker {
                 routing_key: self.names.events_queue(),
                 payload: e.encode_to_vec(),
                 message_id: Some(format!("{}-{}", e.job_id, e.attempt)),
+                headers: Vec::new(),
             })
             .collect();
         self.publish_many(out).await
@@ -382,6 +425,7 @@ impl Broker {
             routing_key: queue.to_owned(),
             payload,
             message_id,
+            headers: Vec::new(),
         })
         .await
     }
@@ -403,6 +447,20 @@ pub struct Outgoing {
     pub routing_key: String,
     pub payload: Vec<u8>,
     pub message_id: Option<String>,
+    /// Extra AMQP headers (string values). The producer span's `traceparent`/`tracestate`
+    /// are added to them, replacing any given, when tracing is on.
+    pub headers: Vec<(String, String)>,
+}
+
+/// The label a publish result is counted under.
+fn publish_result(r: &Result<(), AmqpError>) -> &'static str {
+    match r {
+        Ok(()) => "confirmed",
+        Err(AmqpError::Nacked) => "nacked",
+        Err(AmqpError::Unroutable) => "unroutable",
+        Err(AmqpError::Timeout) => "timeout",
+        Err(AmqpError::Lapin(_) | AmqpError::NoConfirm) => "error",
+    }
 }
 
 /// Deletes every queue and exchange of a stack (tests clean up after themselves with this).

@@ -1,0 +1,92 @@
+//! Queue depths and consumer counts, for `/metrics` (batch-state exports them for every queue
+//! of the stack) and for `batchctl status`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use volley_telemetry::Metrics;
+
+use crate::{AmqpError, Names, connect, queue_depth};
+
+/// One queue's state as RabbitMQ reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub queue: String,
+    /// Messages ready for delivery (not counting those delivered and unacked).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+/// Every work queue, then its dead-letter queue: jobs of each type, then events.
+pub fn watched_queues(names: &Names) -> Vec<String> {
+    names
+        .work_queues()
+        .into_iter()
+        .flat_map(|q| {
+            let dlq = Names::dlq(&q);
+            [q, dlq]
+        })
+        .collect()
+}
+
+/// Depths of every queue of the stack, by passive declares on one channel. A queue that does
+/// not exist (topology not declared yet) closes the channel: that is an error for the caller.
+pub async fn depths(ch: &lapin::Channel, names: &Names) -> Result<Vec<QueueDepth>, AmqpError> {
+    let mut out = Vec::new();
+    for queue in watched_queues(names) {
+        let (messages, consumers) = queue_depth(ch, &queue).await?;
+        out.push(QueueDepth {
+            queue,
+            messages,
+            consumers,
+        });
+    }
+    Ok(out)
+}
+
+/// Polls the depths every `every` into `volley_queue_messages` / `volley_queue_consumers`
+/// until `stop` resolves, reconnecting after failures. A scrape then costs no broker round
+/// trip, and a broker outage leaves the last values (with the readiness probes saying why).
+pub async fn watch(
+    url: String,
+    names: Names,
+    metrics: std::sync::Arc<Metrics>,
+    every: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let work = async {
+        loop {
+            if let Err(e) = watch_once(&url, &names, &metrics, every).await {
+                tracing::debug!(error = %e, "queue depth poll failed; reconnecting");
+            }
+            tokio::time::sleep(every).await;
+        }
+    };
+    tokio::select! {
+        _ = stop => {}
+        _ = work => {}
+    }
+}
+
+async fn watch_once(
+    url: &str,
+    names: &Names,
+    metrics: &Metrics,
+    every: Duration,
+) -> Result<(), AmqpError> {
+    let conn = connect(url, "volley-queue-depths").await?;
+    let ch = conn.create_channel().await?;
+    let r = loop {
+        match depths(&ch, names).await {
+            Ok(all) => {
+                for d in all {
+                    metrics.queues.set(&d.queue, d.messages, d.consumers);
+                }
+            }
+            Err(e) => break Err(e),
+        }
+        tokio::time::sleep(every).await;
+    };
+    let _ = conn.close(200, "reconnecting".into()).await;
+    r
+}
