@@ -13,7 +13,8 @@ build: setup
 	$(CARGO) build --workspace
 
 # Real RabbitMQ and PostgreSQL are started if they are not running; each test makes its own
-# database and queue prefix, so tests run in parallel.
+# database and queue prefix, so tests run in parallel. The binaries are built first because
+# the short fault-injection run (crates/volley-chaos/tests/short.rs) starts them.
 test: services
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast
@@ -36,3 +37,10 @@ bench: services
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p volley-bench -- $(BENCH_ARGS)
 	$(CARGO) bench -p volley-bench --bench micro
+
+# The fault-injection suite (release build; a few minutes): the services as separate processes
+# on a RabbitMQ node and a PostgreSQL cluster of its own, killed and restarted under load, then
+# checked for lost or inconsistent jobs. Prints one summary line; CHAOS_ARGS="--seed N" replays.
+chaos: setup
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run --release -p volley-chaos --bin chaos -- $(CHAOS_ARGS)

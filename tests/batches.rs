@@ -409,6 +409,7 @@ async fn publish_event(s: &Stack, job_id: i64, attempt: i32, result: Value) {
             usage: None,
         })),
         at_ms: 0,
+        ..Default::default()
     };
     let r = broker.publish_events(&[e]).await.unwrap();
     assert!(r[0].is_ok());

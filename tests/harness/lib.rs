@@ -105,7 +105,8 @@ impl Stack {
         s.worker.addr = "127.0.0.1:0".into();
         s.media.dir = media.path().to_string_lossy().into_owned();
         s.media.signing_key = volley_config::Secret::new(uuid::Uuid::new_v4().to_string());
-        for p in &mut s.providers {
+        // HTTP providers go to this stack's simulator; local ones (espeak-ng) stay local.
+        for p in s.providers.iter_mut().filter(|p| p.kind.is_http()) {
             p.base_url = format!("{}/v1", sim.url());
         }
         tweak(&mut s);
@@ -178,6 +179,14 @@ impl Stack {
             n += v["in_flight"].as_u64().unwrap();
         }
         n
+    }
+
+    /// The base URL of the running worker of `kind` (its `/readyz`, `/metrics`...).
+    pub fn worker_url(&self, kind: InferenceType) -> Option<String> {
+        self.workers
+            .iter()
+            .find(|w| w.worker().kind == kind)
+            .map(|w| format!("http://127.0.0.1:{}", w.port))
     }
 
     pub fn names(&self) -> Names {

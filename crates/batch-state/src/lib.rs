@@ -17,15 +17,19 @@ use tokio_util::sync::CancellationToken;
 use volley_amqp::{Broker, Names};
 use volley_config::Settings;
 use volley_db::{Claim, Db};
+use volley_telemetry::Metrics;
 
 /// Claims waiting to be batched into one statement; bounded so a flood pushes back on workers.
 const CLAIM_QUEUE: usize = 4096;
 const CLAIM_BATCH: usize = 512;
+/// How often queue depths and consumer counts are read from RabbitMQ for `/metrics`.
+const QUEUE_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Shared {
     pub settings: Arc<Settings>,
     pub db: Db,
     pub broker: Broker,
+    pub metrics: Arc<Metrics>,
     consuming: AtomicBool,
     draining: AtomicBool,
     claims: mpsc::Sender<ClaimRequest>,
@@ -54,6 +58,10 @@ pub struct ClaimAnswer {
     /// `claimed`, `refused` (running elsewhere, finished or cancelled) or `not_found`.
     pub result: String,
     pub attempt: i32,
+    /// The attempt counted from the latest operator retry: what the worker's retry budget
+    /// goes by (absent from older batch-state versions: take `attempt`).
+    #[serde(default)]
+    pub round_attempt: i32,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -99,16 +107,19 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Running> {
     let port = listener.local_addr()?.port();
     let db = Db::new(&settings.database_url, settings.database_pool_size)?;
+    let metrics = Metrics::new()?;
     let broker = Broker::new(
         &settings.amqp_url,
         "volley-batch-state",
         Names::new(&settings.queue_prefix),
-    );
+    )
+    .with_metrics(metrics.clone());
     let (tx, rx) = mpsc::channel(CLAIM_QUEUE);
     let shared = Arc::new(Shared {
         settings: Arc::new(settings),
         db,
         broker,
+        metrics: metrics.clone(),
         consuming: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         claims: tx,
@@ -118,12 +129,24 @@ pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Run
         tokio::spawn(events::run(shared.clone(), stop.clone())),
         tokio::spawn(sweeper::run(shared.clone(), stop.clone())),
         tokio::spawn(claim_batcher(shared.clone(), rx, stop.clone())),
+        tokio::spawn(volley_amqp::depths::watch(
+            shared.settings.amqp_url.clone(),
+            Names::new(&shared.settings.queue_prefix),
+            metrics.clone(),
+            QUEUE_POLL,
+            stop.clone().cancelled_owned(),
+        )),
     ];
     let data = web::Data::from(shared.clone());
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(volley_telemetry::http::Observe::new(
+                "batch-state",
+                metrics.clone(),
+            ))
             .app_data(data.clone())
             .app_data(web::JsonConfig::default().limit(1024 * 1024))
+            .service(volley_telemetry::http::metrics_resource(metrics.clone()))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/internal/claims", web::post().to(claim))
@@ -181,23 +204,32 @@ async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimBody>) -> HttpRes
             let out: Vec<ClaimAnswer> = claims
                 .into_iter()
                 .map(|(job_id, c)| match c {
-                    Claim::Claimed { attempt } => ClaimAnswer {
+                    Claim::Claimed {
+                        attempt,
+                        round_attempt,
+                    } => ClaimAnswer {
                         job_id,
                         result: "claimed".into(),
                         attempt,
+                        round_attempt,
                     },
                     Claim::Refused => ClaimAnswer {
                         job_id,
                         result: "refused".into(),
                         attempt: 0,
+                        round_attempt: 0,
                     },
                     Claim::NotFound => ClaimAnswer {
                         job_id,
                         result: "not_found".into(),
                         attempt: 0,
+                        round_attempt: 0,
                     },
                 })
                 .collect();
+            for a in &out {
+                shared.metrics.state.claims(&a.result, 1);
+            }
             HttpResponse::Ok().json(json!({"claims": out}))
         }
         Ok(Err(e)) => {
@@ -248,7 +280,11 @@ async fn claim_batcher(
             }
         }
         let ids: Vec<i64> = reqs.iter().flat_map(|r| r.ids.iter().copied()).collect();
-        let result = shared.db.claim(ids, shared.settings.state.lease_ms).await;
+        let st = &shared.settings.state;
+        let result = shared
+            .db
+            .claim_unexpired(ids, st.lease_ms, st.expire_after_ms)
+            .await;
         match result {
             Ok(all) => {
                 let mut it = all.into_iter();

@@ -1,6 +1,7 @@
 //! Closes the dual-write gap and recovers lost work: publishes QUEUED jobs that have no
 //! confirmed message (never published, handed back by a retry or an expired lease, or marked
-//! for re-dispatch), then records the confirms.
+//! for re-dispatch by itself or an operator), then records the confirms. It also fails jobs
+//! that were not started within `state.expire_after_ms` (type `expired`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +34,11 @@ pub async fn sweep_once(db: &Db, broker: &Broker, shared: &Shared) -> anyhow::Re
     let report = db
         .sweep(s.worker.max_attempts, s.state.redispatch_after_ms)
         .await?;
+    // Before publishing, so that a job past its window is failed rather than sent out.
+    let expired = db.expire(s.state.expire_after_ms).await?;
+    if expired > 0 {
+        tracing::info!(jobs = expired, "expired jobs never started in time");
+    }
     if report.leases_expired + report.lost_failed + report.redispatched > 0 {
         tracing::info!(
             leases_expired = report.leases_expired,
@@ -77,6 +83,12 @@ pub async fn sweep_once(db: &Db, broker: &Broker, shared: &Shared) -> anyhow::Re
             break;
         }
     }
+    shared.metrics.state.swept(
+        report.leases_expired,
+        report.lost_failed,
+        report.redispatched,
+        published,
+    );
     if published > 0 {
         tracing::info!(jobs = published, "sweeper published jobs");
     }

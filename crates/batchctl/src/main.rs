@@ -1,8 +1,14 @@
 //! `batchctl`: what an operator runs by hand or from a deploy job.
+//!
+//! Exit codes: 0 done, 1 failed (or nothing found to act on), 2 bad usage.
+
+mod dlq;
+mod status;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use volley_amqp::{Names, connect, declare_topology, queue_depth};
 use volley_config::Settings;
 use volley_db::Db;
 
@@ -12,6 +18,12 @@ struct Cli {
     /// PostgreSQL URL (default: the configuration's `database_url`).
     #[arg(long, global = true)]
     database_url: Option<String>,
+    /// RabbitMQ URL (default: the configuration's `amqp_url`).
+    #[arg(long, global = true)]
+    amqp_url: Option<String>,
+    /// Prefix of queue and exchange names (default: the configuration's `queue_prefix`).
+    #[arg(long, global = true)]
+    queue_prefix: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,6 +36,84 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Messages waiting and consumers on every work queue and its dead-letter queue.
+    Queues,
+    /// One screen per inference type: queue depth, consumers, queued and running jobs, the
+    /// oldest wait, dead letters.
+    Status,
+    /// Dead-lettered messages: undecodable, or delivered more than the delivery limit.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Recover a batch's jobs.
+    Batches {
+        #[command(subcommand)]
+        command: BatchesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Show dead letters (queue, job, batch, reason, count); they stay where they are.
+    List {
+        #[command(flatten)]
+        from: DlqSource,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish dead letters to the queue they came from; each is removed from its
+    /// dead-letter queue only once RabbitMQ confirmed the copy. A replayed job that has
+    /// finished meanwhile is refused by its claim, and a replayed outcome that is stale
+    /// matches nothing: replaying never changes a finished job.
+    Replay {
+        #[command(flatten)]
+        from: DlqSource,
+        /// Only messages of this batch (job messages carry it; events are looked up).
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        batch: Option<i64>,
+        /// Only messages dead-lettered for this reason.
+        #[arg(long, value_parser = dlq::REASONS)]
+        reason: Option<String>,
+        /// Also replay messages that cannot be decoded (they will be dead-lettered again
+        /// unless the consumers changed).
+        #[arg(long)]
+        include_undecodable: bool,
+        /// Show what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Args)]
+struct DlqSource {
+    /// Only this queue's dead letters: llm, image, video, music, tts, events, or a full
+    /// queue name (default: every queue).
+    #[arg(long)]
+    queue: Option<String>,
+    /// At most this many messages per dead-letter queue.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    limit: u32,
+}
+
+#[derive(Subcommand)]
+enum BatchesCommand {
+    /// Publish a batch's unfinished jobs again: QUEUED jobs (say their messages were lost or
+    /// purged) and PROCESSING jobs whose lease ran out. Jobs running under a live lease are
+    /// left alone: their worker is alive, and handing them out again would run them twice.
+    /// batch-state's sweeper publishes them on its next pass.
+    Redispatch {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
+        id: i64,
+    },
+    /// Re-run a batch's FAILED jobs as new attempts under the same job ids, each with a
+    /// fresh retry budget. Other jobs do not change; running it again when nothing failed
+    /// changes nothing.
+    RetryFailed {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
+        id: i64,
     },
 }
 
@@ -65,6 +155,12 @@ async fn main() -> ExitCode {
     };
     if let Some(url) = cli.database_url {
         settings.database_url = url;
+    }
+    if let Some(url) = cli.amqp_url {
+        settings.amqp_url = url;
+    }
+    if let Some(p) = cli.queue_prefix {
+        settings.queue_prefix = p;
     }
     match run(cli.command, settings).await {
         Ok(code) => code,
@@ -132,6 +228,223 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 println!("revoked {n} key(s)");
             }
         },
+        Command::Queues => return queues(&settings).await,
+        Command::Status => return status::run(&settings, &db).await,
+        Command::Dlq { command } => return dead_letters(command, &settings, &db).await,
+        Command::Batches { command } => match command {
+            BatchesCommand::Redispatch { id } => {
+                let Some(r) = db.redispatch_batch(id).await? else {
+                    eprintln!("batchctl: no batch {id}");
+                    return Ok(ExitCode::from(1));
+                };
+                println!(
+                    "batch {id}: {} queued job(s) and {} job(s) whose worker was lost will be \
+                     published again by batch-state's sweeper",
+                    r.queued, r.abandoned
+                );
+                if r.running > 0 {
+                    println!(
+                        "{} job(s) run under a live lease and were left alone (their workers \
+                         are alive; a lease that runs out is recovered by the sweeper)",
+                        r.running
+                    );
+                }
+                println!("{} job(s) already finished", r.finished);
+            }
+            BatchesCommand::RetryFailed { id } => {
+                let Some(ids) = db.retry_failed(id).await? else {
+                    eprintln!("batchctl: no batch {id}");
+                    return Ok(ExitCode::from(1));
+                };
+                if ids.is_empty() {
+                    println!("batch {id} has no FAILED jobs; nothing changed");
+                } else {
+                    let list: Vec<String> = ids.iter().map(i64::to_string).collect();
+                    println!(
+                        "batch {id}: {} failed job(s) queued again as new attempts: {}",
+                        ids.len(),
+                        list.join(", ")
+                    );
+                }
+            }
+        },
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn queues(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let names = Names::new(&settings.queue_prefix);
+    let conn = connect(&settings.amqp_url, "batchctl").await?;
+    let ch = conn.create_channel().await?;
+    declare_topology(&ch, &names).await?;
+    println!(
+        "{:<40} {:>10} {:>10} {:>14}",
+        "QUEUE", "MESSAGES", "CONSUMERS", "DEAD LETTERS"
+    );
+    for q in names.work_queues() {
+        let (messages, consumers) = queue_depth(&ch, &q).await?;
+        let (dead, _) = queue_depth(&ch, &Names::dlq(&q)).await?;
+        println!("{q:<40} {messages:>10} {consumers:>10} {dead:>14}");
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dead_letters(
+    command: DlqCommand,
+    settings: &Settings,
+    db: &Db,
+) -> anyhow::Result<ExitCode> {
+    let names = Names::new(&settings.queue_prefix);
+    let from = match &command {
+        DlqCommand::List { from, .. } | DlqCommand::Replay { from, .. } => from,
+    };
+    let queues = match &from.queue {
+        Some(q) => match dlq::resolve_queue(&names, q) {
+            Ok(q) => vec![q],
+            Err(e) => {
+                eprintln!("batchctl: --queue: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => names.work_queues(),
+    };
+    let conn = connect(&settings.amqp_url, "batchctl-dlq").await?;
+    let get = conn.create_channel().await?;
+    declare_topology(&get, &names).await?;
+    let (mut letters, truncated) = dlq::fetch(&get, &names, &queues, from.limit as usize).await?;
+    let code = match command {
+        DlqCommand::List { json, .. } => {
+            // Events carry only their job; the batch comes from PostgreSQL when it answers.
+            fill_event_batches(db, &mut letters).await;
+            if json {
+                for d in &letters {
+                    println!("{}", d.to_json());
+                }
+            } else {
+                print_table(&letters);
+                println!("{} dead-lettered message(s)", letters.len());
+            }
+            for d in &letters {
+                dlq::give_back(&get, d).await?;
+            }
+            ExitCode::SUCCESS
+        }
+        DlqCommand::Replay {
+            batch,
+            reason,
+            include_undecodable,
+            dry_run,
+            ..
+        } => {
+            if batch.is_some() {
+                // Needed to match events to the batch: without it, filtering would be a guess.
+                let ids: Vec<i64> = letters.iter().filter_map(|d| d.content.job_id()).collect();
+                let map = db.batches_of_jobs(ids).await?;
+                dlq::fill_batches(&mut letters, &map);
+            }
+            let filter = dlq::Filter {
+                batch,
+                reason,
+                include_undecodable,
+            };
+            let publish = dlq::confirm_channel(&conn).await?;
+            let (mut replayed, mut skipped, mut undecodable, mut failed) = (0, 0, 0, 0);
+            for d in &letters {
+                match filter.verdict(d) {
+                    dlq::Verdict::Replay if dry_run => {
+                        println!("would replay {}", describe(d));
+                        replayed += 1;
+                        dlq::give_back(&get, d).await?;
+                    }
+                    dlq::Verdict::Replay => match dlq::replay(&get, &publish, d).await {
+                        Ok(()) => {
+                            println!("replayed {}", describe(d));
+                            replayed += 1;
+                        }
+                        Err(e) => {
+                            eprintln!("batchctl: could not replay {}: {e:#}", describe(d));
+                            failed += 1;
+                            dlq::give_back(&get, d).await?;
+                        }
+                    },
+                    dlq::Verdict::NotSelected => {
+                        skipped += 1;
+                        dlq::give_back(&get, d).await?;
+                    }
+                    dlq::Verdict::Undecodable => {
+                        undecodable += 1;
+                        dlq::give_back(&get, d).await?;
+                    }
+                }
+            }
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!(
+                "{verb} {replayed}; left in place: {skipped} not matching the filters, \
+                 {undecodable} undecodable (--include-undecodable to replay them too)"
+            );
+            if failed > 0 {
+                eprintln!(
+                    "batchctl: {failed} message(s) could not be replayed and stay dead-lettered"
+                );
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+    };
+    for t in truncated {
+        println!("{t} holds more than --limit messages; the rest were not looked at");
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(code)
+}
+
+async fn fill_event_batches(db: &Db, letters: &mut [dlq::DeadLetter]) {
+    let ids: Vec<i64> = letters
+        .iter()
+        .filter(|d| matches!(d.content, dlq::Content::Event { .. }))
+        .filter_map(|d| d.content.job_id())
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    match db.batches_of_jobs(ids).await {
+        Ok(map) => dlq::fill_batches(letters, &map),
+        Err(e) => eprintln!("batchctl: batches of dead-lettered events unknown: {e}"),
+    }
+}
+
+fn describe(d: &dlq::DeadLetter) -> String {
+    let job = d
+        .content
+        .job_id()
+        .map(|j| format!("job {j}"))
+        .unwrap_or_else(|| "an undecodable message".into());
+    format!(
+        "{job} to {} ({}, dead-lettered {} time(s))",
+        d.queue, d.reason, d.count
+    )
+}
+
+fn print_table(letters: &[dlq::DeadLetter]) {
+    println!(
+        "{:<28} {:>10} {:>8} {:<16} {:>5}  CONTENT",
+        "QUEUE", "JOB", "BATCH", "REASON", "COUNT"
+    );
+    let dash = || "-".to_string();
+    for d in letters {
+        println!(
+            "{:<28} {:>10} {:>8} {:<16} {:>5}  {}",
+            d.queue,
+            d.content
+                .job_id()
+                .map(|j| j.to_string())
+                .unwrap_or_else(dash),
+            d.batch_id.map(|b| b.to_string()).unwrap_or_else(dash),
+            d.reason,
+            d.count,
+            d.content
+        );
+    }
 }

@@ -5,9 +5,12 @@
 
 mod batches;
 mod keys;
+pub mod ops;
 mod schema;
 mod state;
+pub mod status;
 pub mod testing;
+pub mod usage;
 
 use diesel::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
@@ -48,7 +51,10 @@ impl Db {
             .max_size(size)
             .min_idle(Some(0))
             .connection_timeout(std::time::Duration::from_secs(5))
-            .test_on_check_out(false)
+            // A pooled connection outlives a PostgreSQL restart but is dead, and diesel only
+            // notices when a query on it fails: without this ping each one would fail one
+            // request after every restart (the fault-injection suite saw those 500s).
+            .test_on_check_out(true)
             .build_unchecked(manager);
         Ok(Db { pool })
     }

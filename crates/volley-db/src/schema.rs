@@ -48,6 +48,8 @@ diesel::table! {
         completion_tokens -> Nullable<Int8>,
         total_tokens -> Nullable<Int8>,
         outcomes -> Int4,
+        attempt_base -> Int4,
+        operator_retries -> Int4,
     }
 }
 

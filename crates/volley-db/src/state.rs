@@ -17,6 +17,9 @@ pub enum Claim {
     /// The caller now runs the job; outcomes must carry this attempt number.
     Claimed {
         attempt: i32,
+        /// The attempt counted from the latest operator retry (equal to `attempt` for a job
+        /// never retried by hand): what the worker's retry budget goes by.
+        round_attempt: i32,
     },
     /// Someone else runs it, or it has finished or been cancelled.
     Refused,
@@ -65,11 +68,19 @@ pub struct SweepReport {
 }
 
 #[derive(QueryableByName)]
-struct IdAttempt {
+struct JobId {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+}
+
+#[derive(QueryableByName)]
+struct Claimed {
     #[diesel(sql_type = BigInt)]
     id: i64,
     #[diesel(sql_type = Int4)]
     attempt: i32,
+    #[diesel(sql_type = Int4)]
+    round_attempt: i32,
 }
 
 #[derive(QueryableByName)]
@@ -83,18 +94,36 @@ struct IdStatus {
 impl Db {
     /// Claims many jobs in one statement. Answers in the order asked.
     pub async fn claim(&self, ids: Vec<i64>, lease_ms: u64) -> Result<Vec<(i64, Claim)>, DbError> {
+        self.claim_unexpired(ids, lease_ms, 0).await
+    }
+
+    /// [`Db::claim`], refusing jobs not started within `expire_after_ms` of becoming
+    /// available (accepted, or re-run by an operator; 0: no expiry); the sweeper then fails
+    /// them as `expired` (see [`Db::expire`]).
+    pub async fn claim_unexpired(
+        &self,
+        ids: Vec<i64>,
+        lease_ms: u64,
+        expire_after_ms: u64,
+    ) -> Result<Vec<(i64, Claim)>, DbError> {
         self.run(move |conn| {
-            let claimed: Vec<IdAttempt> = diesel::sql_query(
+            let claimed: Vec<Claimed> = diesel::sql_query(
                 "UPDATE jobs SET status = 'PROCESSING', attempt = attempt + 1, \
                  started_at = COALESCE(started_at, now()), \
                  lease_until = now() + $2 * interval '1 millisecond', updated_at = now() \
-                 WHERE id = ANY($1) AND status = 'QUEUED' RETURNING id, attempt",
+                 WHERE id = ANY($1) AND status = 'QUEUED' \
+                   AND ($3 = 0 OR started_at IS NOT NULL \
+                        OR available_at > now() - $3 * interval '1 millisecond') \
+                 RETURNING id, attempt, attempt - attempt_base AS round_attempt",
             )
             .bind::<Array<BigInt>, _>(&ids)
             .bind::<BigInt, _>(lease_ms as i64)
+            .bind::<BigInt, _>(expire_after_ms.min(i64::MAX as u64) as i64)
             .load(&mut **conn)?;
-            let claimed: HashMap<i64, i32> =
-                claimed.into_iter().map(|r| (r.id, r.attempt)).collect();
+            let claimed: HashMap<i64, (i32, i32)> = claimed
+                .into_iter()
+                .map(|r| (r.id, (r.attempt, r.round_attempt)))
+                .collect();
             let rest: Vec<i64> = ids
                 .iter()
                 .copied()
@@ -116,7 +145,10 @@ impl Db {
                 .into_iter()
                 .map(|id| {
                     let c = match claimed.get(&id) {
-                        Some(&attempt) if given.insert(id) => Claim::Claimed { attempt },
+                        Some(&(attempt, round_attempt)) if given.insert(id) => Claim::Claimed {
+                            attempt,
+                            round_attempt,
+                        },
                         Some(_) => Claim::Refused,
                         None if existing.contains(&id) => Claim::Refused,
                         None => Claim::NotFound,
@@ -136,11 +168,11 @@ impl Db {
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.into_iter().unzip();
         self.run(move |conn| {
-            let rows: Vec<IdAttempt> = diesel::sql_query(
+            let rows: Vec<JobId> = diesel::sql_query(
                 "UPDATE jobs AS j SET lease_until = now() + $3 * interval '1 millisecond' \
                  FROM unnest($1::bigint[], $2::int[]) AS v(id, attempt) \
                  WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
-                 RETURNING j.id, j.attempt",
+                 RETURNING j.id",
             )
             .bind::<Array<BigInt>, _>(&ids)
             .bind::<Array<Int4>, _>(&attempts)
@@ -274,7 +306,8 @@ impl Db {
                  lease_until = NULL, outcomes = outcomes + 1, error_type = 'worker_lost', \
                  error_message = 'the worker running the job stopped answering on its last attempt', \
                  last_error = 'worker lost' \
-                 WHERE status = 'PROCESSING' AND lease_until < now() AND attempt >= $1",
+                 WHERE status = 'PROCESSING' AND lease_until < now() \
+                   AND attempt - attempt_base >= $1",
             )
             .bind::<Int4, _>(max_attempts as i32)
             .execute(&mut **conn)?;

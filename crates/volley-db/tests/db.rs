@@ -67,7 +67,13 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
         .claim(vec![ids[0], ids[0], 999_999], 60_000)
         .await
         .unwrap();
-    assert_eq!(first[0].1, Claim::Claimed { attempt: 1 });
+    assert_eq!(
+        first[0].1,
+        Claim::Claimed {
+            attempt: 1,
+            round_attempt: 1
+        }
+    );
     assert_eq!(first[1].1, Claim::Refused, "same job twice in one round");
     assert_eq!(first[2].1, Claim::NotFound);
     // A redelivered message cannot claim a running job again.
@@ -111,7 +117,10 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
     assert_eq!(db.apply_events(vec![retry]).await.unwrap().len(), 1);
     assert_eq!(
         db.claim(vec![ids[1]], 60_000).await.unwrap()[0].1,
-        Claim::Claimed { attempt: 2 }
+        Claim::Claimed {
+            attempt: 2,
+            round_attempt: 2
+        }
     );
     assert!(
         db.apply_events(vec![ok(ids[1], 1)])

@@ -24,6 +24,10 @@ pub enum Transition {
     Succeed,
     Fail,
     Cancel,
+    /// An operator re-runs a FAILED job (`batchctl batches retry-failed`): it goes back to
+    /// QUEUED under the same id, and its attempt number keeps counting so that outcomes of
+    /// earlier attempts stay fenced off.
+    Retry,
 }
 
 impl JobStatus {
@@ -63,6 +67,8 @@ impl JobStatus {
             // Expiry and "provider refused the request before we started" fail a queued job.
             (Queued, Transition::Fail) => Some(Failed),
             (Queued | Processing, Transition::Cancel) => Some(Cancelled),
+            // The only way out of a terminal state, and only by an operator's hand.
+            (Failed, Transition::Retry) => Some(Queued),
             _ => None,
         }
     }
@@ -163,6 +169,7 @@ mod tests {
 
     #[test]
     fn terminal_states_never_move() {
+        // Workers, events and sweeps never move a finished job; only an operator's Retry does.
         for s in JobStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
             for t in [
                 Transition::Claim,
@@ -190,6 +197,21 @@ mod tests {
             JobStatus::sources(Transition::Cancel),
             vec![JobStatus::Queued, JobStatus::Processing]
         );
+    }
+
+    #[test]
+    fn operators_retry_failed_jobs_only() {
+        assert_eq!(
+            JobStatus::sources(Transition::Retry),
+            vec![JobStatus::Failed]
+        );
+        assert_eq!(
+            JobStatus::Failed.apply(Transition::Retry),
+            Some(JobStatus::Queued)
+        );
+        for s in [JobStatus::Processed, JobStatus::Cancelled] {
+            assert_eq!(s.apply(Transition::Retry), None, "{s} is final");
+        }
     }
 
     #[test]

@@ -26,6 +26,8 @@ use volley_amqp::{Broker, Names};
 use volley_config::Settings;
 use volley_domain::InferenceType;
 use volley_media::MediaStore;
+use volley_telemetry::Metrics;
+use volley_telemetry::metrics::JobMeters;
 
 pub use providers::{Job, Output, ProviderError, Providers};
 pub use state_client::{ClaimResult, StateClient};
@@ -43,9 +45,23 @@ pub struct Worker {
     pub providers: Providers,
     pub state: StateClient,
     pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    /// This worker's job metrics, labels resolved once.
+    meters: JobMeters,
     in_flight: Mutex<HashMap<i64, InFlight>>,
     consuming: AtomicBool,
     draining: AtomicBool,
+}
+
+/// The service name in logs, traces and connection names: `worker-<type>`.
+pub fn service_name(kind: InferenceType) -> &'static str {
+    match kind {
+        InferenceType::Llm => "worker-llm",
+        InferenceType::Image => "worker-image",
+        InferenceType::Video => "worker-video",
+        InferenceType::Music => "worker-music",
+        InferenceType::Tts => "worker-tts",
+    }
 }
 
 /// A started worker.
@@ -92,16 +108,20 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.worker.addr))?;
     let port = listener.local_addr()?.port();
     let settings = Arc::new(settings);
-    let media = MediaStore::local(&settings.media.dir, settings.media.max_bytes)?;
+    let media = MediaStore::from_settings(&settings.media)?;
+    let metrics = Metrics::new()?;
     let worker = Arc::new(Worker {
         kind,
-        providers: Providers::new(settings.clone(), media)?,
+        providers: Providers::new(settings.clone(), media)?.with_metrics(&metrics),
         state: StateClient::new(&settings.state.url)?,
         broker: Broker::new(
             &settings.amqp_url,
             &format!("volley-worker-{}", kind.key()),
             Names::new(&settings.queue_prefix),
-        ),
+        )
+        .with_metrics(metrics.clone()),
+        meters: metrics.jobs.for_type(kind),
+        metrics: metrics.clone(),
         settings,
         in_flight: Mutex::new(HashMap::new()),
         consuming: AtomicBool::new(false),
@@ -117,7 +137,12 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
     let data = web::Data::from(worker.clone());
     let server = HttpServer::new(move || {
         App::new()
+            .wrap(volley_telemetry::http::Observe::new(
+                service_name(kind),
+                metrics.clone(),
+            ))
             .app_data(data.clone())
+            .service(volley_telemetry::http::metrics_resource(metrics.clone()))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
     })
@@ -162,7 +187,7 @@ async fn readyz(w: web::Data<Worker>) -> HttpResponse {
 
 /// The whole `main` of a worker binary.
 pub async fn main(kind: InferenceType) -> std::process::ExitCode {
-    volley_telemetry::init_logging("worker");
+    let telemetry = volley_telemetry::init(service_name(kind));
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
@@ -182,5 +207,6 @@ pub async fn main(kind: InferenceType) -> std::process::ExitCode {
     volley_telemetry::shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight jobs");
     running.stop(grace).await;
+    telemetry.shutdown().await;
     std::process::ExitCode::SUCCESS
 }

@@ -22,6 +22,8 @@ use volley_proto::{
 use crate::providers::{Job, Output, ProviderError};
 use crate::state_client::ClaimResult;
 use crate::{InFlight, Worker};
+use tracing::Instrument;
+use volley_telemetry::metrics::JobOutcome;
 
 pub async fn consume_forever(w: Arc<Worker>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(usize::from(w.settings.worker.concurrency)));
@@ -80,7 +82,11 @@ async fn consume(
         let Some(delivery) = delivery else {
             anyhow::bail!("the broker cancelled the consumer");
         };
-        tokio::spawn(handle(w.clone(), delivery?, permit));
+        let delivery = delivery?;
+        // Each job continues the trace of the publish that produced its message.
+        let span =
+            volley_amqp::trace::consumer_span(crate::service_name(w.kind), &queue, &delivery);
+        tokio::spawn(handle(w.clone(), delivery, permit).instrument(span));
     }
     // Unacked prefetched messages go back to the queue when the channel closes; give the
     // claims in progress a moment to ack theirs first.
@@ -121,10 +127,13 @@ pub fn decode(kind: InferenceType, payload: &[u8]) -> Result<(Job, i64), String>
 }
 
 async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
-    let (mut job, _accepted_ms) = match decode(w.kind, &d.data) {
+    let (mut job, accepted_ms) = match decode(w.kind, &d.data) {
         Ok(j) => j,
         Err(why) => {
             tracing::warn!(reason = %why, "dead-lettering an undecodable job message");
+            w.metrics
+                .amqp
+                .dead_lettered(&w.broker.names().job_queue(w.kind));
             let _ = d
                 .nack(BasicNackOptions {
                     requeue: false,
@@ -134,6 +143,10 @@ async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
             return;
         }
     };
+    let span = tracing::Span::current();
+    span.record("job.id", job.id);
+    span.record("batch.id", job.batch_id);
+    span.record("inference_type", w.kind.as_str());
     let claim = {
         let mut tries = 0;
         loop {
@@ -157,8 +170,11 @@ async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
             }
         }
     };
-    let attempt = match claim {
-        ClaimResult::Claimed(a) => a,
+    let (attempt, round_attempt) = match claim {
+        ClaimResult::Claimed {
+            attempt,
+            round_attempt,
+        } => (attempt, round_attempt),
         ClaimResult::Refused | ClaimResult::NotFound => {
             // Redelivered, duplicated, cancelled or finished: nothing to do.
             tracing::debug!(job.id = job.id, "job not claimable; dropping the message");
@@ -171,6 +187,10 @@ async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
         tracing::debug!(job.id = job.id, error = %e, "ack after claim failed (redelivery will be refused)");
     }
     job.attempt = attempt;
+    span.record("attempt", attempt);
+    let waited = chrono::Utc::now().timestamp_millis() - accepted_ms;
+    w.meters
+        .started(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
     let cancel = CancellationToken::new();
     w.in_flight.lock().await.insert(
         job.id,
@@ -183,9 +203,12 @@ async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
     tracing::info!(job.id = job.id, batch.id = job.batch_id, attempt, inference_type = %w.kind, "job started");
     let started = Instant::now();
     let result = w.providers.run(&job, &cancel).await;
-    w.in_flight.lock().await.remove(&job.id);
+    w.meters.stopped();
     let duration_ms = started.elapsed().as_millis() as u64;
-    report(&w, &job, result, duration_ms).await;
+    // The job stays in flight (its lease renewed) until its outcome is confirmed, so a broker
+    // outage while reporting does not let the lease run out and the job run a second time.
+    report(&w, &job, round_attempt, result, duration_ms).await;
+    w.in_flight.lock().await.remove(&job.id);
 }
 
 fn backoff_ms(w: &Worker, attempt: i32) -> i64 {
@@ -196,7 +219,14 @@ fn backoff_ms(w: &Worker, attempt: i32) -> i64 {
     (exp * rand::rng().random_range(0.5..=1.0)) as i64
 }
 
-async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, duration_ms: u64) {
+/// `round_attempt` counts attempts from the latest operator retry: the retry budget.
+async fn report(
+    w: &Worker,
+    job: &Job,
+    round_attempt: i32,
+    result: Result<Output, ProviderError>,
+    duration_ms: u64,
+) {
     let max = w.settings.worker.max_attempts as i32;
     let (outcome, label) = match result {
         Ok(out) => (
@@ -215,18 +245,21 @@ async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, du
                 job.id = job.id,
                 batch.id = job.batch_id,
                 attempt = job.attempt,
+                inference_type = %job.endpoint.inference_type(),
                 duration_ms,
                 "job aborted"
             );
+            w.meters
+                .finished(JobOutcome::Aborted, Duration::from_millis(duration_ms));
             return;
         }
         Err(ProviderError::Retryable {
             message,
             retry_after,
-        }) if job.attempt < max => {
+        }) if round_attempt < max => {
             let delay_ms = retry_after
                 .map(|d| d.as_millis() as i64)
-                .unwrap_or_else(|| backoff_ms(w, job.attempt));
+                .unwrap_or_else(|| backoff_ms(w, round_attempt));
             (
                 job_event::Outcome::Retry(Retry {
                     error: message,
@@ -238,7 +271,7 @@ async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, du
         Err(ProviderError::Retryable { message, .. }) => (
             job_event::Outcome::Failed(Failed {
                 error_type: "provider_error".into(),
-                message: format!("gave up after {} attempts: {message}", job.attempt),
+                message: format!("gave up after {round_attempt} attempts: {message}"),
             }),
             "failed",
         ),
@@ -258,6 +291,9 @@ async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, du
         attempt: job.attempt,
         outcome: Some(outcome),
         at_ms: chrono::Utc::now().timestamp_millis(),
+        batch_id: job.batch_id,
+        inference_type: job.endpoint.inference_type().as_str().to_owned(),
+        duration_ms: duration_ms as i64,
     };
     tracing::info!(
         job.id = job.id,
@@ -268,19 +304,38 @@ async fn report(w: &Worker, job: &Job, result: Result<Output, ProviderError>, du
         outcome = label,
         "job attempt finished"
     );
+    let counted = match label {
+        "succeeded" => JobOutcome::Succeeded,
+        "retry" => JobOutcome::Retry,
+        _ => JobOutcome::Failed,
+    };
+    w.meters
+        .finished(counted, Duration::from_millis(duration_ms));
     publish_event(w, event).await;
 }
 
-/// Publishes an outcome, retrying through broker hiccups. If it cannot, the lease runs out
-/// and batch-state hands the job out again: never lost, at worst done twice.
+/// How long a worker keeps trying to report one outcome. The job's lease is renewed
+/// meanwhile, so this rides out a broker restart without running the job again.
+const REPORT_FOR: Duration = Duration::from_secs(120);
+
+/// Publishes an outcome, retrying through broker outages for up to [`REPORT_FOR`]. If it
+/// cannot, the lease runs out and batch-state hands the job out again: never lost, at worst
+/// done twice.
 async fn publish_event(w: &Worker, event: JobEvent) {
-    for i in 0..5u32 {
+    let deadline = Instant::now() + REPORT_FOR;
+    let mut pause = Duration::from_millis(200);
+    // Bounded by the deadline and by the count (a pause is at least 200 ms).
+    for _ in 0..1_000u32 {
         match w.broker.publish_events(std::slice::from_ref(&event)).await {
             Ok(r) if r.iter().all(Result::is_ok) => return,
             Ok(r) => tracing::warn!(job.id = event.job_id, errors = ?r, "event not confirmed"),
             Err(e) => tracing::warn!(job.id = event.job_id, error = %e, "publishing event failed"),
         }
-        tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(i))).await;
+        if Instant::now() + pause > deadline {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
     tracing::error!(
         job.id = event.job_id,
@@ -418,12 +473,12 @@ async fn control(w: &Worker, stop: &CancellationToken) -> anyhow::Result<()> {
 /// At the end of the grace period: abort what still runs and hand it back to the queue at
 /// once, instead of waiting for its lease to run out.
 pub async fn hand_back_all(w: &Worker) {
-    let held: Vec<(i64, i32)> = {
+    let held: Vec<(i64, i32, i64)> = {
         let map = w.in_flight.lock().await;
         map.iter()
             .map(|(id, f)| {
                 f.cancel.cancel();
-                (*id, f.attempt)
+                (*id, f.attempt, f.batch_id)
             })
             .collect()
     };
@@ -432,7 +487,7 @@ pub async fn hand_back_all(w: &Worker) {
     }
     let events: Vec<JobEvent> = held
         .iter()
-        .map(|(id, attempt)| JobEvent {
+        .map(|(id, attempt, batch_id)| JobEvent {
             job_id: *id,
             attempt: *attempt,
             outcome: Some(job_event::Outcome::Retry(Retry {
@@ -440,6 +495,9 @@ pub async fn hand_back_all(w: &Worker) {
                 delay_ms: 0,
             })),
             at_ms: chrono::Utc::now().timestamp_millis(),
+            batch_id: *batch_id,
+            inference_type: w.kind.as_str().to_owned(),
+            duration_ms: 0,
         })
         .collect();
     match w.broker.publish_events(&events).await {

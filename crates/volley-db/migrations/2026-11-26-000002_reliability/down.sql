@@ -1,0 +1,2 @@
+ALTER TABLE jobs DROP COLUMN operator_retries;
+ALTER TABLE jobs DROP COLUMN attempt_base;
