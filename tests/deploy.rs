@@ -28,6 +28,9 @@ const PLANNED: &[&str] = &[
     "provider-sim",
     "batchctl",
 ];
+/// Developer tools that run beside a stack on a development machine and are never deployed:
+/// the benchmark and the fault-injection suite.
+const DEV_TOOLS: &[&str] = &["volley-bench", "volley-chaos"];
 const SIM: &str = "provider-sim";
 const CLI: &str = "batchctl";
 /// Variables only the simulator reads (besides those found in its source).
@@ -146,6 +149,10 @@ fn binaries_on_disk() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for e in fs::read_dir(root().join("crates")).unwrap() {
         let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if DEV_TOOLS.contains(&name.as_str()) {
+            continue;
+        }
         if e.path().join("src").join("main.rs").is_file() {
             out.insert(e.file_name().to_string_lossy().into_owned());
         }

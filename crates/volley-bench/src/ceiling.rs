@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use volley_amqp::lapin::BasicProperties;
 use volley_amqp::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use volley_amqp::lapin::types::{AMQPValue, FieldTable, LongString};
-use volley_amqp::lapin::BasicProperties;
 use volley_db::{Db, Event, NewJob, Outcome};
 
 pub struct Ceiling {
@@ -29,7 +29,13 @@ impl Ceiling {
     }
 }
 
-pub async fn measure(db: &Db, amqp_url: &str, jobs: usize, job_msg: usize, event_msg: usize) -> anyhow::Result<Ceiling> {
+pub async fn measure(
+    db: &Db,
+    amqp_url: &str,
+    jobs: usize,
+    job_msg: usize,
+    event_msg: usize,
+) -> anyhow::Result<Ceiling> {
     let start = Instant::now();
     let (a, p) = tokio::join!(amqp(amqp_url, jobs, job_msg, event_msg), postgres(db, jobs));
     Ok(Ceiling {
@@ -42,14 +48,29 @@ pub async fn measure(db: &Db, amqp_url: &str, jobs: usize, job_msg: usize, event
 
 async fn amqp(url: &str, jobs: usize, job_msg: usize, event_msg: usize) -> anyhow::Result<f64> {
     let conn = volley_amqp::connect(url, "volley-bench-ceiling").await?;
-    let q = format!("bench-ceiling-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let q = format!(
+        "bench-ceiling-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let pubch = conn.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     pubch
-        .queue_declare(q.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
         .await?;
-    pubch.confirm_select(ConfirmSelectOptions::default()).await?;
+    pubch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let subch = conn.create_channel().await?;
     subch.basic_qos(512, Default::default()).await?;
     let total = jobs * 2;
@@ -59,16 +80,25 @@ async fn amqp(url: &str, jobs: usize, job_msg: usize, event_msg: usize) -> anyho
         let q = q.clone();
         tokio::spawn(async move {
             let mut c = subch
-                .basic_consume(q.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                .basic_consume(
+                    q.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
             let mut n = 0;
             while n < total {
-                let Some(d) = c.next().await else { anyhow::bail!("consumer ended") };
+                let Some(d) = c.next().await else {
+                    anyhow::bail!("consumer ended")
+                };
                 let d = d?;
                 n += 1;
                 // Acks in batches, as well as consuming can be done.
                 if n % 50 == 0 || n == total {
-                    subch.basic_ack(d.delivery_tag, BasicAckOptions { multiple: true }).await?;
+                    subch
+                        .basic_ack(d.delivery_tag, BasicAckOptions { multiple: true })
+                        .await?;
                 }
             }
             Ok::<_, anyhow::Error>(())
@@ -87,7 +117,10 @@ async fn amqp(url: &str, jobs: usize, job_msg: usize, event_msg: usize) -> anyho
                     .basic_publish(
                         "".into(),
                         q.as_str().into(),
-                        BasicPublishOptions { mandatory: true, ..Default::default() },
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
                         payload,
                         BasicProperties::default().with_delivery_mode(2),
                     )
@@ -101,7 +134,11 @@ async fn amqp(url: &str, jobs: usize, job_msg: usize, event_msg: usize) -> anyho
     }
     tokio::time::timeout(Duration::from_secs(300), consumer).await???;
     let secs = start.elapsed().as_secs_f64();
-    pubch.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await?;
+    // The consumer's channel goes first, so deleting the queue does not cancel it under us.
+    let _ = subch.close(200, "done".into()).await;
+    let _ = pubch
+        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await;
     let _ = conn.close(200, "done".into()).await;
     Ok(secs)
 }

@@ -18,7 +18,10 @@ use volley_db::testing::TestDatabase;
 use stack::{Stack, StackOptions, Usage};
 
 #[derive(Parser)]
-#[command(name = "volley-bench", about = "Benchmark Volley against this machine's ceiling")]
+#[command(
+    name = "volley-bench",
+    about = "Benchmark Volley against this machine's ceiling"
+)]
 struct Cli {
     /// Jobs in the throughput scenario (rounded up to whole 256-item batches).
     #[arg(long, default_value_t = 50_000)]
@@ -26,6 +29,13 @@ struct Cli {
     /// Concurrent submitting clients.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// Jobs each worker runs at once in the throughput scenario (media jobs wait on polls and
+    /// downloads, so more than cores).
+    #[arg(long, default_value_t = 256)]
+    worker_concurrency: u16,
+    /// Seconds of the steady-load latency phase.
+    #[arg(long, default_value_t = 20.0)]
+    paced_secs: f64,
     /// Jobs in the slow-job scenario (0 skips it).
     #[arg(long, default_value_t = 20_000)]
     slow_jobs: usize,
@@ -35,7 +45,11 @@ struct Cli {
     /// Provider and worker concurrency in the slow-job scenario.
     #[arg(long, default_value_t = 2_000)]
     slow_concurrency: usize,
-    #[arg(long, env = "VOLLEY_TEST_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "VOLLEY_TEST_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     amqp_url: String,
     /// The configuration the stack runs with (its providers are pointed at the simulator).
     #[arg(long, default_value = "config/volley.toml")]
@@ -129,6 +143,96 @@ async fn job_latencies(db: &Db) -> anyhow::Result<(Vec<f64>, i64)> {
     .map_err(Into::into)
 }
 
+/// Submits batches at a steady rate (open loop) for `secs`, measuring each submit and the
+/// latency of batch reads meanwhile: the latency a client sees while the system is busy but
+/// not saturated by the measuring clients themselves.
+async fn paced(
+    gateway: &str,
+    key: &str,
+    jobs_per_sec: f64,
+    secs: f64,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    let every = Duration::from_secs_f64(256.0 / jobs_per_sec.max(1.0));
+    let n = ((secs / every.as_secs_f64()).ceil() as usize).max(10);
+    let submit = Arc::new(Mutex::new(Vec::new()));
+    let gets = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    for b in 0..n {
+        tick.tick().await;
+        let (http, submit, gets, url, key) = (
+            http.clone(),
+            submit.clone(),
+            gets.clone(),
+            gateway.to_owned(),
+            key.to_owned(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let body = serde_json::to_vec(&mixed_batch(1_000_000 + b))?;
+            let t = Instant::now();
+            let r = http
+                .post(format!("{url}/v1/batches"))
+                .bearer_auth(&key)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            let v: Value = r.json().await?;
+            submit.lock().await.push(t.elapsed().as_secs_f64() * 1000.0);
+            let id = v["id"].as_str().unwrap_or_default().to_owned();
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(40)).await;
+                let t = Instant::now();
+                let r = http
+                    .get(format!("{url}/v1/batches/{id}"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await?;
+                if r.status().is_success() && r.bytes().await.is_ok() {
+                    gets.lock().await.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let mut s = Arc::try_unwrap(submit)
+        .map(|m| m.into_inner())
+        .unwrap_or_default();
+    let mut g = Arc::try_unwrap(gets)
+        .map(|m| m.into_inner())
+        .unwrap_or_default();
+    s.sort_by(f64::total_cmp);
+    g.sort_by(f64::total_cmp);
+    Ok((s, g))
+}
+
+/// CPU seconds used so far by the broker and the database server (their processes alive now).
+fn server_cpu() -> (f64, f64) {
+    let mut beam = 0.0;
+    let mut pg = 0.0;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let u = stack::proc_usage(pid).cpu_secs;
+            match comm.trim() {
+                "beam.smp" => beam += u,
+                "postgres" => pg += u,
+                _ => {}
+            }
+        }
+    }
+    (beam, pg)
+}
+
 async fn run_load(
     gateway: &str,
     key: &str,
@@ -137,7 +241,9 @@ async fn run_load(
     clients: usize,
     make: fn(usize) -> Value,
 ) -> anyhow::Result<LoadReport> {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
     let next = Arc::new(AtomicUsize::new(0));
     let ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let submit_ms = Arc::new(Mutex::new(Vec::new()));
@@ -146,20 +252,33 @@ async fn run_load(
 
     // A reader polls batches while the load runs, as a client watching progress would.
     let poller = {
-        let (http, ids, running, url, key) =
-            (http.clone(), ids.clone(), running.clone(), gateway.to_owned(), key.to_owned());
+        let (http, ids, running, url, key) = (
+            http.clone(),
+            ids.clone(),
+            running.clone(),
+            gateway.to_owned(),
+            key.to_owned(),
+        );
         tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut i = 0usize;
             while running.load(Ordering::Relaxed) {
                 let id = {
                     let ids = ids.lock().await;
-                    if ids.is_empty() { None } else { Some(ids[i % ids.len()].clone()) }
+                    if ids.is_empty() {
+                        None
+                    } else {
+                        Some(ids[i % ids.len()].clone())
+                    }
                 };
                 i += 7;
                 if let Some(id) = id {
                     let t = Instant::now();
-                    if let Ok(r) = http.get(format!("{url}/v1/batches/{id}")).bearer_auth(&key).send().await
+                    if let Ok(r) = http
+                        .get(format!("{url}/v1/batches/{id}"))
+                        .bearer_auth(&key)
+                        .send()
+                        .await
                         && r.status().is_success()
                         && r.bytes().await.is_ok()
                     {
@@ -174,8 +293,14 @@ async fn run_load(
 
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let (http, next, ids, submit_ms, url, key) =
-                (http.clone(), next.clone(), ids.clone(), submit_ms.clone(), gateway.to_owned(), key.to_owned());
+            let (http, next, ids, submit_ms, url, key) = (
+                http.clone(),
+                next.clone(),
+                ids.clone(),
+                submit_ms.clone(),
+                gateway.to_owned(),
+                key.to_owned(),
+            );
             tokio::spawn(async move {
                 loop {
                     let b = next.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +323,9 @@ async fn run_load(
                         anyhow::bail!("batch refused: {status} {v}");
                     }
                     submit_ms.lock().await.push(ms);
-                    ids.lock().await.push(v["id"].as_str().unwrap_or_default().to_owned());
+                    ids.lock()
+                        .await
+                        .push(v["id"].as_str().unwrap_or_default().to_owned());
                 }
             })
         })
@@ -218,7 +345,9 @@ async fn run_load(
     running.store(false, Ordering::Relaxed);
     let mut get_ms = poller.await?;
     get_ms.sort_by(f64::total_cmp);
-    let mut submit_ms = Arc::try_unwrap(submit_ms).map(|m| m.into_inner()).unwrap_or_default();
+    let mut submit_ms = Arc::try_unwrap(submit_ms)
+        .map(|m| m.into_inner())
+        .unwrap_or_default();
     submit_ms.sort_by(f64::total_cmp);
     let (job_ms, not_processed) = job_latencies(db).await?;
     if not_processed > 0 {
@@ -244,11 +373,21 @@ async fn delete_queues(amqp_url: &str, prefix: &str) {
     }
 }
 
-fn cpu_per_1000(before: &[(String, Usage)], after: &[(String, Usage)], jobs: usize) -> Vec<(String, f64, u64)> {
+fn cpu_per_1000(
+    before: &[(String, Usage)],
+    after: &[(String, Usage)],
+    jobs: usize,
+) -> Vec<(String, f64, u64)> {
     before
         .iter()
         .zip(after)
-        .map(|((name, b), (_, a))| (name.clone(), (a.cpu_secs - b.cpu_secs) * 1000.0 / jobs as f64, a.peak_rss_kb))
+        .map(|((name, b), (_, a))| {
+            (
+                name.clone(),
+                (a.cpu_secs - b.cpu_secs) * 1000.0 / jobs as f64,
+                a.peak_rss_kb,
+            )
+        })
         .collect()
 }
 
@@ -268,7 +407,9 @@ async fn main() -> anyhow::Result<()> {
     let batches = cli.jobs.div_ceil(256);
     println!(
         "volley-bench: release build, {} cores; throughput scenario {} jobs ({} batches of 256, six endpoints mixed), {} clients, simulator latency 0",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         batches * 256,
         batches,
         cli.clients
@@ -280,7 +421,7 @@ async fn main() -> anyhow::Result<()> {
         database_url: tdb.url.clone(),
         amqp_url: cli.amqp_url.clone(),
         sim_latency_ms: 0,
-        worker_concurrency: 64,
+        worker_concurrency: cli.worker_concurrency,
         bin_dir: bin_dir.clone(),
         config: cli.config.clone(),
     };
@@ -288,8 +429,13 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = stack.usage();
     let before = stack.usage();
+    let servers_before = server_cpu();
     let load = run_load(&stack.gateway, &key, &db, batches, cli.clients, mixed_batch).await?;
     let after = stack.usage();
+    let servers_after = server_cpu();
+    // Latency under a steady load of half the throughput just measured.
+    let steady = load.jobs as f64 / load.total_secs * 0.5;
+    let (paced_submit, paced_get) = paced(&stack.gateway, &key, steady, cli.paced_secs).await?;
     let prefix = stack.prefix.clone();
     stack.stop();
     delete_queues(&cli.amqp_url, &prefix).await;
@@ -303,7 +449,9 @@ async fn main() -> anyhow::Result<()> {
         inference_type: "LLM".into(),
         endpoint: "/v1/chat/completions".into(),
         model: "qwen3-8b".into(),
-        body_json: br#"{"model":"qwen3-8b","messages":[{"role":"user","content":"Describe lamp 12345."}]}"#.to_vec(),
+        body_json:
+            br#"{"model":"qwen3-8b","messages":[{"role":"user","content":"Describe lamp 12345."}]}"#
+                .to_vec(),
         accepted_at_ms: 1_795_000_000_000,
     };
     let job_len = prost::Message::encoded_len(&sample);
@@ -317,21 +465,59 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("== throughput ({} jobs) ==", load.jobs);
     println!("jobs accepted          {accepted:>9.0} jobs/s");
-    println!("jobs completed         {completed:>9.0} jobs/s end to end (first submit to last job terminal)");
+    println!(
+        "jobs completed         {completed:>9.0} jobs/s end to end (first submit to last job terminal)"
+    );
     println!(
         "ceiling                {:>9.0} jobs/s  (RabbitMQ: 2 messages/job, confirms + acks, quorum queue: {:.1} s; PostgreSQL: insert + claim + outcome, batched: {:.1} s; run together)",
         ceiling.jobs_per_sec(),
         ceiling.amqp_secs,
         ceiling.pg_secs
     );
-    println!("volley / ceiling       {:>9.0} %       target >= 50 %           {}", ratio * 100.0, verdict(ratio >= 0.5));
-    let (s50, s99) = (pct(&load.submit_ms, 0.5), pct(&load.submit_ms, 0.99));
-    println!("submit 256 p50 / p99   {s50:>6.1} / {s99:.1} ms   target < 25 / 60 ms      {}", verdict(s50 < 25.0 && s99 < 60.0));
-    println!("job latency p50 / p99  {:>6.0} / {:.0} ms   (accept to terminal)", pct(&load.job_ms, 0.5), pct(&load.job_ms, 0.99));
-    let (g50, g99) = (pct(&load.get_ms, 0.5), pct(&load.get_ms, 0.99));
-    println!("GET batch p50 / p99    {g50:>6.2} / {g99:.2} ms   target p99 < 5 ms        {}   ({} samples)", verdict(g99 < 5.0), load.get_ms.len());
+    println!(
+        "volley / ceiling       {:>9.0} %       target >= 50 %           {}",
+        ratio * 100.0,
+        verdict(ratio >= 0.5)
+    );
+    println!(
+        "job latency p50 / p99  {:>6.0} / {:.0} ms   (accept to terminal)",
+        pct(&load.job_ms, 0.5),
+        pct(&load.job_ms, 0.99)
+    );
+    println!(
+        "  during the burst ({} closed-loop clients): submit p50/p99 {:.1} / {:.1} ms, GET batch p50/p99 {:.2} / {:.2} ms",
+        cli.clients,
+        pct(&load.submit_ms, 0.5),
+        pct(&load.submit_ms, 0.99),
+        pct(&load.get_ms, 0.5),
+        pct(&load.get_ms, 0.99)
+    );
+    println!(
+        "under a steady load of {steady:.0} jobs/s (half the measured throughput) for {:.0} s:",
+        cli.paced_secs
+    );
+    let (s50, s99) = (pct(&paced_submit, 0.5), pct(&paced_submit, 0.99));
+    println!(
+        "submit 256 p50 / p99   {s50:>6.1} / {s99:.1} ms   target < 25 / 60 ms      {}   ({} batches)",
+        verdict(s50 < 25.0 && s99 < 60.0),
+        paced_submit.len()
+    );
+    let (g50, g99) = (pct(&paced_get, 0.5), pct(&paced_get, 0.99));
+    println!(
+        "GET batch p50 / p99    {g50:>6.2} / {g99:.2} ms   target p99 < 5 ms        {}   ({} samples)",
+        verdict(g99 < 5.0),
+        paced_get.len()
+    );
+    println!(
+        "RabbitMQ and PostgreSQL servers during the burst: {:.2} and {:.2} cpu s/1000 jobs",
+        (servers_after.0 - servers_before.0) * 1000.0 / load.jobs as f64,
+        (servers_after.1 - servers_before.1) * 1000.0 / load.jobs as f64
+    );
     println!("per service            cpu s/1000 jobs   peak RSS    idle RSS (target < 30 MB)");
-    for ((name, cpu, peak), (_, idle)) in cpu_per_1000(&before, &after, load.jobs).into_iter().zip(&idle) {
+    for ((name, cpu, peak), (_, idle)) in cpu_per_1000(&before, &after, load.jobs)
+        .into_iter()
+        .zip(&idle)
+    {
         println!(
             "  {name:<20} {cpu:>10.2}      {:>7.1} MB    {:>5.1} MB   {}",
             peak as f64 / 1024.0,
@@ -367,7 +553,15 @@ async fn main() -> anyhow::Result<()> {
         };
         let stack = Stack::start(&opts).await?;
         let slow_batches = cli.slow_jobs.div_ceil(256);
-        let load = run_load(&stack.gateway, &key, &db, slow_batches, cli.clients, llm_batch).await?;
+        let load = run_load(
+            &stack.gateway,
+            &key,
+            &db,
+            slow_batches,
+            cli.clients,
+            llm_batch,
+        )
+        .await?;
         let usage = stack.usage();
         let prefix = stack.prefix.clone();
         stack.stop();

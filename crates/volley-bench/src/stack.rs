@@ -54,7 +54,9 @@ pub fn proc_usage(pid: u32) -> Usage {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 pub struct StackOptions {
@@ -85,30 +87,36 @@ impl Stack {
         common.insert("VOLLEY_STATE_URL", format!("http://127.0.0.1:{st_port}"));
         common.insert("VOLLEY_MEDIA_DIR", media_dir.display().to_string());
         common.insert("VOLLEY_MEDIA_SIGNING_KEY", uuid::Uuid::new_v4().to_string());
-        common.insert("VOLLEY_WORKER_CONCURRENCY", o.worker_concurrency.to_string());
+        common.insert(
+            "VOLLEY_WORKER_CONCURRENCY",
+            o.worker_concurrency.to_string(),
+        );
         let sim_url = format!("http://127.0.0.1:{sim_port}/v1");
         common.insert("VOLLEY_PROVIDER_SIM_OPENAI_BASE_URL", sim_url.clone());
         common.insert("VOLLEY_PROVIDER_SIM_PREDICTIONS_BASE_URL", sim_url);
         common.insert("RUST_LOG", "warn".into());
 
         let mut services = Vec::new();
-        let mut spawn = |name: &str, extra: &[(&str, String)], health: String| -> anyhow::Result<()> {
-            let mut cmd = Command::new(o.bin_dir.join(name));
-            cmd.envs(common.iter().map(|(k, v)| (*k, v.as_str())));
-            for (k, v) in extra {
-                cmd.env(k, v);
-            }
-            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit());
-            let child = cmd
-                .spawn()
-                .map_err(|e| anyhow::anyhow!("cannot start {name} from {}: {e}", o.bin_dir.display()))?;
-            services.push(Service {
-                name: name.to_owned(),
-                child,
-                health: health.to_owned(),
-            });
-            Ok(())
-        };
+        let mut spawn =
+            |name: &str, extra: &[(&str, String)], health: String| -> anyhow::Result<()> {
+                let mut cmd = Command::new(o.bin_dir.join(name));
+                cmd.envs(common.iter().map(|(k, v)| (*k, v.as_str())));
+                for (k, v) in extra {
+                    cmd.env(k, v);
+                }
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit());
+                let child = cmd.spawn().map_err(|e| {
+                    anyhow::anyhow!("cannot start {name} from {}: {e}", o.bin_dir.display())
+                })?;
+                services.push(Service {
+                    name: name.to_owned(),
+                    child,
+                    health: health.to_owned(),
+                });
+                Ok(())
+            };
         spawn(
             "provider-sim",
             &[
@@ -118,12 +126,20 @@ impl Stack {
             ],
             format!("http://127.0.0.1:{sim_port}/healthz"),
         )?;
-        spawn("batch-state", &[], format!("http://127.0.0.1:{st_port}/readyz"))?;
+        spawn(
+            "batch-state",
+            &[],
+            format!("http://127.0.0.1:{st_port}/readyz"),
+        )?;
         spawn("gateway", &[], format!("http://127.0.0.1:{gw_port}/readyz"))?;
         for w in ["llm", "image", "video", "music", "tts"] {
             let port = free_port()?;
             let extra = vec![("VOLLEY_WORKER_ADDR", format!("127.0.0.1:{port}"))];
-            spawn(&format!("worker-{w}"), &extra, format!("http://127.0.0.1:{port}/readyz"))?;
+            spawn(
+                &format!("worker-{w}"),
+                &extra,
+                format!("http://127.0.0.1:{port}/readyz"),
+            )?;
         }
         let stack = Stack {
             services,
