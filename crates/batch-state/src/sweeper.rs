@@ -54,18 +54,8 @@ pub async fn sweep_once(db: &Db, broker: &Broker, shared: &Shared) -> anyhow::Re
             break;
         }
         let full = due.len() as i64 == PAGE;
-        let messages: Vec<JobMessage> = due
-            .iter()
-            .map(|j| JobMessage {
-                job_id: j.id,
-                batch_id: j.batch_id,
-                inference_type: j.inference_type.clone(),
-                endpoint: j.endpoint.clone(),
-                model: j.model.clone(),
-                body_json: serde_json::to_vec(&j.body).unwrap_or_default(),
-                accepted_at_ms: j.created_at.timestamp_millis(),
-            })
-            .collect();
+        let messages: Vec<JobMessage> =
+            due.iter().map(volley_db::JobDispatch::to_message).collect();
         let results = broker.publish_jobs(&messages).await?;
         let confirmed: Vec<i64> = messages
             .iter()

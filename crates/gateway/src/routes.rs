@@ -142,15 +142,7 @@ async fn create_batch(
     // published by batch-state's sweeper once the grace period passes.
     let messages: Vec<JobMessage> = dispatch
         .iter()
-        .map(|j| JobMessage {
-            job_id: j.id,
-            batch_id: j.batch_id,
-            inference_type: j.inference_type.clone(),
-            endpoint: j.endpoint.clone(),
-            model: j.model.clone(),
-            body_json: serde_json::to_vec(&j.body).unwrap_or_default(),
-            accepted_at_ms: j.created_at.timestamp_millis(),
-        })
+        .map(volley_db::JobDispatch::to_message)
         .collect();
     let publish =
         publish_batch(state.clone(), view.id, messages).instrument(tracing::Span::current());

@@ -855,3 +855,32 @@ async fn two_thousand_concurrent_slow_calls() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefer_wait_returns_quick_predictions_finished() {
+    let sim = fast().await;
+    let create = |prefer: &'static str, latency: u64| {
+        client()
+            .post(format!("{}/v1/predictions", sim.url()))
+            .header("Prefer", prefer)
+            .json(&json!({"model": "sim/video-1", "input": {"prompt": "waves", "sim_latency_ms": latency}}))
+            .send()
+    };
+    // Quicker than the wait: finished in the create's own answer.
+    let r = create("wait=5", 20).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["status"], "succeeded", "{p}");
+    assert!(p["output"].is_string());
+    // Slower than the wait: answered running once the wait is over, then polled as usual.
+    let t = Instant::now();
+    let p: Value = create("wait=1", 3_000).await.unwrap().json().await.unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(900));
+    assert!(
+        ["starting", "processing"].contains(&p["status"].as_str().unwrap()),
+        "{p}"
+    );
+    // A malformed preference is ignored rather than refused.
+    let r = create("wait=soon", 0).await.unwrap();
+    assert_eq!(r.status(), 201);
+}

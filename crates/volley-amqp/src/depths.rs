@@ -76,6 +76,9 @@ async fn watch_once(
 ) -> Result<(), AmqpError> {
     let conn = connect(url, "volley-queue-depths").await?;
     let ch = conn.create_channel().await?;
+    // Declaring first (idempotent) means a passive declare never meets a missing queue, which
+    // would close the channel and log an error at every start of a fresh stack.
+    crate::declare_topology(&ch, names).await?;
     let r = loop {
         match depths(&ch, names).await {
             Ok(all) => {

@@ -32,6 +32,21 @@ pub struct JobDispatch {
     pub created_at: DateTime<Utc>,
 }
 
+impl JobDispatch {
+    /// The job's message on RabbitMQ; the gateway and the sweeper publish the same one.
+    pub fn to_message(&self) -> volley_proto::JobMessage {
+        volley_proto::JobMessage {
+            job_id: self.id,
+            batch_id: self.batch_id,
+            inference_type: self.inference_type.clone(),
+            endpoint: self.endpoint.clone(),
+            model: self.model.clone(),
+            body_json: serde_json::to_vec(&self.body).unwrap_or_default(),
+            accepted_at_ms: self.created_at.timestamp_millis(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BatchView {
     pub id: i64,
