@@ -49,6 +49,10 @@ pub struct Worker {
     /// This worker's job metrics, labels resolved once.
     meters: JobMeters,
     in_flight: Mutex<HashMap<i64, InFlight>>,
+    /// Outcomes being reported. Reporting does not hold a run slot (the next job starts while
+    /// an event awaits its confirm), so it has its own bound: a broker outage cannot pile up
+    /// more than `concurrency` unreported outcomes.
+    reporting: Arc<tokio::sync::Semaphore>,
     consuming: AtomicBool,
     draining: AtomicBool,
 }
@@ -108,6 +112,7 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.worker.addr))?;
     let port = listener.local_addr()?.port();
     let settings = Arc::new(settings);
+    let report_slots = usize::from(settings.worker.concurrency);
     let media = MediaStore::from_settings(&settings.media)?;
     let metrics = Metrics::new()?;
     let worker = Arc::new(Worker {
@@ -124,6 +129,7 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
         metrics: metrics.clone(),
         settings,
         in_flight: Mutex::new(HashMap::new()),
+        reporting: Arc::new(tokio::sync::Semaphore::new(report_slots)),
         consuming: AtomicBool::new(false),
         draining: AtomicBool::new(false),
     });

@@ -126,7 +126,7 @@ pub fn decode(kind: InferenceType, payload: &[u8]) -> Result<(Job, i64), String>
     ))
 }
 
-async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
+async fn handle(w: Arc<Worker>, d: Delivery, permit: OwnedSemaphorePermit) {
     let (mut job, accepted_ms) = match decode(w.kind, &d.data) {
         Ok(j) => j,
         Err(why) => {
@@ -205,9 +205,13 @@ async fn handle(w: Arc<Worker>, d: Delivery, _permit: OwnedSemaphorePermit) {
     let result = w.providers.run(&job, &cancel).await;
     w.meters.stopped();
     let duration_ms = started.elapsed().as_millis() as u64;
+    // The run slot goes to the next job now; the report holds a reporting slot instead.
+    let reporting = w.reporting.clone().acquire_owned().await;
+    drop(permit);
     // The job stays in flight (its lease renewed) until its outcome is confirmed, so a broker
     // outage while reporting does not let the lease run out and the job run a second time.
     report(&w, &job, round_attempt, result, duration_ms).await;
+    drop(reporting);
     w.in_flight.lock().await.remove(&job.id);
 }
 
