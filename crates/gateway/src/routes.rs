@@ -211,13 +211,13 @@ async fn get_batch(
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "batch")?;
-    let (b, jobs) = state
+    let (b, jobs, usage) = state
         .db
-        .get_batch(&owner, id)
+        .get_batch_with_usage(&owner, id)
         .await?
         .ok_or(ApiError::NotFound("batch"))?;
     let mut v = views::batch_with_jobs(&b, &jobs, &state.settings.gateway.public_url);
-    v["usage"] = views::usage(&state.db.batch_usage(&owner, id).await?);
+    v["usage"] = views::usage(&usage);
     Ok(HttpResponse::Ok().json(v))
 }
 

@@ -239,6 +239,24 @@ impl Db {
             .await
     }
 
+    /// [`Db::get_batch`] with the batch's token usage, on one connection (one pool checkout
+    /// on the read path clients poll).
+    pub async fn get_batch_with_usage(
+        &self,
+        owner: &str,
+        id: i64,
+    ) -> Result<Option<(BatchView, Vec<JobSummary>, crate::usage::BatchUsage)>, DbError> {
+        let owner = owner.to_owned();
+        self.run(move |conn| {
+            let Some((b, jobs)) = batch_with_jobs(conn, &owner, id)? else {
+                return Ok(None);
+            };
+            let usage = crate::usage::batch_usage_on(conn, &owner, id)?;
+            Ok(Some((b, jobs, usage)))
+        })
+        .await
+    }
+
     pub async fn get_job(&self, owner: &str, id: i64) -> Result<Option<JobView>, DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {

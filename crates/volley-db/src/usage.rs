@@ -3,8 +3,8 @@
 use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 
+use crate::DbError;
 use crate::schema::jobs;
-use crate::{Db, DbError};
 
 /// The tokens a batch's jobs used so far, and how many jobs reported usage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -15,31 +15,28 @@ pub struct BatchUsage {
     pub jobs: i64,
 }
 
-impl Db {
-    /// Sums the batch's token counts (zeros for a batch without LLM jobs, or someone else's).
-    pub async fn batch_usage(&self, owner: &str, batch_id: i64) -> Result<BatchUsage, DbError> {
-        let owner = owner.to_owned();
-        self.run(move |conn| {
-            // SUM over int8 is numeric in PostgreSQL; cast back, so no decimal type is needed.
-            let (prompt_tokens, completion_tokens, total_tokens, jobs): (i64, i64, i64, i64) =
-                jobs::table
-                    .filter(jobs::batch_id.eq(batch_id))
-                    .filter(jobs::owner.eq(&owner))
-                    .filter(jobs::total_tokens.is_not_null())
-                    .select(diesel::dsl::sql::<(BigInt, BigInt, BigInt, BigInt)>(
-                        "COALESCE(SUM(prompt_tokens), 0)::int8, \
-                         COALESCE(SUM(completion_tokens), 0)::int8, \
-                         COALESCE(SUM(total_tokens), 0)::int8, \
-                         COUNT(*)::int8",
-                    ))
-                    .get_result(&mut **conn)?;
-            Ok(BatchUsage {
-                prompt_tokens,
-                completion_tokens,
-                total_tokens,
-                jobs,
-            })
-        })
-        .await
-    }
+/// The sum itself, on a connection the caller holds.
+pub(crate) fn batch_usage_on(
+    conn: &mut diesel::PgConnection,
+    owner: &str,
+    batch_id: i64,
+) -> Result<BatchUsage, DbError> {
+    // SUM over int8 is numeric in PostgreSQL; cast back, so no decimal type is needed.
+    let (prompt_tokens, completion_tokens, total_tokens, jobs): (i64, i64, i64, i64) = jobs::table
+        .filter(jobs::batch_id.eq(batch_id))
+        .filter(jobs::owner.eq(owner))
+        .filter(jobs::total_tokens.is_not_null())
+        .select(diesel::dsl::sql::<(BigInt, BigInt, BigInt, BigInt)>(
+            "COALESCE(SUM(prompt_tokens), 0)::int8, \
+                 COALESCE(SUM(completion_tokens), 0)::int8, \
+                 COALESCE(SUM(total_tokens), 0)::int8, \
+                 COUNT(*)::int8",
+        ))
+        .get_result(conn)?;
+    Ok(BatchUsage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens,
+        jobs,
+    })
 }
