@@ -211,6 +211,18 @@ pub fn continue_remote<'a>(span: &Span, get: impl Fn(&str) -> Option<&'a str>, l
     }
 }
 
+/// Links `span` to `to`: for one operation done on behalf of several traces (a claim of many
+/// jobs), whose span can have one parent only. Nothing happens when tracing is off.
+pub fn link(span: &Span, to: &Span) {
+    if span.is_disabled() || to.is_disabled() {
+        return;
+    }
+    let other = to.context().span().span_context().clone();
+    if other.is_valid() {
+        span.add_link(other);
+    }
+}
+
 /// A producer span for one message (messaging conventions: `publish <destination>`).
 /// `destination` is the exchange, or the queue for the default exchange.
 pub fn producer_span(destination: &str, routing_key: &str, message_id: Option<&str>) -> Span {

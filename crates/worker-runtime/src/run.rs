@@ -4,10 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use volley_amqp::lapin::Channel;
 use volley_amqp::lapin::message::Delivery;
 use volley_amqp::lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions,
@@ -21,6 +22,9 @@ use volley_proto::{
 
 use crate::providers::{Job, Output, ProviderError};
 use crate::state_client::ClaimResult;
+
+/// At most this many jobs in one claim request (batch-state takes up to 512).
+const CLAIM_BATCH: usize = 128;
 use crate::{InFlight, Worker};
 use tracing::Instrument;
 use volley_telemetry::metrics::JobOutcome;
@@ -82,15 +86,23 @@ async fn consume(
         let Some(delivery) = delivery else {
             anyhow::bail!("the broker cancelled the consumer");
         };
-        let delivery = delivery?;
-        // Each job continues the trace of the publish that produced its message.
-        let span =
-            volley_amqp::trace::consumer_span(crate::service_name(w.kind), &queue, &delivery);
-        tokio::spawn(handle(w.clone(), delivery, permit).instrument(span));
+        let mut batch = vec![(delivery?, permit)];
+        // Whatever else has arrived and has a free slot joins the same claim: one request to
+        // batch-state and one ack for many jobs. Nothing waits for more to come.
+        while batch.len() < CLAIM_BATCH {
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                break;
+            };
+            match consumer.next().now_or_never() {
+                Some(Some(d)) => batch.push((d?, permit)),
+                Some(None) => anyhow::bail!("the broker cancelled the consumer"),
+                None => break,
+            }
+        }
+        claim_and_start(w, &ch, &queue, batch, stop).await?;
     }
-    // Unacked prefetched messages go back to the queue when the channel closes; give the
-    // claims in progress a moment to ack theirs first.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Claims run in this loop, so none is in progress: the prefetched messages not yet
+    // claimed go back to the queue as the channel closes.
     let _ = conn.close(200, "worker stopping".into()).await;
     Ok(())
 }
@@ -126,68 +138,150 @@ pub fn decode(kind: InferenceType, payload: &[u8]) -> Result<(Job, i64), String>
     ))
 }
 
-async fn handle(w: Arc<Worker>, d: Delivery, permit: OwnedSemaphorePermit) {
-    let (mut job, accepted_ms) = match decode(w.kind, &d.data) {
-        Ok(j) => j,
-        Err(why) => {
-            tracing::warn!(reason = %why, "dead-lettering an undecodable job message");
-            w.metrics
-                .amqp
-                .dead_lettered(&w.broker.names().job_queue(w.kind));
-            let _ = d
-                .nack(BasicNackOptions {
+/// A decoded job message waiting for its claim.
+struct Pending {
+    job: Job,
+    accepted_ms: i64,
+    span: tracing::Span,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Claims a batch of deliveries in one request, settles them with one ack (or one nack, to
+/// hand them back when batch-state cannot be reached) and starts the claimed jobs.
+///
+/// Runs in the consume loop, so every delivery before this batch is settled already: the
+/// multiple ack covers exactly this batch.
+async fn claim_and_start(
+    w: &Arc<Worker>,
+    ch: &Channel,
+    queue: &str,
+    batch: Vec<(Delivery, OwnedSemaphorePermit)>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(batch.len());
+    let mut last_tag = None;
+    for (d, permit) in batch {
+        // Each job continues the trace of the publish that produced its message.
+        let span = volley_amqp::trace::consumer_span(crate::service_name(w.kind), queue, &d);
+        match decode(w.kind, &d.data) {
+            Ok((job, accepted_ms)) => {
+                span.record("job.id", job.id);
+                span.record("batch.id", job.batch_id);
+                span.record("inference_type", w.kind.as_str());
+                last_tag = Some(d.delivery_tag);
+                pending.push(Pending {
+                    job,
+                    accepted_ms,
+                    span,
+                    permit,
+                });
+            }
+            Err(why) => {
+                span.in_scope(
+                    || tracing::warn!(reason = %why, "dead-lettering an undecodable job message"),
+                );
+                w.metrics.amqp.dead_lettered(queue);
+                // Settled before the multiple ack below, which would otherwise cover it.
+                d.nack(BasicNackOptions {
                     requeue: false,
                     ..Default::default()
                 })
-                .await;
-            return;
+                .await?;
+            }
         }
+    }
+    let Some(tag) = last_tag else { return Ok(()) };
+    let ids: Vec<i64> = pending.iter().map(|p| p.job.id).collect();
+    let Some(claims) = claim_with_retry(w, &ids, &pending, stop).await else {
+        ch.basic_nack(
+            tag,
+            BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            },
+        )
+        .await?;
+        return Ok(());
     };
-    let span = tracing::Span::current();
-    span.record("job.id", job.id);
-    span.record("batch.id", job.batch_id);
-    span.record("inference_type", w.kind.as_str());
-    let claim = {
-        let mut tries = 0;
-        loop {
-            match w.state.claim(job.id).await {
-                Ok(c) => break c,
-                Err(e) if tries < 20 => {
-                    tries += 1;
-                    tracing::warn!(job.id = job.id, error = %e, "claim failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(250 * tries)).await;
-                }
-                Err(e) => {
-                    tracing::warn!(job.id = job.id, error = %e, "claim failed; returning the message");
-                    let _ = d
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..Default::default()
-                        })
-                        .await;
-                    return;
+    // The claims are durable in PostgreSQL: the messages have done their work. A redelivery
+    // after a failed ack is refused by the claim.
+    if let Err(e) = ch.basic_ack(tag, BasicAckOptions { multiple: true }).await {
+        tracing::debug!(jobs = ids.len(), error = %e, "ack after claim failed");
+    }
+    for (p, claim) in pending.into_iter().zip(claims) {
+        match claim {
+            ClaimResult::Claimed {
+                attempt,
+                round_attempt,
+            } => {
+                let span = p.span.clone();
+                tokio::spawn(
+                    run_job(
+                        w.clone(),
+                        p.job,
+                        attempt,
+                        round_attempt,
+                        p.accepted_ms,
+                        p.permit,
+                    )
+                    .instrument(span),
+                );
+            }
+            ClaimResult::Refused | ClaimResult::NotFound => {
+                // Redelivered, duplicated, cancelled or finished: nothing to do.
+                tracing::debug!(parent: &p.span, job.id = p.job.id, "job not claimable; dropped the message");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Claims `ids`, retrying while batch-state is unreachable; `None` when it stays so (or the
+/// worker is stopping): the messages then go back to the queue.
+async fn claim_with_retry(
+    w: &Worker,
+    ids: &[i64],
+    pending: &[Pending],
+    stop: &CancellationToken,
+) -> Option<Vec<ClaimResult>> {
+    for tries in 1..=20u32 {
+        // One request for the whole batch: its span is a child of the first job's consumer
+        // span and linked to the others', so each job's trace shows its claim.
+        let span = pending[0]
+            .span
+            .in_scope(|| volley_telemetry::trace::client_span("POST", "/internal/claims"));
+        for p in &pending[1..] {
+            volley_telemetry::trace::link(&span, &p.span);
+        }
+        match w.state.claim(ids, span).await {
+            Ok(c) => return Some(c),
+            Err(e) => {
+                tracing::warn!(jobs = ids.len(), error = %e, "claim failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_millis(250 * u64::from(tries))) => {}
                 }
             }
         }
-    };
-    let (attempt, round_attempt) = match claim {
-        ClaimResult::Claimed {
-            attempt,
-            round_attempt,
-        } => (attempt, round_attempt),
-        ClaimResult::Refused | ClaimResult::NotFound => {
-            // Redelivered, duplicated, cancelled or finished: nothing to do.
-            tracing::debug!(job.id = job.id, "job not claimable; dropping the message");
-            let _ = d.ack(BasicAckOptions::default()).await;
-            return;
-        }
-    };
-    // The claim is durable in PostgreSQL: the message has done its work.
-    if let Err(e) = d.ack(BasicAckOptions::default()).await {
-        tracing::debug!(job.id = job.id, error = %e, "ack after claim failed (redelivery will be refused)");
     }
+    tracing::warn!(
+        jobs = ids.len(),
+        "batch-state unreachable; returning the messages"
+    );
+    None
+}
+
+/// Runs a claimed job (inside its consumer span) and reports its outcome.
+async fn run_job(
+    w: Arc<Worker>,
+    mut job: Job,
+    attempt: i32,
+    round_attempt: i32,
+    accepted_ms: i64,
+    permit: OwnedSemaphorePermit,
+) {
     job.attempt = attempt;
-    span.record("attempt", attempt);
+    tracing::Span::current().record("attempt", attempt);
     let waited = chrono::Utc::now().timestamp_millis() - accepted_ms;
     w.meters
         .started(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimResult {
@@ -55,10 +55,9 @@ impl StateClient {
         })
     }
 
-    pub async fn claim(&self, job_id: i64) -> anyhow::Result<ClaimResult> {
-        // A client span whose context batch-state's server span continues: the claim is part
-        // of the job's trace.
-        let span = volley_telemetry::trace::client_span("POST", "/internal/claims");
+    /// Claims many jobs in one request; one answer per id asked, in the order asked. `span`
+    /// is the request's client span (batch-state's server span continues it).
+    pub async fn claim(&self, job_ids: &[i64], span: Span) -> anyhow::Result<Vec<ClaimResult>> {
         if !span.is_disabled() {
             span.record(
                 "server.address",
@@ -72,30 +71,13 @@ impl StateClient {
                 |rb, (k, v)| rb.header(k, v),
             );
         let resp = rb
-            .json(&json!({"job_ids": [job_id]}))
+            .json(&json!({ "job_ids": job_ids }))
             .send()
             .instrument(span.clone())
             .await?;
         span.record("http.response.status_code", resp.status().as_u16());
         let r = resp.error_for_status()?.json::<Claims>().await?;
-        let a = r
-            .claims
-            .into_iter()
-            .find(|c| c.job_id == job_id)
-            .ok_or_else(|| anyhow::anyhow!("batch-state did not answer for job {job_id}"))?;
-        Ok(match a.result.as_str() {
-            "claimed" => ClaimResult::Claimed {
-                attempt: a.attempt,
-                // An older batch-state does not send it: no operator retries there.
-                round_attempt: if a.round_attempt > 0 {
-                    a.round_attempt
-                } else {
-                    a.attempt
-                },
-            },
-            "not_found" => ClaimResult::NotFound,
-            _ => ClaimResult::Refused,
-        })
+        answers(job_ids, r.claims)
     }
 
     /// Renews claims; returns the ids still held.
@@ -117,5 +99,81 @@ impl StateClient {
             Ok(r) => r.status().is_success(),
             Err(_) => false,
         }
+    }
+}
+
+/// Matches batch-state's answers to the ids asked. Batch-state answers in the order asked; an
+/// answer missing or out of place is an error rather than a guess, since it hands out work.
+fn answers(asked: &[i64], got: Vec<ClaimAnswer>) -> anyhow::Result<Vec<ClaimResult>> {
+    if got.len() != asked.len() {
+        anyhow::bail!(
+            "batch-state answered {} claims for {} jobs",
+            got.len(),
+            asked.len()
+        );
+    }
+    asked
+        .iter()
+        .zip(got)
+        .map(|(id, a)| {
+            if a.job_id != *id {
+                anyhow::bail!("batch-state answered for job {} in place of {id}", a.job_id);
+            }
+            Ok(match a.result.as_str() {
+                "claimed" if a.attempt > 0 => ClaimResult::Claimed {
+                    attempt: a.attempt,
+                    // An older batch-state does not send it: no operator retries there.
+                    round_attempt: if a.round_attempt > 0 {
+                        a.round_attempt
+                    } else {
+                        a.attempt
+                    },
+                },
+                "claimed" => anyhow::bail!("batch-state claimed job {id} without an attempt"),
+                "not_found" => ClaimResult::NotFound,
+                _ => ClaimResult::Refused,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(job_id: i64, result: &str, attempt: i32) -> ClaimAnswer {
+        ClaimAnswer {
+            job_id,
+            result: result.into(),
+            attempt,
+            round_attempt: 0,
+        }
+    }
+
+    #[test]
+    fn answers_follow_the_ids_asked() {
+        let got = answers(
+            &[3, 4, 5],
+            vec![a(3, "claimed", 2), a(4, "refused", 0), a(5, "not_found", 0)],
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                ClaimResult::Claimed {
+                    attempt: 2,
+                    round_attempt: 2
+                },
+                ClaimResult::Refused,
+                ClaimResult::NotFound
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_or_short_answer_is_an_error() {
+        assert!(answers(&[3, 4], vec![a(3, "claimed", 1)]).is_err());
+        assert!(answers(&[3, 4], vec![a(4, "claimed", 1), a(3, "claimed", 1)]).is_err());
+        assert!(answers(&[3], vec![a(3, "claimed", 0)]).is_err());
     }
 }
