@@ -50,15 +50,15 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-/// The key's owner, from `Authorization: Bearer <key>`.
-async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+/// The key in `Authorization: Bearer <key>`.
+fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
         .ok_or(ApiError::Unauthorized(
             "missing API key: send Authorization: Bearer <key>",
         ))?;
-    let key = header
+    header
         .to_str()
         .ok()
         .and_then(|h| h.strip_prefix("Bearer "))
@@ -66,12 +66,15 @@ async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> 
         .filter(|k| !k.is_empty() && k.len() <= 256)
         .ok_or(ApiError::Unauthorized(
             "malformed Authorization header: expected Bearer <key>",
-        ))?;
-    state
-        .db
-        .authenticate(key)
-        .await?
-        .ok_or(ApiError::Unauthorized("unknown or revoked API key"))
+        ))
+}
+
+const UNKNOWN_KEY: ApiError = ApiError::Unauthorized("unknown or revoked API key");
+
+/// The key's owner, from `Authorization: Bearer <key>`.
+async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+    let key = bearer(req)?;
+    state.db.authenticate(key).await?.ok_or(UNKNOWN_KEY)
 }
 
 fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
@@ -209,12 +212,18 @@ async fn get_batch(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = owner(&req, &state).await?;
-    let id = parse_id(&path, "batch")?;
+    // The read clients poll: the key is checked in the same round trip as the batch is read.
+    let key = bearer(&req)?;
+    let Ok(id) = parse_id(&path, "batch") else {
+        // 401 before 404, as on every route.
+        owner(&req, &state).await?;
+        return Err(ApiError::NotFound("batch"));
+    };
     let (b, jobs, usage) = state
         .db
-        .get_batch_with_usage(&owner, id)
+        .get_batch_for_key(key, id)
         .await?
+        .ok_or(UNKNOWN_KEY)?
         .ok_or(ApiError::NotFound("batch"))?;
     let mut v = views::batch_with_jobs(&b, &jobs, &state.settings.gateway.public_url);
     v["usage"] = views::usage(&usage);

@@ -7,7 +7,10 @@ use diesel::prelude::*;
 use serde_json::Value;
 use volley_domain::{BatchCounts, JobStatus};
 
+use diesel::sql_types::{BigInt, Bytea, Int4, Nullable, Text, Timestamptz};
+
 use crate::schema::{batches, jobs};
+use crate::usage::BatchUsage;
 use crate::{Db, DbError};
 
 /// One job of a batch being accepted.
@@ -95,6 +98,19 @@ struct BatchRow {
 }
 
 type PgConn = diesel::PgConnection;
+
+/// One row per valid key: the batch asked for, when the key's owner has it.
+#[derive(QueryableByName)]
+struct KeyedBatch {
+    #[diesel(sql_type = Nullable<BigInt>)]
+    id: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    label: Option<String>,
+    #[diesel(sql_type = Nullable<Int4>)]
+    total: Option<i32>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
+}
 
 fn counts_for(conn: &mut PgConn, ids: &[i64]) -> Result<HashMap<i64, BatchCounts>, DbError> {
     let rows: Vec<(i64, String, i64)> = jobs::table
@@ -239,20 +255,69 @@ impl Db {
             .await
     }
 
-    /// [`Db::get_batch`] with the batch's token usage, on one connection (one pool checkout
-    /// on the read path clients poll).
-    pub async fn get_batch_with_usage(
+    /// The read clients poll, in as few round trips as it can be: the key is checked and the
+    /// batch row read in one statement, then its jobs (with their token counts, summed here
+    /// into the batch's usage), on one connection. `None` when the key is unknown or
+    /// revoked; `Some(None)` when the key's owner has no such batch.
+    #[allow(clippy::type_complexity)]
+    pub async fn get_batch_for_key(
         &self,
-        owner: &str,
+        secret: &str,
         id: i64,
-    ) -> Result<Option<(BatchView, Vec<JobSummary>, crate::usage::BatchUsage)>, DbError> {
-        let owner = owner.to_owned();
+    ) -> Result<Option<Option<(BatchView, Vec<JobSummary>, BatchUsage)>>, DbError> {
+        let hash = crate::hash_key(secret);
         self.run(move |conn| {
-            let Some((b, jobs)) = batch_with_jobs(conn, &owner, id)? else {
-                return Ok(None);
+            let row: Option<KeyedBatch> = diesel::sql_query(
+                "SELECT b.id, b.label, b.total, b.created_at \
+                 FROM api_keys k LEFT JOIN batches b ON b.id = $2 AND b.owner = k.owner \
+                 WHERE k.key_hash = $1 AND k.revoked_at IS NULL LIMIT 1",
+            )
+            .bind::<Bytea, _>(&hash)
+            .bind::<BigInt, _>(id)
+            .get_result(&mut **conn)
+            .optional()?;
+            let Some(row) = row else { return Ok(None) };
+            let (Some(id), Some(total), Some(created_at)) = (row.id, row.total, row.created_at)
+            else {
+                return Ok(Some(None));
             };
-            let usage = crate::usage::batch_usage_on(conn, &owner, id)?;
-            Ok(Some((b, jobs, usage)))
+            let rows: Vec<(i64, String, String, Option<i64>, Option<i64>, Option<i64>)> =
+                jobs::table
+                    .filter(jobs::batch_id.eq(id))
+                    .order(jobs::id)
+                    .select((
+                        jobs::id,
+                        jobs::status,
+                        jobs::inference_type,
+                        jobs::prompt_tokens,
+                        jobs::completion_tokens,
+                        jobs::total_tokens,
+                    ))
+                    .load(&mut **conn)?;
+            let mut counts = BatchCounts::default();
+            let mut usage = BatchUsage::default();
+            let mut summaries = Vec::with_capacity(rows.len());
+            for (job_id, status, inference_type, pt, ct, tt) in rows {
+                if let Ok(s) = status.parse::<JobStatus>() {
+                    counts.add(s, 1);
+                }
+                if let Some(tt) = tt {
+                    usage.add(pt.unwrap_or(0), ct.unwrap_or(0), tt);
+                }
+                summaries.push(JobSummary {
+                    id: job_id,
+                    status,
+                    inference_type,
+                });
+            }
+            let view = BatchView {
+                id,
+                label: row.label,
+                total: i64::from(total),
+                created_at,
+                counts,
+            };
+            Ok(Some(Some((view, summaries, usage))))
         })
         .await
     }

@@ -223,3 +223,59 @@ async fn keys_are_hashed_and_revocable() {
     assert_eq!(db.revoke_key("ci").await.unwrap(), 1);
     assert_eq!(db.authenticate(&k.secret).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_batch_read_by_key_checks_the_key_and_sums_usage() {
+    let (_t, db) = setup().await;
+    let alice = db.create_key("alice", None).await.unwrap().secret;
+    let bob = db.create_key("bob", None).await.unwrap().secret;
+    let (b, d) = db.create_batch("alice", None, jobs(3), 0).await.unwrap();
+    let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
+    db.claim(ids.clone(), 60_000).await.unwrap();
+    db.apply_events(vec![ok(ids[0], 1), ok(ids[1], 1)])
+        .await
+        .unwrap();
+
+    let (view, summaries, usage) = db
+        .get_batch_for_key(&alice, b.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(view.id, b.id);
+    assert_eq!((view.counts.processed, view.counts.processing), (2, 1));
+    assert_eq!(summaries.iter().map(|j| j.id).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.total_tokens,
+            usage.jobs
+        ),
+        (2, 4, 6, 2)
+    );
+
+    // Another owner's key: no such batch. Unknown or revoked keys: no answer at all.
+    assert!(
+        db.get_batch_for_key(&bob, b.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        db.get_batch_for_key(&alice, b.id + 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        db.get_batch_for_key("vk_wrong", b.id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    db.revoke_key("alice").await.unwrap();
+    assert!(db.get_batch_for_key(&alice, b.id).await.unwrap().is_none());
+}
