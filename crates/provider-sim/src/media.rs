@@ -111,12 +111,17 @@ impl Media {
         let samples = (u64::from(RATE) * duration_ms / 1000).max(1) as usize;
         let fade = (RATE as usize / 100).min(samples / 2).max(1);
         let mut pcm = Vec::with_capacity(samples * 2);
+        // The tone as a phasor turned by a fixed step each sample: a multiply-add per sample
+        // instead of a `sin`, so a simulated provider at zero latency stays cheap.
+        let step = f64::from(freq_hz) * std::f64::consts::TAU / f64::from(RATE);
+        let (step_sin, step_cos) = step.sin_cos();
+        let (mut re, mut im) = (1.0f64, 0.0f64);
         for i in 0..samples {
-            let t = i as f32 / RATE as f32;
             // Short linear fade in/out avoids clicks; amplitude ~30% FS.
-            let env = (i.min(samples - 1 - i) as f32 / fade as f32).min(1.0);
-            let v = (t * freq_hz * std::f32::consts::TAU).sin() * env * 10_000.0;
+            let env = (i.min(samples - 1 - i) as f64 / fade as f64).min(1.0);
+            let v = im * env * 10_000.0;
             pcm.extend_from_slice(&(v as i16).to_le_bytes());
+            (re, im) = (re * step_cos - im * step_sin, re * step_sin + im * step_cos);
         }
         let base = 44 + pcm.len() as u64;
         let mut pad = target.saturating_sub(base);
@@ -346,6 +351,27 @@ mod tests {
         let data = u32::from_le_bytes(raw[40..44].try_into().unwrap()) as usize;
         assert_eq!(riff + 8, raw.len());
         assert_eq!(data + 44, raw.len());
+    }
+
+    #[test]
+    fn wav_tone_is_a_sine_of_the_asked_pitch() {
+        // 10 s: the longest speech, where a drifting phasor would show.
+        let m = Media::wav(10_000, 440.0, 0).unwrap();
+        let raw = collect(&m);
+        let pcm: Vec<i16> = raw[44..]
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(pcm.len(), 160_000);
+        let fade = 160;
+        for (i, &got) in pcm.iter().enumerate().skip(fade).take(pcm.len() - 2 * fade) {
+            let t = i as f64 / 16_000.0;
+            let want = (t * 440.0 * std::f64::consts::TAU).sin() * 10_000.0;
+            assert!(
+                (f64::from(got) - want).abs() <= 2.0,
+                "sample {i}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]
