@@ -36,7 +36,8 @@ struct Cli {
     /// Seconds of the steady-load latency phase.
     #[arg(long, default_value_t = 20.0)]
     paced_secs: f64,
-    /// Jobs in the slow-job scenario (0 skips it).
+    /// Jobs in the slow-job scenario, in 256-item batches and one smaller last batch (0 skips
+    /// it).
     #[arg(long, default_value_t = 20_000)]
     slow_jobs: usize,
     /// Simulator latency in the slow-job scenario.
@@ -54,6 +55,24 @@ struct Cli {
     /// The configuration the stack runs with (its providers are pointed at the simulator).
     #[arg(long, default_value = "config/volley.toml")]
     config: PathBuf,
+    /// Where the local media store goes. By default a memory file system (/dev/shm) where
+    /// there is one, standing in for the object store a cluster uses: on a local disk,
+    /// creating a file per media job measures the file system (after a run deletes its
+    /// files, ext4 scans its recently freed inodes on every create), not Volley.
+    #[arg(long)]
+    media_dir: Option<PathBuf>,
+}
+
+/// The media store's folder: `--media-dir`, else /dev/shm if it is there, else the temp dir.
+fn media_root(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    })
 }
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
@@ -68,8 +87,8 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "ok" } else { "MISS" }
 }
 
-fn mixed_batch(b: usize) -> Value {
-    let requests: Vec<Value> = (0..256)
+fn mixed_batch(b: usize, items: usize) -> Value {
+    let requests: Vec<Value> = (0..items)
         .map(|i| {
             let n = b * 256 + i;
             match i % 6 {
@@ -85,8 +104,8 @@ fn mixed_batch(b: usize) -> Value {
     json!({"label": format!("bench {b}"), "requests": requests})
 }
 
-fn llm_batch(b: usize) -> Value {
-    let requests: Vec<Value> = (0..256)
+fn llm_batch(b: usize, items: usize) -> Value {
+    let requests: Vec<Value> = (0..items)
         .map(|i| json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": format!("slow {b}-{i}")}}))
         .collect();
     json!({"requests": requests})
@@ -101,20 +120,22 @@ struct LoadReport {
     job_ms: Vec<f64>,
 }
 
-async fn unfinished(db: &Db) -> anyhow::Result<i64> {
+/// Whether any job is still QUEUED or PROCESSING. `EXISTS` stops at the first one, so
+/// polling it costs the database little while the load runs.
+async fn any_unfinished(db: &Db) -> anyhow::Result<bool> {
     Ok(db
         .run(|c| {
             use diesel::RunQueryDsl;
             #[derive(diesel::QueryableByName)]
-            struct N {
-                #[diesel(sql_type = diesel::sql_types::BigInt)]
-                n: i64,
+            struct Any {
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                any: bool,
             }
-            let r: N = diesel::sql_query(
-                "SELECT count(*) AS n FROM jobs WHERE owner = 'bench' AND status IN ('QUEUED', 'PROCESSING')",
+            let r: Any = diesel::sql_query(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE status IN ('QUEUED', 'PROCESSING')) AS any",
             )
             .get_result(&mut **c)?;
-            Ok(r.n)
+            Ok(r.any)
         })
         .await?)
 }
@@ -171,7 +192,7 @@ async fn paced(
             key.to_owned(),
         );
         tasks.push(tokio::spawn(async move {
-            let body = serde_json::to_vec(&mixed_batch(1_000_000 + b))?;
+            let body = serde_json::to_vec(&mixed_batch(1_000_000 + b, 256))?;
             let t = Instant::now();
             let r = http
                 .post(format!("{url}/v1/batches"))
@@ -237,9 +258,9 @@ async fn run_load(
     gateway: &str,
     key: &str,
     db: &Db,
-    batches: usize,
+    jobs: usize,
     clients: usize,
-    make: fn(usize) -> Value,
+    make: fn(usize, usize) -> Value,
 ) -> anyhow::Result<LoadReport> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
@@ -248,6 +269,7 @@ async fn run_load(
     let ids: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let submit_ms = Arc::new(Mutex::new(Vec::new()));
     let running = Arc::new(AtomicBool::new(true));
+    let batches = jobs.div_ceil(256);
     let start = Instant::now();
 
     // A reader polls batches while the load runs, as a client watching progress would.
@@ -307,7 +329,8 @@ async fn run_load(
                     if b >= batches {
                         return Ok::<_, anyhow::Error>(());
                     }
-                    let body = serde_json::to_vec(&make(b))?;
+                    let items = 256.min(jobs - b * 256);
+                    let body = serde_json::to_vec(&make(b, items))?;
                     let t = Instant::now();
                     let r = http
                         .post(format!("{url}/v1/batches"))
@@ -335,7 +358,7 @@ async fn run_load(
     }
     let submit_secs = start.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(1800);
-    while unfinished(db).await? > 0 {
+    while any_unfinished(db).await? {
         if Instant::now() > deadline {
             anyhow::bail!("jobs still unfinished after 30 minutes");
         }
@@ -354,7 +377,7 @@ async fn run_load(
         eprintln!("warning: {not_processed} jobs did not end PROCESSED");
     }
     Ok(LoadReport {
-        jobs: batches * 256,
+        jobs,
         submit_secs,
         total_secs,
         submit_ms,
@@ -405,14 +428,16 @@ async fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .ok_or_else(|| anyhow::anyhow!("cannot find the binaries' directory"))?;
     let batches = cli.jobs.div_ceil(256);
+    let media = media_root(cli.media_dir.clone());
     println!(
-        "volley-bench: release build, {} cores; throughput scenario {} jobs ({} batches of 256, six endpoints mixed), {} clients, simulator latency 0",
+        "volley-bench: release build, {} cores; throughput scenario {} jobs ({} batches of 256, six endpoints mixed), {} clients, simulator latency 0; media store: local folder in {}",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
         batches * 256,
         batches,
-        cli.clients
+        cli.clients,
+        media.display()
     );
 
     // Scenario 1: throughput, with the ceiling measured in the same run.
@@ -424,13 +449,22 @@ async fn main() -> anyhow::Result<()> {
         worker_concurrency: cli.worker_concurrency,
         bin_dir: bin_dir.clone(),
         config: cli.config.clone(),
+        media_root: media.clone(),
     };
     let stack = Stack::start(&opts).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = stack.usage();
     let before = stack.usage();
     let servers_before = server_cpu();
-    let load = run_load(&stack.gateway, &key, &db, batches, cli.clients, mixed_batch).await?;
+    let load = run_load(
+        &stack.gateway,
+        &key,
+        &db,
+        batches * 256,
+        cli.clients,
+        mixed_batch,
+    )
+    .await?;
     let after = stack.usage();
     let servers_after = server_cpu();
     // Latency under a steady load of half the throughput just measured.
@@ -550,14 +584,14 @@ async fn main() -> anyhow::Result<()> {
             worker_concurrency: u16::try_from(cli.slow_concurrency).unwrap_or(u16::MAX),
             bin_dir,
             config: cfg.clone(),
+            media_root: media.clone(),
         };
         let stack = Stack::start(&opts).await?;
-        let slow_batches = cli.slow_jobs.div_ceil(256);
         let load = run_load(
             &stack.gateway,
             &key,
             &db,
-            slow_batches,
+            cli.slow_jobs,
             cli.clients,
             llm_batch,
         )

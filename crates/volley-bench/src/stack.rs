@@ -66,12 +66,14 @@ pub struct StackOptions {
     pub worker_concurrency: u16,
     pub bin_dir: PathBuf,
     pub config: PathBuf,
+    /// Where the stack's local media store lives (a folder per run is made inside).
+    pub media_root: PathBuf,
 }
 
 impl Stack {
     pub async fn start(o: &StackOptions) -> anyhow::Result<Stack> {
         let prefix = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-        let media_dir = std::env::temp_dir().join(&prefix);
+        let media_dir = o.media_root.join(&prefix);
         std::fs::create_dir_all(&media_dir)?;
         let sim_port = free_port()?;
         let gw_port = free_port()?;
