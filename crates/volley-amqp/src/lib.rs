@@ -303,7 +303,12 @@ impl Broker {
             } else {
                 m.exchange.clone()
             };
-            let span = trace::producer_span(&destination, &m.routing_key, m.message_id.as_deref());
+            let make =
+                || trace::producer_span(&destination, &m.routing_key, m.message_id.as_deref());
+            let span = match &m.parent {
+                Some(parent) => parent.in_scope(make),
+                None => make(),
+            };
             let mut props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type(ShortString::from("application/x-protobuf"));
@@ -391,6 +396,7 @@ impl Broker {
                 payload: j.encode_to_vec(),
                 message_id: Some(j.job_id.to_string()),
                 headers: Vec::new(),
+                parent: None,
             })
             .collect();
         self.publish_many(out).await
@@ -400,14 +406,26 @@ impl Broker {
         &self,
         events: &[JobEvent],
     ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
+        self.publish_events_under(events, &[]).await
+    }
+
+    /// [`Broker::publish_events`], each event's producer span a child of the span at the
+    /// same place in `parents` (its job's span), or of the current span past its end.
+    pub async fn publish_events_under(
+        &self,
+        events: &[JobEvent],
+        parents: &[tracing::Span],
+    ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
         let out = events
             .iter()
-            .map(|e| Outgoing {
+            .enumerate()
+            .map(|(i, e)| Outgoing {
                 exchange: String::new(),
                 routing_key: self.names.events_queue(),
                 payload: e.encode_to_vec(),
                 message_id: Some(format!("{}-{}", e.job_id, e.attempt)),
                 headers: Vec::new(),
+                parent: parents.get(i).cloned(),
             })
             .collect();
         self.publish_many(out).await
@@ -444,6 +462,7 @@ impl Broker {
             payload,
             message_id,
             headers: Vec::new(),
+            parent: None,
         })
         .await
     }
@@ -468,6 +487,8 @@ pub struct Outgoing {
     /// Extra AMQP headers (string values). The producer span's `traceparent`/`tracestate`
     /// are added to them, replacing any given, when tracing is on.
     pub headers: Vec<(String, String)>,
+    /// The span the producer span is a child of; the current span when `None`.
+    pub parent: Option<tracing::Span>,
 }
 
 /// The label a publish result is counted under.

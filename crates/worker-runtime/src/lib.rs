@@ -53,6 +53,8 @@ pub struct Worker {
     /// an event awaits its confirm), so it has its own bound: a broker outage cannot pile up
     /// more than `concurrency` unreported outcomes.
     reporting: Arc<tokio::sync::Semaphore>,
+    /// Outcomes on their way to the reporter task (bounded by `reporting` as well).
+    reports: tokio::sync::mpsc::Sender<run::Report>,
     consuming: AtomicBool,
     draining: AtomicBool,
 }
@@ -115,6 +117,7 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
     let report_slots = usize::from(settings.worker.concurrency);
     let media = MediaStore::from_settings(&settings.media)?;
     let metrics = Metrics::new()?;
+    let (reports, reports_rx) = tokio::sync::mpsc::channel(report_slots);
     let worker = Arc::new(Worker {
         kind,
         providers: Providers::new(settings.clone(), media)?.with_metrics(&metrics),
@@ -130,6 +133,7 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
         settings,
         in_flight: Mutex::new(HashMap::new()),
         reporting: Arc::new(tokio::sync::Semaphore::new(report_slots)),
+        reports,
         consuming: AtomicBool::new(false),
         draining: AtomicBool::new(false),
     });
@@ -139,6 +143,11 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
     let tasks = vec![
         tokio::spawn(run::renew_leases(worker.clone(), stop_all.clone())),
         tokio::spawn(run::control_forever(worker.clone(), stop_all.clone())),
+        tokio::spawn(run::report_forever(
+            worker.clone(),
+            reports_rx,
+            stop_all.clone(),
+        )),
     ];
     let data = web::Data::from(worker.clone());
     let server = HttpServer::new(move || {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use rand::Rng;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use volley_amqp::lapin::Channel;
 use volley_amqp::lapin::message::Delivery;
@@ -416,29 +416,106 @@ async fn report(
 /// meanwhile, so this rides out a broker restart without running the job again.
 const REPORT_FOR: Duration = Duration::from_secs(120);
 
-/// Publishes an outcome, retrying through broker outages for up to [`REPORT_FOR`]. If it
-/// cannot, the lease runs out and batch-state hands the job out again: never lost, at worst
-/// done twice.
+/// At most this many outcomes in one publishing round.
+const REPORT_BATCH: usize = 256;
+
+/// An outcome for the reporter to publish, the span its producer span belongs under, and who
+/// waits for its confirm.
+pub(crate) struct Report {
+    event: JobEvent,
+    span: tracing::Span,
+    confirmed: oneshot::Sender<bool>,
+}
+
+/// Hands an outcome to the reporter and waits until the broker confirmed it. If it could not
+/// be confirmed within [`REPORT_FOR`], the lease runs out and batch-state hands the job out
+/// again: never lost, at worst done twice.
 async fn publish_event(w: &Worker, event: JobEvent) {
-    let deadline = Instant::now() + REPORT_FOR;
+    let job_id = event.job_id;
+    let (confirmed, answer) = oneshot::channel();
+    let report = Report {
+        event,
+        span: tracing::Span::current(),
+        confirmed,
+    };
+    let ok = w.reports.send(report).await.is_ok() && answer.await.unwrap_or(false);
+    if !ok {
+        tracing::error!(
+            job.id = job_id,
+            "could not report the outcome; the lease will expire and the job will be retried"
+        );
+    }
+}
+
+/// Publishes outcomes as they come: all those waiting go out in one round (confirms awaited
+/// together), so a busy worker pays one round per batch of outcomes, not one per job. Those
+/// not confirmed are retried through broker outages, each for up to [`REPORT_FOR`].
+pub async fn report_forever(
+    w: Arc<Worker>,
+    mut reports: mpsc::Receiver<Report>,
+    stop: CancellationToken,
+) {
+    let mut events: Vec<JobEvent> = Vec::new();
+    let mut waiting: Vec<(tracing::Span, oneshot::Sender<bool>, Instant)> = Vec::new();
     let mut pause = Duration::from_millis(200);
-    // Bounded by the deadline and by the count (a pause is at least 200 ms).
-    for _ in 0..1_000u32 {
-        match w.broker.publish_events(std::slice::from_ref(&event)).await {
-            Ok(r) if r.iter().all(Result::is_ok) => return,
-            Ok(r) => tracing::warn!(job.id = event.job_id, errors = ?r, "event not confirmed"),
-            Err(e) => tracing::warn!(job.id = event.job_id, error = %e, "publishing event failed"),
+    loop {
+        if events.is_empty() {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = reports.recv() => r,
+            };
+            let Some(r) = first else { return };
+            events.push(r.event);
+            waiting.push((r.span, r.confirmed, Instant::now()));
         }
-        if Instant::now() + pause > deadline {
-            break;
+        while events.len() < REPORT_BATCH {
+            let Ok(r) = reports.try_recv() else { break };
+            events.push(r.event);
+            waiting.push((r.span, r.confirmed, Instant::now()));
         }
-        tokio::time::sleep(pause).await;
+        let spans: Vec<tracing::Span> = waiting.iter().map(|(s, _, _)| s.clone()).collect();
+        let results = match w.broker.publish_events_under(&events, &spans).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(events = events.len(), error = %e, "publishing events failed");
+                events
+                    .iter()
+                    .map(|_| Err(volley_amqp::AmqpError::NoConfirm))
+                    .collect()
+            }
+        };
+        let mut retry_events = Vec::new();
+        let mut retry_waiting = Vec::new();
+        let now = Instant::now();
+        for ((event, (span, confirmed, since)), result) in
+            events.drain(..).zip(waiting.drain(..)).zip(results)
+        {
+            match result {
+                Ok(()) => {
+                    let _ = confirmed.send(true);
+                }
+                Err(e) if now.duration_since(since) + pause < REPORT_FOR => {
+                    tracing::warn!(job.id = event.job_id, error = %e, "event not confirmed; retrying");
+                    retry_events.push(event);
+                    retry_waiting.push((span, confirmed, since));
+                }
+                Err(_) => {
+                    let _ = confirmed.send(false);
+                }
+            }
+        }
+        if retry_events.is_empty() {
+            pause = Duration::from_millis(200);
+            continue;
+        }
+        events = retry_events;
+        waiting = retry_waiting;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
         pause = (pause * 2).min(Duration::from_secs(5));
     }
-    tracing::error!(
-        job.id = event.job_id,
-        "could not report the outcome; the lease will expire and the job will be retried"
-    );
 }
 
 /// Keeps claims alive for as long as jobs run; a claim batch-state no longer recognises
