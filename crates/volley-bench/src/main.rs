@@ -538,9 +538,11 @@ async fn main() -> anyhow::Result<()> {
     );
     let (g50, g99) = (pct(&paced_get, 0.5), pct(&paced_get, 0.99));
     println!(
-        "GET batch p50 / p99    {g50:>6.2} / {g99:.2} ms   target p99 < 5 ms        {}   ({} samples)",
+        "GET batch p50 / p99    {g50:>6.2} / {g99:.2} ms   target p99 < 5 ms        {}   ({} samples; p90 {:.2}, max {:.2} ms)",
         verdict(g99 < 5.0),
-        paced_get.len()
+        paced_get.len(),
+        pct(&paced_get, 0.9),
+        pct(&paced_get, 1.0)
     );
     println!(
         "RabbitMQ and PostgreSQL servers during the burst: {:.2} and {:.2} cpu s/1000 jobs",
