@@ -33,10 +33,12 @@ down:
 	@scripts/stack.sh down
 
 # The benchmark (release build; several minutes): Volley against this machine's own ceiling.
+# The binary runs straight from the workspace build: `cargo run -p` would unify features
+# differently and rebuild.
 bench: services
 	$(CARGO) build --release --workspace --bins
-	$(CARGO) run --release -p volley-bench -- $(BENCH_ARGS)
-	$(CARGO) bench -p volley-bench --bench micro
+	$${CARGO_TARGET_DIR:-target}/release/volley-bench $(BENCH_ARGS)
+	$(CARGO) bench --workspace --bench micro
 
 # The fault-injection suite (release build; a few minutes): the services as separate processes
 # on a RabbitMQ node and a PostgreSQL cluster of its own, killed and restarted under load, then

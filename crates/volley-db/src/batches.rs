@@ -4,10 +4,9 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bytea, Int4, Nullable, Text, Timestamptz};
 use serde_json::Value;
 use volley_domain::{BatchCounts, JobStatus};
-
-use diesel::sql_types::{BigInt, Bytea, Int4, Nullable, Text, Timestamptz};
 
 use crate::schema::{batches, jobs};
 use crate::usage::BatchUsage;

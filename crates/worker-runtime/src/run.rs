@@ -22,12 +22,12 @@ use volley_proto::{
 
 use crate::providers::{Job, Output, ProviderError};
 use crate::state_client::ClaimResult;
-
-/// At most this many jobs in one claim request (batch-state takes up to 512).
-const CLAIM_BATCH: usize = 128;
 use crate::{InFlight, Worker};
 use tracing::Instrument;
 use volley_telemetry::metrics::JobOutcome;
+
+/// At most this many jobs in one claim request (batch-state takes up to 512).
+const CLAIM_BATCH: usize = 128;
 
 pub async fn consume_forever(w: Arc<Worker>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(usize::from(w.settings.worker.concurrency)));
