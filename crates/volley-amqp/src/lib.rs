@@ -176,11 +176,26 @@ pub const FRAME_MAX: u32 = 16 * 1024;
 
 /// Parses `url`, asking for [`FRAME_MAX`] unless it names a `frame_max` itself.
 pub fn parse_url(url: &str) -> Result<lapin::uri::AMQPUri, AmqpError> {
-    let mut uri: lapin::uri::AMQPUri = url.parse().map_err(AmqpError::BadUrl)?;
+    // The parser's message quotes the URL: never with its password.
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e: String| AmqpError::BadUrl(e.replace(url, &redact(url))))?;
     if uri.query.frame_max.is_none() {
         uri.query.frame_max = Some(FRAME_MAX);
     }
     Ok(uri)
+}
+
+/// `url` with its user and password replaced by `***`, fit for a log or an error.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    match authority.rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
 }
 
 pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
@@ -562,5 +577,14 @@ mod tests {
             assert!(matches!(e, AmqpError::BadUrl(_)), "{bad:?}: {e}");
             assert!(e.to_string().starts_with("the AMQP URL is not valid"));
         }
+        let e = parse_url("amqp://guest:s3cret@host:notaport/").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn redaction_hides_credentials_only() {
+        assert_eq!(redact("amqp://u:p@h:5672/%2f"), "amqp://***@h:5672/%2f");
+        assert_eq!(redact("amqp://h:5672/x@y"), "amqp://h:5672/x@y");
+        assert_eq!(redact("not a url"), "not a url");
     }
 }
