@@ -279,3 +279,62 @@ async fn a_batch_read_by_key_checks_the_key_and_sums_usage() {
     db.revoke_key("alice").await.unwrap();
     assert!(db.get_batch_for_key(&alice, b.id).await.unwrap().is_none());
 }
+
+async fn backend_pid(db: &Db) -> Result<i32, volley_db::DbError> {
+    db.run(|c| {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct Pid {
+            #[diesel(sql_type = diesel::sql_types::Integer)]
+            pid: i32,
+        }
+        let p: Pid = diesel::sql_query("SELECT pg_backend_pid() AS pid").get_result(&mut **c)?;
+        Ok(p.pid)
+    })
+    .await
+}
+
+/// The server ends a pooled session (as a restart does to all of them): the next caller gets
+/// a fresh connection, not the dead one's error.
+#[tokio::test]
+async fn a_connection_the_server_ended_is_replaced_on_checkout() {
+    let (t, _) = setup().await;
+    let db = Db::new(&t.url, 1).unwrap();
+    let first = backend_pid(&db).await.unwrap();
+    let admin = Db::new(&t.url, 1).unwrap();
+    admin
+        .run(move |c| {
+            use diesel::RunQueryDsl;
+            diesel::sql_query(format!("SELECT pg_terminate_backend({first})")).execute(&mut **c)?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    // The server's goodbye reaches the idle socket asynchronously.
+    let mut second = None;
+    for _ in 0..50 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let gone = admin
+            .run(move |c| {
+                use diesel::RunQueryDsl;
+                #[derive(diesel::QueryableByName)]
+                struct N {
+                    #[diesel(sql_type = diesel::sql_types::BigInt)]
+                    n: i64,
+                }
+                let n: N = diesel::sql_query(format!(
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = {first}"
+                ))
+                .get_result(&mut **c)?;
+                Ok(n.n == 0)
+            })
+            .await
+            .unwrap();
+        if gone {
+            second = Some(backend_pid(&db).await.expect("a fresh connection answers"));
+            break;
+        }
+    }
+    let second = second.expect("the terminated backend went away");
+    assert_ne!(first, second);
+}
