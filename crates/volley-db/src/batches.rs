@@ -4,11 +4,10 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Bytea, Int4, Nullable, Text, Timestamptz};
 use serde_json::Value;
 use volley_domain::{BatchCounts, JobStatus};
 
-use crate::schema::{batches, jobs};
+use crate::schema::{api_keys, batches, jobs};
 use crate::usage::BatchUsage;
 use crate::{Db, DbError};
 
@@ -98,18 +97,20 @@ struct BatchRow {
 
 type PgConn = diesel::PgConnection;
 
-/// One row per valid key: the batch asked for, when the key's owner has it.
-#[derive(QueryableByName)]
-struct KeyedBatch {
-    #[diesel(sql_type = Nullable<BigInt>)]
-    id: Option<i64>,
-    #[diesel(sql_type = Nullable<Text>)]
-    label: Option<String>,
-    #[diesel(sql_type = Nullable<Int4>)]
-    total: Option<i32>,
-    #[diesel(sql_type = Nullable<Timestamptz>)]
-    created_at: Option<DateTime<Utc>>,
-}
+/// A batch read by key: one row per job of the batch asked for, or a single row with no
+/// batch when the key is valid but its owner has no such batch, or no row for a bad key.
+type KeyedJob = (
+    Option<i64>,
+    Option<String>,
+    Option<i32>,
+    Option<DateTime<Utc>>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
 
 fn counts_for(conn: &mut PgConn, ids: &[i64]) -> Result<HashMap<i64, BatchCounts>, DbError> {
     let rows: Vec<(i64, String, i64)> = jobs::table
@@ -254,10 +255,11 @@ impl Db {
             .await
     }
 
-    /// The read clients poll, in as few round trips as it can be: the key is checked and the
-    /// batch row read in one statement, then its jobs (with their token counts, summed here
-    /// into the batch's usage), on one connection. `None` when the key is unknown or
-    /// revoked; `Some(None)` when the key's owner has no such batch.
+    /// The read clients poll, in one round trip: the key is checked, and the batch and its
+    /// jobs (with their token counts, summed here into the batch's usage) read, by one
+    /// statement. Under load every round trip is a wake-up of the backend and of the caller,
+    /// which is what a read's latency is made of. `None` when the key is unknown or revoked;
+    /// `Some(None)` when the key's owner has no such batch.
     #[allow(clippy::type_complexity)]
     pub async fn get_batch_for_key(
         &self,
@@ -266,37 +268,45 @@ impl Db {
     ) -> Result<Option<Option<(BatchView, Vec<JobSummary>, BatchUsage)>>, DbError> {
         let hash = crate::hash_key(secret);
         self.run(move |conn| {
-            let row: Option<KeyedBatch> = diesel::sql_query(
-                "SELECT b.id, b.label, b.total, b.created_at \
-                 FROM api_keys k LEFT JOIN batches b ON b.id = $2 AND b.owner = k.owner \
-                 WHERE k.key_hash = $1 AND k.revoked_at IS NULL LIMIT 1",
-            )
-            .bind::<Bytea, _>(&hash)
-            .bind::<BigInt, _>(id)
-            .get_result(&mut **conn)
-            .optional()?;
-            let Some(row) = row else { return Ok(None) };
-            let (Some(id), Some(total), Some(created_at)) = (row.id, row.total, row.created_at)
-            else {
+            // The query builder's form (not SQL text) is what diesel keeps prepared per
+            // connection, so a poll is not parsed and planned again each time.
+            let rows: Vec<KeyedJob> = api_keys::table
+                .left_join(
+                    batches::table.on(batches::id.eq(id).and(batches::owner.eq(api_keys::owner))),
+                )
+                .left_join(jobs::table.on(jobs::batch_id.eq(batches::id)))
+                .filter(api_keys::key_hash.eq(&hash))
+                .filter(api_keys::revoked_at.is_null())
+                .order(jobs::id.nullable())
+                .select((
+                    batches::id.nullable(),
+                    batches::label.nullable(),
+                    batches::total.nullable(),
+                    batches::created_at.nullable(),
+                    jobs::id.nullable(),
+                    jobs::status.nullable(),
+                    jobs::inference_type.nullable(),
+                    jobs::prompt_tokens.nullable(),
+                    jobs::completion_tokens.nullable(),
+                    jobs::total_tokens.nullable(),
+                ))
+                .load(&mut **conn)?;
+            let Some(&(batch_id, ref label, total, created_at, ..)) = rows.first() else {
+                return Ok(None);
+            };
+            let (Some(id), Some(total), Some(created_at)) = (batch_id, total, created_at) else {
                 return Ok(Some(None));
             };
-            let rows: Vec<(i64, String, String, Option<i64>, Option<i64>, Option<i64>)> =
-                jobs::table
-                    .filter(jobs::batch_id.eq(id))
-                    .order(jobs::id)
-                    .select((
-                        jobs::id,
-                        jobs::status,
-                        jobs::inference_type,
-                        jobs::prompt_tokens,
-                        jobs::completion_tokens,
-                        jobs::total_tokens,
-                    ))
-                    .load(&mut **conn)?;
+            let label = label.clone();
             let mut counts = BatchCounts::default();
             let mut usage = BatchUsage::default();
             let mut summaries = Vec::with_capacity(rows.len());
-            for (job_id, status, inference_type, pt, ct, tt) in rows {
+            for (.., job_id, status, inference_type, pt, ct, tt) in rows {
+                let (Some(job_id), Some(status), Some(inference_type)) =
+                    (job_id, status, inference_type)
+                else {
+                    continue;
+                };
                 if let Ok(s) = status.parse::<JobStatus>() {
                     counts.add(s, 1);
                 }
@@ -311,7 +321,7 @@ impl Db {
             }
             let view = BatchView {
                 id,
-                label: row.label,
+                label,
                 total: i64::from(total),
                 created_at,
                 counts,
