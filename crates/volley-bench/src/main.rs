@@ -489,7 +489,9 @@ async fn main() -> anyhow::Result<()> {
         accepted_at_ms: 1_795_000_000_000,
     };
     let job_len = prost::Message::encoded_len(&sample);
+    let (servers_c0, own_c0) = (server_cpu(), stack::proc_usage(std::process::id()).cpu_secs);
     let ceiling = ceiling::measure(&cdb, &cli.amqp_url, load.jobs, job_len, 300).await?;
+    let (servers_c1, own_c1) = (server_cpu(), stack::proc_usage(std::process::id()).cpu_secs);
     drop(cdb);
     drop(ctdb);
 
@@ -544,16 +546,26 @@ async fn main() -> anyhow::Result<()> {
         pct(&paced_get, 0.9),
         pct(&paced_get, 1.0)
     );
+    // Where the CPU goes, against the ceiling's own: the gap in the ratio, part by part.
+    let per_1000 = |secs: f64| secs * 1000.0 / load.jobs as f64;
+    let (rabbit, pg) = (
+        per_1000(servers_after.0 - servers_before.0),
+        per_1000(servers_after.1 - servers_before.1),
+    );
+    let services = cpu_per_1000(&before, &after, load.jobs);
+    let own: f64 = services.iter().map(|(_, cpu, _)| cpu).sum();
+    let (c_rabbit, c_pg, c_client) = (
+        per_1000(servers_c1.0 - servers_c0.0),
+        per_1000(servers_c1.1 - servers_c0.1),
+        per_1000(own_c1 - own_c0),
+    );
     println!(
-        "RabbitMQ and PostgreSQL servers during the burst: {:.2} and {:.2} cpu s/1000 jobs",
-        (servers_after.0 - servers_before.0) * 1000.0 / load.jobs as f64,
-        (servers_after.1 - servers_before.1) * 1000.0 / load.jobs as f64
+        "cpu s/1000 jobs        Volley {:.2} (RabbitMQ {rabbit:.2}, PostgreSQL {pg:.2}, services {own:.2}); ceiling {:.2} (RabbitMQ {c_rabbit:.2}, PostgreSQL {c_pg:.2}, its client {c_client:.2})",
+        rabbit + pg + own,
+        c_rabbit + c_pg + c_client
     );
     println!("per service            cpu s/1000 jobs   peak RSS    idle RSS (target < 30 MB)");
-    for ((name, cpu, peak), (_, idle)) in cpu_per_1000(&before, &after, load.jobs)
-        .into_iter()
-        .zip(&idle)
-    {
+    for ((name, cpu, peak), (_, idle)) in services.into_iter().zip(&idle) {
         println!(
             "  {name:<20} {cpu:>10.2}      {:>7.1} MB    {:>5.1} MB   {}",
             peak as f64 / 1024.0,
