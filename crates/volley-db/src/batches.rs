@@ -220,11 +220,13 @@ impl Db {
             return Ok(0);
         }
         self.run(move |conn| {
-            Ok(diesel::update(jobs::table)
-                .filter(jobs::id.eq_any(&ids))
-                .filter(jobs::status.eq(JobStatus::Queued.as_str()))
-                .set(jobs::dispatched_at.eq(diesel::dsl::now))
-                .execute(&mut **conn)?)
+            // By primary key, whatever the statistics say (see `Db::claim_unexpired`).
+            Ok(diesel::sql_query(
+                "UPDATE jobs SET dispatched_at = now() \
+                 WHERE id = ANY($1) AND status || '' = 'QUEUED'",
+            )
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&ids)
+            .execute(&mut **conn)?)
         })
         .await
     }
