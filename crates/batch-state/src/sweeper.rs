@@ -4,7 +4,7 @@
 //! that were not started within `state.expire_after_ms` (type `expired`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use volley_amqp::Broker;
@@ -17,22 +17,37 @@ const PAGE: i64 = 512;
 
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let every = Duration::from_millis(shared.settings.state.sweep_interval_ms.max(10));
+    // Lost messages are looked for a tenth as often as they are waited for: that scan reads
+    // the whole backlog, and a message lost for `redispatch_after_ms` can wait 10% longer.
+    let stale_every = Duration::from_millis(shared.settings.state.redispatch_after_ms / 10);
+    let mut stale_checked: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = sweep_once(&shared.db, &shared.broker, &shared).await {
-            tracing::warn!(error = %e, "sweep failed; will try again");
+        let stale = stale_checked.is_none_or(|t| t.elapsed() >= stale_every);
+        match sweep_once(&shared.db, &shared.broker, &shared, stale).await {
+            Ok(_) if stale => stale_checked = Some(Instant::now()),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sweep failed; will try again"),
         }
     }
 }
 
-/// One pass; returns how many jobs were published.
-pub async fn sweep_once(db: &Db, broker: &Broker, shared: &Shared) -> anyhow::Result<usize> {
+/// One pass, looking for lost messages too if `stale`; returns how many jobs were published.
+pub async fn sweep_once(
+    db: &Db,
+    broker: &Broker,
+    shared: &Shared,
+    stale: bool,
+) -> anyhow::Result<usize> {
     let s = &shared.settings;
     let report = db
-        .sweep(s.worker.max_attempts, s.state.redispatch_after_ms)
+        .sweep(
+            s.worker.max_attempts,
+            stale.then_some(s.state.redispatch_after_ms),
+        )
         .await?;
     // Before publishing, so that a job past its window is failed rather than sent out.
     let expired = db.expire(s.state.expire_after_ms).await?;

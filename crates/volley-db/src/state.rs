@@ -298,12 +298,13 @@ impl Db {
         .await
     }
 
-    /// Recovers jobs from lost workers and lost messages; what it hands back is then found by
-    /// [`Db::due_for_dispatch`].
+    /// Recovers jobs from lost workers and, with `redispatch_after_ms`, lost messages; what it
+    /// hands back is then found by [`Db::due_for_dispatch`]. Looking for lost messages reads
+    /// every QUEUED job (the whole backlog), so callers do it less often than the rest.
     pub async fn sweep(
         &self,
         max_attempts: u32,
-        redispatch_after_ms: u64,
+        redispatch_after_ms: Option<u64>,
     ) -> Result<SweepReport, DbError> {
         self.run(move |conn| {
             let lost_failed = diesel::sql_query(
@@ -322,12 +323,15 @@ impl Db {
                  WHERE status = 'PROCESSING' AND lease_until < now()",
             )
             .execute(&mut **conn)?;
-            let redispatched = diesel::sql_query(
-                "UPDATE jobs SET dispatched_at = NULL \
-                 WHERE status = 'QUEUED' AND dispatched_at < now() - $1 * interval '1 millisecond'",
-            )
-            .bind::<BigInt, _>(redispatch_after_ms as i64)
-            .execute(&mut **conn)?;
+            let redispatched = match redispatch_after_ms {
+                Some(ms) => diesel::sql_query(
+                    "UPDATE jobs SET dispatched_at = NULL WHERE status = 'QUEUED' \
+                     AND dispatched_at < now() - $1 * interval '1 millisecond'",
+                )
+                .bind::<BigInt, _>(ms.min(i64::MAX as u64) as i64)
+                .execute(&mut **conn)?,
+                None => 0,
+            };
             Ok(SweepReport {
                 leases_expired,
                 lost_failed,

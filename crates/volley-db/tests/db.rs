@@ -174,11 +174,18 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     db.mark_dispatched(vec![ids[0], ids[1]]).await.unwrap();
     let due = db.due_for_dispatch(100).await.unwrap();
     assert_eq!(due.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2]]);
+    // Lost messages are looked for only when asked (the search reads the whole backlog).
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(db.sweep(4, None).await.unwrap().redispatched, 0);
+    assert_eq!(db.sweep(4, Some(600_000)).await.unwrap().redispatched, 0);
+    assert_eq!(db.sweep(4, Some(10)).await.unwrap().redispatched, 2);
+    assert_eq!(db.due_for_dispatch(100).await.unwrap().len(), 3);
+    db.mark_dispatched(vec![ids[0], ids[1]]).await.unwrap();
 
     // A claim whose lease runs out goes back to the queue.
     db.claim(vec![ids[0]], 1).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let r = db.sweep(4, 600_000).await.unwrap();
+    let r = db.sweep(4, Some(600_000)).await.unwrap();
     assert_eq!(r.leases_expired, 1);
     let due: Vec<i64> = db
         .due_for_dispatch(100)
@@ -199,7 +206,7 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     // On the last attempt a lost worker fails the job instead.
     db.claim(vec![ids[1]], 1).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let r = db.sweep(1, 600_000).await.unwrap();
+    let r = db.sweep(1, Some(600_000)).await.unwrap();
     assert_eq!(r.lost_failed, 1);
     assert_eq!(
         db.get_job("o", ids[1]).await.unwrap().unwrap().status,
