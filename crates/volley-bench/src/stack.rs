@@ -53,10 +53,22 @@ pub fn proc_usage(pid: u32) -> Usage {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `n` distinct free ports below Linux's ephemeral range (32768 and up), so that no outgoing
+/// connection made while the services start can take one before its service binds it.
+fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n * 1000 {
+        if held.len() == n {
+            break;
+        }
+        let r = uuid::Uuid::new_v4().as_u128();
+        let port = 20_000 + (r % 12_000) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push((port, l));
+        }
+    }
+    anyhow::ensure!(held.len() == n, "could not find {n} free ports");
+    Ok(held.into_iter().map(|(p, _)| p).collect())
 }
 
 pub struct StackOptions {
@@ -75,9 +87,8 @@ impl Stack {
         let prefix = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let media_dir = o.media_root.join(&prefix);
         std::fs::create_dir_all(&media_dir)?;
-        let sim_port = free_port()?;
-        let gw_port = free_port()?;
-        let st_port = free_port()?;
+        let ports = free_ports(8)?;
+        let (sim_port, gw_port, st_port) = (ports[0], ports[1], ports[2]);
         let mut common: BTreeMap<&str, String> = BTreeMap::new();
         common.insert("VOLLEY_CONFIG", o.config.display().to_string());
         common.insert("VOLLEY_DATABASE_URL", o.database_url.clone());
@@ -134,8 +145,10 @@ impl Stack {
             format!("http://127.0.0.1:{st_port}/readyz"),
         )?;
         spawn("gateway", &[], format!("http://127.0.0.1:{gw_port}/readyz"))?;
-        for w in ["llm", "image", "video", "music", "tts"] {
-            let port = free_port()?;
+        for (w, port) in ["llm", "image", "video", "music", "tts"]
+            .into_iter()
+            .zip(ports[3..].iter().copied())
+        {
             let extra = vec![("VOLLEY_WORKER_ADDR", format!("127.0.0.1:{port}"))];
             spawn(
                 &format!("worker-{w}"),
@@ -143,21 +156,29 @@ impl Stack {
                 format!("http://127.0.0.1:{port}/readyz"),
             )?;
         }
-        let stack = Stack {
+        let mut stack = Stack {
             services,
             gateway: format!("http://127.0.0.1:{gw_port}"),
             prefix,
             media_dir,
         };
-        stack.wait_ready().await?;
+        if let Err(e) = stack.wait_ready().await {
+            stack.stop();
+            return Err(e);
+        }
         Ok(stack)
     }
 
-    async fn wait_ready(&self) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        for s in &self.services {
+        for s in &mut self.services {
             loop {
+                // A service that could not start would otherwise leave the run waiting forever
+                // for its jobs.
+                if let Ok(Some(status)) = s.child.try_wait() {
+                    anyhow::bail!("{} exited at start ({status})", s.name);
+                }
                 if let Ok(r) = http.get(&s.health).send().await
                     && r.status().is_success()
                 {
