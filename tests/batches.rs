@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use volley::Stack;
+use volley::{Options, Stack};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -713,6 +713,51 @@ async fn jobs_committed_but_never_published_are_published_by_the_sweeper() {
     let (b, _) = s.db.create_batch("alice", None, jobs, 0).await.unwrap();
     let done = s.wait_done(&b.id.to_string(), LONG).await;
     assert_eq!(done["processed"], 1);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_records_a_batchs_confirms_once_on_the_batch() {
+    // A grace longer than the test: whatever records the publish here is the gateway.
+    let s = Stack::start_with(Options::default(), |st| {
+        st.state.dispatch_grace_ms = 600_000
+    })
+    .await;
+    let requests: Vec<Value> = (0..12)
+        .map(|i| json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": format!("p{i}")}}))
+        .collect();
+    let (status, b) = s
+        .post("/v1/batches", &json!({ "requests": requests }))
+        .await;
+    assert_eq!(status, 202, "{b}");
+    let id = b["id"].as_str().unwrap().to_owned();
+    let done = s.wait_done(&id, LONG).await;
+    assert_eq!(done["processed"], 12, "{done}");
+    let batch_id: i64 = id.parse().unwrap();
+    let (published, undispatched) =
+        s.db.run(move |c| {
+            use diesel::RunQueryDsl;
+            #[derive(diesel::QueryableByName)]
+            struct R {
+                #[diesel(sql_type = diesel::sql_types::Bool)]
+                published: bool,
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                undispatched: i64,
+            }
+            let r: R = diesel::sql_query(
+                "SELECT b.published_at IS NOT NULL AS published, \
+                   (SELECT count(*) FROM jobs j WHERE j.batch_id = b.id \
+                      AND j.dispatched_at IS NULL) AS undispatched \
+                 FROM batches b WHERE b.id = $1",
+            )
+            .bind::<diesel::sql_types::BigInt, _>(batch_id)
+            .get_result(&mut **c)?;
+            Ok((r.published, r.undispatched))
+        })
+        .await
+        .unwrap();
+    assert!(published, "the gateway recorded the confirms on the batch");
+    assert_eq!(undispatched, 0, "no job went to the outbox");
     s.stop().await;
 }
 

@@ -1,6 +1,7 @@
 //! Closes the dual-write gap and recovers lost work: publishes QUEUED jobs that have no
-//! confirmed message (never published, handed back by a retry or an expired lease, or marked
-//! for re-dispatch by itself or an operator), then records the confirms. It also fails jobs
+//! confirmed message (of a batch whose publish the gateway never recorded, handed back by a
+//! retry or an expired lease, or marked for re-dispatch by itself or an operator), then records
+//! the confirms. It also fails jobs
 //! that were not started within `state.expire_after_ms` (type `expired`).
 
 use std::sync::Arc;
@@ -46,6 +47,7 @@ pub async fn sweep_once(
     let report = db
         .sweep(
             s.worker.max_attempts,
+            s.state.dispatch_grace_ms,
             stale.then_some(s.state.redispatch_after_ms),
         )
         .await?;
@@ -54,11 +56,12 @@ pub async fn sweep_once(
     if expired > 0 {
         tracing::info!(jobs = expired, "expired jobs never started in time");
     }
-    if report.leases_expired + report.lost_failed + report.redispatched > 0 {
+    if report.leases_expired + report.lost_failed + report.redispatched + report.unconfirmed > 0 {
         tracing::info!(
             leases_expired = report.leases_expired,
             lost_failed = report.lost_failed,
             redispatched = report.redispatched,
+            unconfirmed = report.unconfirmed,
             "recovered jobs"
         );
     }
@@ -92,6 +95,7 @@ pub async fn sweep_once(
         report.leases_expired,
         report.lost_failed,
         report.redispatched,
+        report.unconfirmed,
         published,
     );
     if published > 0 {

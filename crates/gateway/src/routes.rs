@@ -170,21 +170,21 @@ async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<
     .await
     {
         Ok(Ok(results)) => {
-            let confirmed: Vec<i64> = messages
+            let unconfirmed: Vec<i64> = messages
                 .iter()
                 .zip(&results)
-                .filter(|(_, r)| r.is_ok())
+                .filter(|(_, r)| r.is_err())
                 .map(|(m, _)| m.job_id)
                 .collect();
-            if confirmed.len() < messages.len() {
+            if !unconfirmed.is_empty() {
                 tracing::warn!(
                     batch.id = batch_id,
-                    unconfirmed = messages.len() - confirmed.len(),
+                    unconfirmed = unconfirmed.len(),
                     "some job messages were not confirmed; the sweeper will publish them"
                 );
             }
-            if let Err(e) = state.db.mark_dispatched(confirmed).await {
-                tracing::warn!(batch.id = batch_id, error = %e, "could not record dispatch");
+            if let Err(e) = state.db.record_publish(batch_id, unconfirmed).await {
+                tracing::warn!(batch.id = batch_id, error = %e, "could not record the publish; the sweeper will publish");
             }
         }
         Ok(Err(e)) => {

@@ -156,8 +156,9 @@ const BATCH_COLUMNS: (
 );
 
 impl Db {
-    /// Commits a batch and all its jobs in one transaction. The jobs are not offered to the
-    /// sweeper until `dispatch_grace_ms` has passed, so that the caller can publish them first.
+    /// Commits a batch and all its jobs in one transaction. The caller publishes the jobs and
+    /// then calls [`Db::record_publish`]; until it does, the jobs are not known to have a
+    /// confirmed message, and past `dispatch_grace_ms` the sweeper publishes them instead.
     pub async fn create_batch(
         &self,
         owner: &str,
@@ -190,6 +191,9 @@ impl Db {
                             jobs::model.eq(&j.model),
                             jobs::body.eq(&j.body),
                             jobs::available_at.eq(available),
+                            // Out of the outbox from the start: the batch's `published_at`
+                            // stands for the confirms, so they cost no update per job.
+                            jobs::dispatched_at.eq(Some(row.created_at)),
                         )
                     })
                     .collect();
@@ -214,7 +218,30 @@ impl Db {
         .await
     }
 
-    /// Records that the broker confirmed these jobs' messages.
+    /// Records that the broker confirmed a new batch's messages except `unconfirmed`, which
+    /// go to the outbox (published by the sweeper once the dispatch grace has passed).
+    pub async fn record_publish(
+        &self,
+        batch_id: i64,
+        unconfirmed: Vec<i64>,
+    ) -> Result<(), DbError> {
+        self.run(move |conn| {
+            // One statement, so one round trip and atomic: a data-modifying CTE runs whether
+            // or not the outer statement reads it.
+            diesel::sql_query(
+                "WITH j AS (UPDATE jobs SET dispatched_at = NULL \
+                   WHERE id = ANY($1) AND batch_id = $2 AND status || '' = 'QUEUED') \
+                 UPDATE batches SET published_at = now() WHERE id = $2 AND published_at IS NULL",
+            )
+            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&unconfirmed)
+            .bind::<diesel::sql_types::BigInt, _>(batch_id)
+            .execute(&mut **conn)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that the broker confirmed these jobs' messages (jobs the sweeper published).
     pub async fn mark_dispatched(&self, ids: Vec<i64>) -> Result<usize, DbError> {
         if ids.is_empty() {
             return Ok(0);

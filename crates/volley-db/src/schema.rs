@@ -19,6 +19,7 @@ diesel::table! {
         label -> Nullable<Text>,
         total -> Int4,
         created_at -> Timestamptz,
+        published_at -> Nullable<Timestamptz>,
     }
 }
 

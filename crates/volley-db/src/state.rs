@@ -65,6 +65,8 @@ pub struct SweepReport {
     pub lost_failed: usize,
     /// QUEUED jobs whose message went out long ago with no claim since.
     pub redispatched: usize,
+    /// QUEUED jobs of batches whose publish was never recorded within the dispatch grace.
+    pub unconfirmed: usize,
 }
 
 #[derive(QueryableByName)]
@@ -298,15 +300,28 @@ impl Db {
         .await
     }
 
-    /// Recovers jobs from lost workers and, with `redispatch_after_ms`, lost messages; what it
-    /// hands back is then found by [`Db::due_for_dispatch`]. Looking for lost messages reads
-    /// every QUEUED job (the whole backlog), so callers do it less often than the rest.
+    /// Recovers jobs from lost workers, jobs of batches whose publish was not recorded within
+    /// `dispatch_grace_ms` (the gateway failed or stopped) and, with `redispatch_after_ms`,
+    /// lost messages; what it hands back is then found by [`Db::due_for_dispatch`]. Looking
+    /// for lost messages reads every QUEUED job (the whole backlog), so callers do it less
+    /// often than the rest.
     pub async fn sweep(
         &self,
         max_attempts: u32,
+        dispatch_grace_ms: u64,
         redispatch_after_ms: Option<u64>,
     ) -> Result<SweepReport, DbError> {
         self.run(move |conn| {
+            let unconfirmed = diesel::sql_query(
+                "WITH b AS (UPDATE batches SET published_at = now() \
+                   WHERE published_at IS NULL \
+                     AND created_at < now() - $1 * interval '1 millisecond' \
+                   RETURNING id) \
+                 UPDATE jobs SET dispatched_at = NULL \
+                 WHERE batch_id IN (SELECT id FROM b) AND status = 'QUEUED'",
+            )
+            .bind::<BigInt, _>(dispatch_grace_ms.min(i64::MAX as u64) as i64)
+            .execute(&mut **conn)?;
             let lost_failed = diesel::sql_query(
                 "UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), \
                  lease_until = NULL, outcomes = outcomes + 1, error_type = 'worker_lost', \
@@ -336,6 +351,7 @@ impl Db {
                 leases_expired,
                 lost_failed,
                 redispatched,
+                unconfirmed,
             })
         })
         .await

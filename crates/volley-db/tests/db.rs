@@ -168,24 +168,63 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
 #[tokio::test]
 async fn sweeper_finds_undispatched_and_lost_jobs() {
     let (_t, db) = setup().await;
+    let due_ids = async |db: &Db| -> Vec<i64> {
+        let mut v: Vec<i64> = db
+            .due_for_dispatch(100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    // A batch whose publish was never recorded (the gateway failed or stopped) goes to the
+    // outbox once the dispatch grace has passed, and only then.
     let (_, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
-    assert_eq!(db.due_for_dispatch(100).await.unwrap().len(), 3);
-    db.mark_dispatched(vec![ids[0], ids[1]]).await.unwrap();
-    let due = db.due_for_dispatch(100).await.unwrap();
-    assert_eq!(due.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2]]);
-    // Lost messages are looked for only when asked (the search reads the whole backlog).
+    assert!(due_ids(&db).await.is_empty(), "the gateway publishes first");
+    assert_eq!(db.sweep(4, 600_000, None).await.unwrap().unconfirmed, 0);
+    assert!(due_ids(&db).await.is_empty());
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    assert_eq!(db.sweep(4, None).await.unwrap().redispatched, 0);
-    assert_eq!(db.sweep(4, Some(600_000)).await.unwrap().redispatched, 0);
-    assert_eq!(db.sweep(4, Some(10)).await.unwrap().redispatched, 2);
-    assert_eq!(db.due_for_dispatch(100).await.unwrap().len(), 3);
+    assert_eq!(db.sweep(4, 10, None).await.unwrap().unconfirmed, 3);
+    assert_eq!(due_ids(&db).await, ids);
+    assert_eq!(db.sweep(4, 10, None).await.unwrap().unconfirmed, 0, "once");
+    db.mark_dispatched(ids.clone()).await.unwrap();
+    assert!(due_ids(&db).await.is_empty());
+
+    // A recorded publish: only the jobs the broker did not confirm go to the outbox.
+    let (b2, d2) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let ids2: Vec<i64> = d2.iter().map(|j| j.id).collect();
+    db.record_publish(b2.id, vec![ids2[1]]).await.unwrap();
+    assert_eq!(due_ids(&db).await, vec![ids2[1]]);
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(db.sweep(4, 10, None).await.unwrap().unconfirmed, 0);
+    assert_eq!(due_ids(&db).await, vec![ids2[1]]);
+    db.mark_dispatched(vec![ids2[1]]).await.unwrap();
+    let (_, d3) = db.create_batch("o", None, jobs(1), 0).await.unwrap();
+    db.record_publish(d3[0].batch_id, vec![]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(db.sweep(4, 10, None).await.unwrap().unconfirmed, 0);
+    assert!(due_ids(&db).await.is_empty());
+
+    // Lost messages are looked for only when asked (the search reads the whole backlog).
+    db.cancel_batch("o", b2.id).await.unwrap();
+    db.cancel_batch("o", d3[0].batch_id).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(db.sweep(4, 10, None).await.unwrap().redispatched, 0);
+    assert_eq!(
+        db.sweep(4, 10, Some(600_000)).await.unwrap().redispatched,
+        0
+    );
+    assert_eq!(db.sweep(4, 10, Some(10)).await.unwrap().redispatched, 3);
+    assert_eq!(due_ids(&db).await, ids);
     db.mark_dispatched(vec![ids[0], ids[1]]).await.unwrap();
 
     // A claim whose lease runs out goes back to the queue.
     db.claim(vec![ids[0]], 1).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let r = db.sweep(4, Some(600_000)).await.unwrap();
+    let r = db.sweep(4, 600_000, Some(600_000)).await.unwrap();
     assert_eq!(r.leases_expired, 1);
     let due: Vec<i64> = db
         .due_for_dispatch(100)
@@ -206,7 +245,7 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     // On the last attempt a lost worker fails the job instead.
     db.claim(vec![ids[1]], 1).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    let r = db.sweep(1, Some(600_000)).await.unwrap();
+    let r = db.sweep(1, 600_000, Some(600_000)).await.unwrap();
     assert_eq!(r.lost_failed, 1);
     assert_eq!(
         db.get_job("o", ids[1]).await.unwrap().unwrap().status,

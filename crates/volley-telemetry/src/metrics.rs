@@ -233,7 +233,8 @@ impl Metrics {
                     &r,
                     "volley_sweeper_recovered_total",
                     "Jobs the sweeper recovered: lease_expired (requeued), lost_failed (lease \
-                     expired on the last attempt) or redispatched (message lost).",
+                     expired on the last attempt), redispatched (message lost) or unconfirmed \
+                     (their batch's publish was never recorded).",
                     &["reason"],
                 )?,
                 swept: {
@@ -543,12 +544,14 @@ impl StateMetrics {
         lease_expired: usize,
         lost_failed: usize,
         redispatched: usize,
+        unconfirmed: usize,
         published: usize,
     ) {
         for (reason, n) in [
             ("lease_expired", lease_expired),
             ("lost_failed", lost_failed),
             ("redispatched", redispatched),
+            ("unconfirmed", unconfirmed),
         ] {
             if n > 0 {
                 self.recovered.with_label_values(&[reason]).inc_by(n as u64);
