@@ -120,6 +120,27 @@ struct LoadReport {
     job_ms: Vec<f64>,
 }
 
+/// The server's WAL position in bytes: the write volume between two readings, which unlike CPU
+/// time does not depend on what else the machine is doing. Cluster-wide, so it counts
+/// whatever else writes meanwhile, and full-page images after each checkpoint.
+async fn wal_bytes(db: &Db) -> anyhow::Result<i64> {
+    Ok(db
+        .run(|c| {
+            use diesel::RunQueryDsl;
+            #[derive(diesel::QueryableByName)]
+            struct Lsn {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let r: Lsn = diesel::sql_query(
+                "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS n",
+            )
+            .get_result(&mut **c)?;
+            Ok(r.n)
+        })
+        .await?)
+}
+
 /// Whether any job is still QUEUED or PROCESSING. `EXISTS` stops at the first one, so
 /// polling it costs the database little while the load runs.
 async fn any_unfinished(db: &Db) -> anyhow::Result<bool> {
@@ -456,6 +477,7 @@ async fn main() -> anyhow::Result<()> {
     let idle = stack.usage();
     let before = stack.usage();
     let servers_before = server_cpu();
+    let wal_before = wal_bytes(&db).await?;
     let load = run_load(
         &stack.gateway,
         &key,
@@ -467,6 +489,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let after = stack.usage();
     let servers_after = server_cpu();
+    let wal_after = wal_bytes(&db).await?;
     // Latency under a steady load of half the throughput just measured.
     let steady = load.jobs as f64 / load.total_secs * 0.5;
     let (paced_submit, paced_get) = paced(&stack.gateway, &key, steady, cli.paced_secs).await?;
@@ -490,8 +513,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let job_len = prost::Message::encoded_len(&sample);
     let (servers_c0, own_c0) = (server_cpu(), stack::proc_usage(std::process::id()).cpu_secs);
+    let wal_c0 = wal_bytes(&cdb).await?;
     let ceiling = ceiling::measure(&cdb, &cli.amqp_url, load.jobs, job_len, 300).await?;
     let (servers_c1, own_c1) = (server_cpu(), stack::proc_usage(std::process::id()).cpu_secs);
+    let wal_c1 = wal_bytes(&cdb).await?;
     drop(cdb);
     drop(ctdb);
 
@@ -563,6 +588,12 @@ async fn main() -> anyhow::Result<()> {
         "cpu s/1000 jobs        Volley {:.2} (RabbitMQ {rabbit:.2}, PostgreSQL {pg:.2}, services {own:.2}); ceiling {:.2} (RabbitMQ {c_rabbit:.2}, PostgreSQL {c_pg:.2}, its client {c_client:.2})",
         rabbit + pg + own,
         c_rabbit + c_pg + c_client
+    );
+    let per_job = |bytes: i64| bytes.max(0) as f64 / load.jobs as f64;
+    println!(
+        "PostgreSQL WAL/job     Volley {:.0} B; ceiling {:.0} B   (write volume; steadier than CPU on a shared machine)",
+        per_job(wal_after - wal_before),
+        per_job(wal_c1 - wal_c0)
     );
     println!("per service            cpu s/1000 jobs   peak RSS    idle RSS (target < 30 MB)");
     for ((name, cpu, peak), (_, idle)) in services.into_iter().zip(&idle) {
