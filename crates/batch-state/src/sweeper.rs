@@ -1,8 +1,8 @@
 //! Closes the dual-write gap and recovers lost work: publishes QUEUED jobs that have no
 //! confirmed message (of a batch whose publish the gateway never recorded, handed back by a
 //! retry or an expired lease, or marked for re-dispatch by itself or an operator), then records
-//! the confirms. It also fails jobs
-//! that were not started within `state.expire_after_ms` (type `expired`).
+//! the confirms. It also fails jobs that were not started within `state.expire_after_ms` (type
+//! `expired`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -127,16 +127,12 @@ async fn wal_bytes(db: &Db) -> anyhow::Result<i64> {
     Ok(db
         .run(|c| {
             use diesel::RunQueryDsl;
-            #[derive(diesel::QueryableByName)]
-            struct Lsn {
-                #[diesel(sql_type = diesel::sql_types::BigInt)]
-                n: i64,
-            }
-            let r: Lsn = diesel::sql_query(
-                "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint AS n",
+            Ok(
+                diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                    "(pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint",
+                ))
+                .get_result(&mut **c)?,
             )
-            .get_result(&mut **c)?;
-            Ok(r.n)
         })
         .await?)
 }

@@ -312,13 +312,15 @@ impl Db {
         redispatch_after_ms: Option<u64>,
     ) -> Result<SweepReport, DbError> {
         self.run(move |conn| {
+            // Through the batch's jobs (`jobs_by_batch`), not every QUEUED entry of
+            // `jobs_unfinished` (see `Db::claim_unexpired`): this runs on every pass.
             let unconfirmed = diesel::sql_query(
                 "WITH b AS (UPDATE batches SET published_at = now() \
                    WHERE published_at IS NULL \
                      AND created_at < now() - $1 * interval '1 millisecond' \
                    RETURNING id) \
                  UPDATE jobs SET dispatched_at = NULL \
-                 WHERE batch_id IN (SELECT id FROM b) AND status = 'QUEUED'",
+                 WHERE batch_id IN (SELECT id FROM b) AND status || '' = 'QUEUED'",
             )
             .bind::<BigInt, _>(dispatch_grace_ms.min(i64::MAX as u64) as i64)
             .execute(&mut **conn)?;
