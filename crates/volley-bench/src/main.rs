@@ -181,15 +181,27 @@ async fn job_latencies(db: &Db) -> anyhow::Result<(Vec<f64>, i64)> {
     .map_err(Into::into)
 }
 
+/// Latencies measured under the steady load, each sorted, in milliseconds.
+struct Paced {
+    submit: Vec<f64>,
+    get: Vec<f64>,
+    /// `GET /healthz` on the same gateway at the same rate as the batch reads: a request that
+    /// touches no database, so the machine's own floor for any request under this load.
+    floor: Vec<f64>,
+}
+
+fn sorted(v: Arc<Mutex<Vec<f64>>>) -> Vec<f64> {
+    let mut v = Arc::try_unwrap(v)
+        .map(|m| m.into_inner())
+        .unwrap_or_default();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
 /// Submits batches at a steady rate (open loop) for `secs`, measuring each submit and the
 /// latency of batch reads meanwhile: the latency a client sees while the system is busy but
 /// not saturated by the measuring clients themselves.
-async fn paced(
-    gateway: &str,
-    key: &str,
-    jobs_per_sec: f64,
-    secs: f64,
-) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+async fn paced(gateway: &str, key: &str, jobs_per_sec: f64, secs: f64) -> anyhow::Result<Paced> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
@@ -197,6 +209,26 @@ async fn paced(
     let n = ((secs / every.as_secs_f64()).ceil() as usize).max(10);
     let submit = Arc::new(Mutex::new(Vec::new()));
     let gets = Arc::new(Mutex::new(Vec::new()));
+    let floor = {
+        // Five reads per batch below, so the probe runs at five per batch interval too.
+        let (http, url) = (http.clone(), format!("{gateway}/healthz"));
+        let mut tick = tokio::time::interval(every / 5);
+        tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(n * 5);
+            for _ in 0..n * 5 {
+                tick.tick().await;
+                let t = Instant::now();
+                if let Ok(r) = http.get(&url).send().await
+                    && r.status().is_success()
+                    && r.bytes().await.is_ok()
+                {
+                    lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            lat.sort_by(f64::total_cmp);
+            lat
+        })
+    };
     let mut tasks = Vec::new();
     let mut tick = tokio::time::interval(every);
     for b in 0..n {
@@ -239,15 +271,11 @@ async fn paced(
     for t in tasks {
         t.await??;
     }
-    let mut s = Arc::try_unwrap(submit)
-        .map(|m| m.into_inner())
-        .unwrap_or_default();
-    let mut g = Arc::try_unwrap(gets)
-        .map(|m| m.into_inner())
-        .unwrap_or_default();
-    s.sort_by(f64::total_cmp);
-    g.sort_by(f64::total_cmp);
-    Ok((s, g))
+    Ok(Paced {
+        submit: sorted(submit),
+        get: sorted(gets),
+        floor: floor.await?,
+    })
 }
 
 /// CPU seconds used so far by the broker and the database server (their processes alive now).
@@ -385,10 +413,7 @@ async fn run_load(
     running.store(false, Ordering::Relaxed);
     let mut get_ms = poller.await?;
     get_ms.sort_by(f64::total_cmp);
-    let mut submit_ms = Arc::try_unwrap(submit_ms)
-        .map(|m| m.into_inner())
-        .unwrap_or_default();
-    submit_ms.sort_by(f64::total_cmp);
+    let submit_ms = sorted(submit_ms);
     let (job_ms, not_processed) = job_latencies(db).await?;
     if not_processed > 0 {
         eprintln!("warning: {not_processed} jobs did not end PROCESSED");
@@ -488,7 +513,7 @@ async fn main() -> anyhow::Result<()> {
     let wal_after = wal_bytes(&db).await?;
     // Latency under a steady load of half the throughput just measured.
     let steady = load.jobs as f64 / load.total_secs * 0.5;
-    let (paced_submit, paced_get) = paced(&stack.gateway, &key, steady, cli.paced_secs).await?;
+    let steady_lat = paced(&stack.gateway, &key, steady, cli.paced_secs).await?;
     let prefix = stack.prefix.clone();
     stack.stop();
     delete_queues(&cli.amqp_url, &prefix).await;
@@ -553,19 +578,24 @@ async fn main() -> anyhow::Result<()> {
         "under a steady load of {steady:.0} jobs/s (half the measured throughput) for {:.0} s:",
         cli.paced_secs
     );
-    let (s50, s99) = (pct(&paced_submit, 0.5), pct(&paced_submit, 0.99));
+    let (s50, s99) = (pct(&steady_lat.submit, 0.5), pct(&steady_lat.submit, 0.99));
     println!(
         "submit 256 p50 / p99   {s50:>6.1} / {s99:.1} ms   target < 25 / 60 ms      {}   ({} batches)",
         verdict(s50 < 25.0 && s99 < 60.0),
-        paced_submit.len()
+        steady_lat.submit.len()
     );
-    let (g50, g99) = (pct(&paced_get, 0.5), pct(&paced_get, 0.99));
+    let (g50, g99) = (pct(&steady_lat.get, 0.5), pct(&steady_lat.get, 0.99));
     println!(
         "GET batch p50 / p99    {g50:>6.2} / {g99:.2} ms   target p99 < 5 ms        {}   ({} samples; p90 {:.2}, max {:.2} ms)",
         verdict(g99 < 5.0),
-        paced_get.len(),
-        pct(&paced_get, 0.9),
-        pct(&paced_get, 1.0)
+        steady_lat.get.len(),
+        pct(&steady_lat.get, 0.9),
+        pct(&steady_lat.get, 1.0)
+    );
+    println!(
+        "  floor: GET /healthz   {:>6.2} / {:.2} ms   (same gateway, load and rate, no database: what any request waits for on this machine)",
+        pct(&steady_lat.floor, 0.5),
+        pct(&steady_lat.floor, 0.99)
     );
     // Where the CPU goes, against the ceiling's own: the gap in the ratio, part by part.
     let per_1000 = |secs: f64| secs * 1000.0 / load.jobs as f64;
