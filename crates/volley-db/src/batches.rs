@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt};
 use serde_json::Value;
 use volley_domain::{BatchCounts, JobStatus};
 
@@ -233,8 +234,8 @@ impl Db {
                    WHERE id = ANY($1) AND batch_id = $2 AND status || '' = 'QUEUED') \
                  UPDATE batches SET published_at = now() WHERE id = $2 AND published_at IS NULL",
             )
-            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&unconfirmed)
-            .bind::<diesel::sql_types::BigInt, _>(batch_id)
+            .bind::<Array<BigInt>, _>(&unconfirmed)
+            .bind::<BigInt, _>(batch_id)
             .execute(&mut **conn)?;
             Ok(())
         })
@@ -252,7 +253,7 @@ impl Db {
                 "UPDATE jobs SET dispatched_at = now() \
                  WHERE id = ANY($1) AND status || '' = 'QUEUED'",
             )
-            .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&ids)
             .execute(&mut **conn)?)
         })
         .await

@@ -25,6 +25,11 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 type PgPool = Pool<Manager>;
 
+/// A configured duration in milliseconds as a query parameter, saturating rather than wrapping.
+pub(crate) fn millis(ms: u64) -> i64 {
+    i64::try_from(ms).unwrap_or(i64::MAX)
+}
+
 /// diesel's manager, with a liveness check on checkout that costs no round trip. A pooled
 /// connection outlives a PostgreSQL restart (or `pg_terminate_backend`) but is dead, and diesel
 /// only notices when a query on it fails: each one would fail one request after every restart

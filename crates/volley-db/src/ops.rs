@@ -68,7 +68,7 @@ impl Db {
         if expire_after_ms == 0 {
             return Ok(0);
         }
-        let ms = expire_after_ms.min(i64::MAX as u64) as i64;
+        let ms = crate::millis(expire_after_ms);
         self.run(move |conn| {
             Ok(diesel::sql_query(
                 "UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), \

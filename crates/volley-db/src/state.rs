@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::batches::JobDispatch;
 use crate::schema::jobs;
-use crate::{Db, DbError};
+use crate::{Db, DbError, millis};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -125,7 +125,7 @@ impl Db {
             )
             .bind::<Array<BigInt>, _>(&ids)
             .bind::<BigInt, _>(lease_ms as i64)
-            .bind::<BigInt, _>(expire_after_ms.min(i64::MAX as u64) as i64)
+            .bind::<BigInt, _>(millis(expire_after_ms))
             .load(&mut **conn)?;
             let claimed: HashMap<i64, (i32, i32)> = claimed
                 .into_iter()
@@ -322,7 +322,7 @@ impl Db {
                  UPDATE jobs SET dispatched_at = NULL \
                  WHERE batch_id IN (SELECT id FROM b) AND status || '' = 'QUEUED'",
             )
-            .bind::<BigInt, _>(dispatch_grace_ms.min(i64::MAX as u64) as i64)
+            .bind::<BigInt, _>(millis(dispatch_grace_ms))
             .execute(&mut **conn)?;
             let lost_failed = diesel::sql_query(
                 "UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), \
@@ -345,7 +345,7 @@ impl Db {
                     "UPDATE jobs SET dispatched_at = NULL WHERE status = 'QUEUED' \
                      AND dispatched_at < now() - $1 * interval '1 millisecond'",
                 )
-                .bind::<BigInt, _>(ms.min(i64::MAX as u64) as i64)
+                .bind::<BigInt, _>(millis(ms))
                 .execute(&mut **conn)?,
                 None => 0,
             };
