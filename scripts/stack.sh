@@ -37,6 +37,8 @@ cargo build --workspace --bins -q
 
 export VOLLEY_CONFIG=${VOLLEY_CONFIG:-config/volley.toml}
 export RUST_LOG=${RUST_LOG:-info}
+# The local stack is a development stack: its secrets are made here, not by an operator.
+export VOLLEY_DEV_MODE=true
 if [ ! -s "$state/media-signing-key" ]; then
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$state/media-signing-key"
 fi

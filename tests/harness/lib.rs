@@ -27,6 +27,7 @@ pub fn base_settings() -> Settings {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/volley.toml");
     let mut s = Settings::from_file(&path).unwrap();
     s.amqp_url = amqp_url();
+    s.dev_mode = true;
     s.database_pool_size = 4;
     s.gateway.workers = 1;
     s.state.sweep_interval_ms = 200;

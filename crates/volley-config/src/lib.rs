@@ -62,6 +62,10 @@ pub struct Settings {
     pub amqp_url: String,
     /// Prefix of every queue and exchange name, so that stacks (and tests) can share a broker.
     pub queue_prefix: String,
+    /// Development mode (`make run`, Docker Compose, tests): lets services start with the
+    /// shipped development secrets. Never set it in production: outside it, services refuse
+    /// to start with an empty, short or known secret.
+    pub dev_mode: bool,
     pub gateway: GatewaySettings,
     pub state: StateSettings,
     pub worker: WorkerSettings,
@@ -271,6 +275,7 @@ impl Default for Settings {
             database_pool_size: 8,
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
             queue_prefix: "volley".into(),
+            dev_mode: false,
             gateway: GatewaySettings::default(),
             state: StateSettings::default(),
             worker: WorkerSettings::default(),
@@ -342,6 +347,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     ("VOLLEY_DATABASE_POOL_SIZE", "connections per pool"),
     ("VOLLEY_AMQP_URL", "RabbitMQ URL"),
     ("VOLLEY_QUEUE_PREFIX", "prefix of queue and exchange names"),
+    (
+        "VOLLEY_DEV_MODE",
+        "true allows development secrets (never in production)",
+    ),
     ("VOLLEY_GATEWAY_ADDR", "gateway listen address"),
     (
         "VOLLEY_PUBLIC_URL",
@@ -444,6 +453,7 @@ impl Settings {
                 "VOLLEY_DATABASE_POOL_SIZE" => self.database_pool_size = parse(key, v)?,
                 "VOLLEY_AMQP_URL" => self.amqp_url = v.into(),
                 "VOLLEY_QUEUE_PREFIX" => self.queue_prefix = v.into(),
+                "VOLLEY_DEV_MODE" => self.dev_mode = parse(key, v)?,
                 "VOLLEY_GATEWAY_ADDR" => self.gateway.addr = v.into(),
                 "VOLLEY_PUBLIC_URL" => self.gateway.public_url = v.into(),
                 "VOLLEY_ASYNC_ENABLED" => self.gateway.async_enabled = parse(key, v)?,
