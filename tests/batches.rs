@@ -407,6 +407,7 @@ async fn publish_event(s: &Stack, job_id: i64, attempt: i32, result: Value) {
         outcome: Some(job_event::Outcome::Succeeded(Succeeded {
             result_json: serde_json::to_vec(&result).unwrap(),
             usage: None,
+            ..Default::default()
         })),
         at_ms: 0,
         ..Default::default()

@@ -32,6 +32,7 @@ fn ok(job_id: i64, attempt: i32) -> Event {
                 completion_tokens: 2,
                 total_tokens: 3,
             }),
+            media_keys: Vec::new(),
         },
     }
 }
