@@ -1,6 +1,7 @@
 //! Media results are ours: workers stream provider media into an object store (a local
 //! directory by default, S3-compatible by configuration) and job results refer to it as
-//! `volley-media:<key>`. The gateway turns each reference into a URL signed afresh on every
+//! `volley-media:<key>`. The gateway turns the references the job's worker stored (and no
+//! other string, whatever it looks like) into URLs bound to the job and signed afresh on every
 //! read, so a result fetched tomorrow still has a working link.
 
 use std::sync::Arc;
