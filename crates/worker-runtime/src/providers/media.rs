@@ -12,7 +12,7 @@ pub struct Store<'a> {
     pub job: &'a Job,
     /// Keys stored so far in this attempt: the outcome carries them, and only they may
     /// become links (the rest of a result is provider text).
-    pub keys: std::sync::Mutex<Vec<String>>,
+    keys: std::sync::Mutex<Vec<String>>,
 }
 
 fn media_error(e: MediaError) -> ProviderError {
