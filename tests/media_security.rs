@@ -2,6 +2,7 @@
 //! link, keys cannot be guessed, a link opens only its own job's media until an expiry no
 //! further ahead than links are issued for, every refusal is in the contract's error shape,
 //! and the gateway will not start with a signing key anyone could know.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
