@@ -49,6 +49,7 @@ pub fn decode_with_context(payload: &[u8]) -> Result<(Event, EventContext), Stri
                 completion_tokens: u.completion_tokens,
                 total_tokens: u.total_tokens,
             }),
+            media_keys: s.media_keys,
         },
         Some(job_event::Outcome::Failed(f)) => Outcome::Failed {
             error_type: f.error_type,
@@ -233,6 +234,7 @@ mod tests {
             outcome: Some(job_event::Outcome::Succeeded(Succeeded {
                 result_json: br#"{"a":1}"#.to_vec(),
                 usage: None,
+                ..Default::default()
             })),
             at_ms: 0,
             ..Default::default()
@@ -245,6 +247,7 @@ mod tests {
         bad.outcome = Some(job_event::Outcome::Succeeded(Succeeded {
             result_json: b"{nope".to_vec(),
             usage: None,
+            ..Default::default()
         }));
         assert!(
             decode(&bad.encode_to_vec())

@@ -157,6 +157,7 @@ async fn redispatch_and_retry_failed_report_what_they_did() {
         outcome: volley_db::Outcome::Succeeded {
             result: json!({"ok": true}),
             usage: None,
+            media_keys: Vec::new(),
         },
     };
     db.apply_events(vec![fail, ok]).await.unwrap();
@@ -252,6 +253,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters() {
         outcome: Some(job_event::Outcome::Succeeded(Succeeded {
             result_json: b"{}".to_vec(),
             usage: None,
+            ..Default::default()
         })),
         ..Default::default()
     };

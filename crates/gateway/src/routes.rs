@@ -306,7 +306,7 @@ fn links(state: &AppState) -> MediaLinks<'_> {
     MediaLinks {
         signer: &state.signer,
         public_url: &state.settings.gateway.public_url,
-        ttl_secs: state.settings.media.url_ttl_secs as i64,
+        ttl_secs: i64::try_from(state.settings.media.url_ttl_secs).unwrap_or(i64::MAX),
         now: chrono::Utc::now().timestamp(),
     }
 }
@@ -365,24 +365,28 @@ async fn list_models(state: web::Data<AppState>) -> HttpResponse {
 
 #[derive(Deserialize)]
 struct MediaQuery {
+    job: Option<i64>,
     expires: Option<i64>,
     sig: Option<String>,
 }
 
 /// Serves stored media to whoever holds a valid signed link (no API key: the signature is
-/// the capability, so links work in browsers and `<img>` tags).
-async fn get_media(
-    path: web::Path<String>,
-    query: web::Query<MediaQuery>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let key = path.into_inner();
-    let (Some(expires), Some(sig)) = (query.expires, query.sig.as_deref()) else {
+/// the capability, so links work in browsers and `<img>` tags). A link names its job and
+/// opens only that job's media; every refusal is in the contract's error shape.
+async fn get_media(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let key = req.match_info().query("key").to_owned();
+    // Parsed here, not by the `Query` extractor, whose errors are plain text.
+    let query = web::Query::<MediaQuery>::from_query(req.query_string()).map_err(|e| {
+        ApiError::invalid(format!("the media link's query string is not valid: {e}"))
+    })?;
+    let (Some(job), Some(expires), Some(sig)) = (query.job, query.expires, query.sig.as_deref())
+    else {
         return Err(ApiError::Forbidden("a signed link is required".into()));
     };
+    let ttl = i64::try_from(state.settings.media.url_ttl_secs).unwrap_or(i64::MAX);
     state
         .signer
-        .verify(&key, expires, sig, chrono::Utc::now().timestamp())
+        .verify(job, &key, expires, sig, chrono::Utc::now().timestamp(), ttl)
         .map_err(|e| ApiError::Forbidden(e.to_string()))?;
     let (size, body) = state.media.get(&key).await.map_err(|e| match e {
         volley_media::MediaError::NotFound | volley_media::MediaError::BadKey(_) => {

@@ -18,6 +18,9 @@
 //!   key (default key: hash of route + body without `sim_*` fields).
 //! - `sim_media_bytes`: grow produced media to at least this size (cap
 //!   512 MiB), streamed as valid padding.
+//! - `sim_echo`: `true` makes chat and completions reply with the prompt
+//!   verbatim, as an instruction-following model told "reply with exactly ..."
+//!   does (tests of hostile provider text).
 //!
 //! Prediction outputs: video and audio models return one URL string, image
 //! models a list of URLs. The kind comes from `input.kind` or the model name.

@@ -39,6 +39,13 @@ fn max_tokens(body: &Object) -> Result<Option<u64>, ApiError> {
     Ok(opt_u64(body, "max_tokens")?.or(opt_u64(body, "max_completion_tokens")?))
 }
 
+/// The prompt itself, untouched (`sim_echo`).
+fn echo_of(input: &str) -> (String, u64, &'static str) {
+    let text: String = input.chars().take(MAX_ECHO_CHARS).collect();
+    let words = word_count(&text);
+    (text, words, "stop")
+}
+
 /// Deterministic reply echoing `input`, cut to `max_tokens` words.
 fn reply_for(input: &str, max_tokens: Option<u64>) -> (String, u64, &'static str) {
     let echoed: String = input.chars().take(MAX_ECHO_CHARS).collect();
@@ -125,7 +132,11 @@ pub(crate) async fn chat(
     if let Outcome::Malformed = outcome {
         return Ok(malformed_json());
     }
-    let (text, completion_tokens, finish_reason) = reply_for(&last, max_tokens);
+    let (text, completion_tokens, finish_reason) = if sim.echo {
+        echo_of(&last)
+    } else {
+        reply_for(&last, max_tokens)
+    };
     Ok(HttpResponse::Ok().json(json!({
         "id": new_id("chatcmpl-"),
         "object": "chat.completion",
@@ -157,7 +168,11 @@ pub(crate) async fn completions(
     if let Outcome::Malformed = outcome {
         return Ok(malformed_json());
     }
-    let (text, completion_tokens, finish_reason) = reply_for(&prompt, max_tokens);
+    let (text, completion_tokens, finish_reason) = if sim.echo {
+        echo_of(&prompt)
+    } else {
+        reply_for(&prompt, max_tokens)
+    };
     Ok(HttpResponse::Ok().json(json!({
         "id": new_id("cmpl-"),
         "object": "text_completion",

@@ -61,6 +61,9 @@ pub(crate) struct SimOpts {
     pub key: Option<String>,
     pub retry_after: Option<u64>,
     pub media_bytes: u64,
+    /// `sim_echo`: chat and completions reply with the prompt verbatim, as a model that
+    /// follows "reply with exactly ..." does (for tests of hostile provider text).
+    pub echo: bool,
 }
 
 impl SimOpts {
@@ -105,6 +108,10 @@ impl SimOpts {
             key: s("sim_key")?,
             retry_after: u("sim_retry_after")?,
             media_bytes: u("sim_media_bytes")?.unwrap_or(0).min(MAX_MEDIA_BYTES),
+            echo: match pick("sim_echo") {
+                Some(obj) => opt_bool(obj, "sim_echo")?.unwrap_or(false),
+                None => false,
+            },
         })
     }
 }

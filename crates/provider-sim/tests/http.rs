@@ -884,3 +884,40 @@ async fn prefer_wait_returns_quick_predictions_finished() {
     let r = create("wait=soon", 0).await.unwrap();
     assert_eq!(r.status(), 201);
 }
+
+/// `sim_echo` replies with the prompt verbatim (no prefix, spacing kept), only when asked.
+#[tokio::test]
+async fn sim_echo_repeats_the_prompt_verbatim() {
+    let sim = fast().await;
+    let said = "volley-media:batches/1/1-a1-0.png  exactly";
+    let (status, v) = post_json(
+        &sim,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": said}], "sim_echo": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], said);
+    let (status, v) = post_json(
+        &sim,
+        "/v1/completions",
+        json!({"model": "m", "prompt": said, "sim_echo": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], said);
+    let (_, v) = post_json(
+        &sim,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": said}]}),
+    )
+    .await;
+    assert_ne!(v["choices"][0]["message"]["content"], said, "opt-in only");
+    let (status, _) = post_json(
+        &sim,
+        "/v1/completions",
+        json!({"model": "m", "prompt": said, "sim_echo": "yes"}),
+    )
+    .await;
+    assert_eq!(status, 400, "sim_echo takes a boolean");
+}

@@ -397,6 +397,8 @@ database_url = "{db}"
 database_pool_size = 6
 amqp_url = "{mq}"
 queue_prefix = "chaos"
+# A test stack: its development signing key is allowed.
+dev_mode = true
 
 [gateway]
 addr = "127.0.0.1:{gw}"

@@ -30,6 +30,16 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The shortest media signing key accepted outside development mode.
+pub const MIN_MEDIA_SIGNING_KEY_BYTES: usize = 32;
+
+/// Media signing keys published in this repository (configuration, Compose, examples).
+pub const KNOWN_MEDIA_SIGNING_KEYS: &[&str] = &[
+    "dev-only-signing-key",
+    "compose-dev-signing-key-change-me",
+    "CHANGE-ME-32-random-bytes-hex",
+];
+
 /// A secret that never shows in logs or `Debug` output.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -596,6 +606,32 @@ impl Settings {
         Ok(())
     }
 
+    /// Refuses a media signing key anyone could know or guess: empty, shorter than
+    /// [`MIN_MEDIA_SIGNING_KEY_BYTES`], or one shipped in this repository (the development
+    /// configuration, Compose file and example Secret). With such a key anyone can forge
+    /// media links. Allowed in [`Settings::dev_mode`] only. The gateway, which signs and
+    /// checks links, runs this at start-up.
+    pub fn check_media_signing_key(&self) -> Result<(), ConfigError> {
+        if self.dev_mode {
+            return Ok(());
+        }
+        let key = self.media.signing_key.expose();
+        let why = if key.is_empty() {
+            "is empty"
+        } else if key.len() < MIN_MEDIA_SIGNING_KEY_BYTES {
+            "is shorter than 32 bytes"
+        } else if KNOWN_MEDIA_SIGNING_KEYS.contains(&key) || key.contains("CHANGE-ME") {
+            "is a development default published with Volley"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::Invalid(format!(
+            "media.signing_key (VOLLEY_MEDIA_SIGNING_KEY) {why}, so media links could be \
+             forged: set at least 32 random bytes (e.g. `openssl rand -hex 32`), or \
+             VOLLEY_DEV_MODE=true on a development machine"
+        )))
+    }
+
     fn validate_media(&self) -> Result<(), ConfigError> {
         let m = &self.media;
         let bad = |m: &str| Err(ConfigError::Invalid(format!("media: {m}")));
@@ -755,6 +791,46 @@ name = "qwen3-8b"
 endpoints = ["/v1/chat/completions"]
 routes = [{ provider = "local-sim", upstream_model = "qwen" }]
 "#;
+
+    #[test]
+    fn weak_media_signing_keys_are_refused_outside_dev_mode() {
+        let mut s = Settings::default();
+        let strong = "0123456789abcdef0123456789abcdef";
+        for (key, ok) in [
+            ("", false),
+            ("short-key", false),
+            (&"x".repeat(31), false),
+            ("compose-dev-signing-key-change-me", false),
+            ("dev-only-signing-key", false),
+            ("prefix-CHANGE-ME-and-long-enough-to-pass-length", false),
+            (strong, true),
+        ] {
+            s.media.signing_key = Secret::new(key);
+            s.dev_mode = false;
+            let r = s.check_media_signing_key();
+            assert_eq!(r.is_ok(), ok, "{key:?}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("VOLLEY_MEDIA_SIGNING_KEY"), "{e}");
+                if !key.is_empty() {
+                    assert!(
+                        !e.to_string().contains(key),
+                        "the key itself is never shown"
+                    );
+                }
+            }
+            s.dev_mode = true;
+            assert!(
+                s.check_media_signing_key().is_ok(),
+                "dev mode allows {key:?}"
+            );
+        }
+        // Every key this repository ships is refused.
+        for file in ["../../config/volley.toml", "../../deploy/base/volley.toml"] {
+            let text = std::fs::read_to_string(file).unwrap();
+            let shipped = Settings::from_toml(&text).unwrap();
+            assert!(shipped.check_media_signing_key().is_err(), "{file}");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -86,6 +86,8 @@ pub struct JobView {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub total_tokens: Option<i64>,
+    /// Media the job's worker stored: the only `volley-media:` keys that may become links.
+    pub media_keys: Option<Vec<String>>,
 }
 
 #[derive(Queryable)]

@@ -51,6 +51,7 @@ diesel::table! {
         outcomes -> Int4,
         attempt_base -> Int4,
         operator_retries -> Int4,
+        media_keys -> Nullable<Array<Text>>,
     }
 }
 

@@ -32,6 +32,7 @@ fn ok(job_id: i64, attempt: i32) -> Event {
                 completion_tokens: 2,
                 total_tokens: 3,
             }),
+            media_keys: Vec::new(),
         },
     }
 }
@@ -376,4 +377,43 @@ async fn a_connection_the_server_ended_is_replaced_on_checkout() {
     }
     let second = second.expect("the terminated backend went away");
     assert_ne!(first, second);
+}
+
+/// A success stores the media keys its worker reported (the only keys the gateway links);
+/// a success without media and a failure store none.
+#[tokio::test]
+async fn media_keys_are_stored_with_the_outcome() {
+    let (_t, db) = setup().await;
+    let (_, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
+    db.claim(ids.clone(), 60_000).await.unwrap();
+    let keys = vec![
+        "batches/1/2-a1-0-aa.png".to_owned(),
+        "batches/1/2-a1-1-bb.png".to_owned(),
+    ];
+    let mut with_media = ok(ids[0], 1);
+    if let Outcome::Succeeded { media_keys, .. } = &mut with_media.outcome {
+        media_keys.clone_from(&keys);
+    }
+    let failed = Event {
+        job_id: ids[2],
+        attempt: 1,
+        outcome: Outcome::Failed {
+            error_type: "provider_error".into(),
+            message: "no".into(),
+        },
+    };
+    let applied = db
+        .apply_events(vec![with_media, ok(ids[1], 1), failed])
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 3);
+    let stored = |i: usize| {
+        let db = db.clone();
+        let id = ids[i];
+        async move { db.get_job("o", id).await.unwrap().unwrap().media_keys }
+    };
+    assert_eq!(stored(0).await, Some(keys));
+    assert_eq!(stored(1).await, None);
+    assert_eq!(stored(2).await, None);
 }

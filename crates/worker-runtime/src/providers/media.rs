@@ -3,13 +3,16 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use volley_media::{MediaError, MediaStore, extension_for, media_ref};
+use volley_media::{MediaError, MediaStore, extension_for, job_media_key, media_ref};
 
 use super::{Job, ProviderError};
 
 pub struct Store<'a> {
     pub media: &'a MediaStore,
     pub job: &'a Job,
+    /// Keys stored so far in this attempt: the outcome carries them, and only they may
+    /// become links (the rest of a result is provider text).
+    keys: std::sync::Mutex<Vec<String>>,
 }
 
 fn media_error(e: MediaError) -> ProviderError {
@@ -23,21 +26,38 @@ fn media_error(e: MediaError) -> ProviderError {
     }
 }
 
-impl Store<'_> {
-    /// One folder per batch, not per job: on a local disk a folder costs an inode
-    /// allocation, which under load cost more than writing the file.
+impl<'a> Store<'a> {
+    pub fn new(media: &'a MediaStore, job: &'a Job) -> Store<'a> {
+        Store {
+            media,
+            job,
+            keys: Default::default(),
+        }
+    }
+
+    /// The keys this attempt stored, in order.
+    pub fn take_keys(&self) -> Vec<String> {
+        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn key(&self, i: usize, content_type: &str) -> String {
-        format!(
-            "batches/{}/{}-a{}-{i}.{}",
+        job_media_key(
             self.job.batch_id,
             self.job.id,
             self.job.attempt,
-            extension_for(content_type)
+            i,
+            extension_for(content_type),
         )
     }
 
-    fn entry(key: &str, content_type: &str, bytes: u64) -> Value {
-        json!({"url": media_ref(key), "content_type": content_type, "bytes": bytes})
+    /// The result entry for stored media; records the key as this attempt's.
+    fn entry(&self, key: String, content_type: &str, bytes: u64) -> Value {
+        let v = json!({"url": media_ref(&key), "content_type": content_type, "bytes": bytes});
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(key);
+        v
     }
 
     /// Streams a provider's response body into the store.
@@ -70,7 +90,7 @@ impl Store<'_> {
             )
             .await
             .map_err(media_error)?;
-        Ok(Self::entry(&key, &ct, n))
+        Ok(self.entry(key, &ct, n))
     }
 
     /// Downloads a media URL the provider returned.
@@ -118,7 +138,7 @@ impl Store<'_> {
             .put_stream(&key, body)
             .await
             .map_err(media_error)?;
-        Ok(Self::entry(&key, content_type, n))
+        Ok(self.entry(key, content_type, n))
     }
 
     pub async fn bytes(
@@ -133,6 +153,6 @@ impl Store<'_> {
             .put_bytes(&key, body)
             .await
             .map_err(media_error)?;
-        Ok(Self::entry(&key, content_type, n))
+        Ok(self.entry(key, content_type, n))
     }
 }

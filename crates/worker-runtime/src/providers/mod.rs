@@ -43,6 +43,8 @@ pub struct Usage {
 pub struct Output {
     pub result: Value,
     pub usage: Option<Usage>,
+    /// Media the attempt stored (set by [`Providers::run`] from the store).
+    pub media_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -455,10 +457,7 @@ impl Providers {
         };
         p.pace(cancel).await?;
         let reserved = p.reserve_tokens(job, cancel).await?;
-        let store = media::Store {
-            media: &self.media,
-            job,
-        };
+        let store = media::Store::new(&self.media, job);
         let span = call_span(&p, job, &upstream);
         let metered = p.meters.get().map(|m| m.start());
         let call = async {
@@ -488,7 +487,10 @@ impl Providers {
         if result.is_ok() {
             p.capacity.succeeded();
         }
-        result
+        result.map(|mut out| {
+            out.media_keys = store.take_keys();
+            out
+        })
     }
 }
 

@@ -60,6 +60,7 @@ pub async fn run(
             Ok(Output {
                 result: json!({"object": "audio", "model": job.model, "data": [entry]}),
                 usage: None,
+                media_keys: Vec::new(),
             })
         }
         _ => {
@@ -81,7 +82,11 @@ pub async fn run(
                     total_tokens: n("total_tokens"),
                 }
             });
-            Ok(Output { result: v, usage })
+            Ok(Output {
+                result: v,
+                usage,
+                media_keys: Vec::new(),
+            })
         }
     }
 }
@@ -133,6 +138,7 @@ async fn images(
             "data": out,
         }),
         usage: None,
+        media_keys: Vec::new(),
     })
 }
 

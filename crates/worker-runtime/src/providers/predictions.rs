@@ -175,6 +175,7 @@ pub async fn run(
             "data": data,
         }),
         usage: None,
+        media_keys: Vec::new(),
     })
 }
 
