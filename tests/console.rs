@@ -318,6 +318,7 @@ async fn console_in_chromium() {
         "chat_text",
         "cancel_batch",
         "batches_list",
+        "narrow_screen",
         "second_key_isolated",
         "operator_page",
         "key_never_in_url",

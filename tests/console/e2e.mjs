@@ -41,8 +41,13 @@ page.on("pageerror", (e) => consoleErrors.push(String(e)));
 async function signIn(key) {
   await page.goto(`${url}/`);
   if (await page.locator("#sign-out").isVisible()) await page.click("#sign-out");
-  await page.fill("#key", key);
-  await page.click("#sign-in button[type=submit]");
+  // By keyboard: the field has focus on arrival, Enter signs in.
+  await page.waitForFunction(() => document.activeElement && document.activeElement.id === "key", null, { timeout: 5000 })
+    .catch(async () => {
+      throw new Error(`the key field has no focus; ${await page.evaluate(() => document.activeElement?.tagName)} has`);
+    });
+  await page.keyboard.type(key);
+  await page.keyboard.press("Enter");
   await page.waitForSelector("#batches");
 }
 
@@ -155,6 +160,17 @@ try {
   if (order[0] !== long || order[1] !== mixed) throw new Error(`order ${order}`);
   pass("batches_list", { order });
   if (shots) await page.screenshot({ path: `${shots}/console-batches.png`, fullPage: true });
+
+  // A phone-sized screen: nothing wider than the screen, on the list and on a batch.
+  await page.setViewportSize({ width: 360, height: 740 });
+  for (const hash of ["#/batches", `#/batches/${mixed}`]) {
+    await page.goto(`${url}/console/${hash}`);
+    await page.waitForSelector("table.list tbody tr");
+    const over = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    if (over > 0) throw new Error(`${hash} is ${over}px wider than a 360px screen`);
+  }
+  await page.setViewportSize({ width: 1200, height: 800 });
+  pass("narrow_screen");
 
   // Not an operator: the operator page says so.
   await page.goto(`${url}/console/#/operator`);

@@ -531,5 +531,7 @@ document.getElementById("sign-out").addEventListener("click", () => {
   location.hash = "#/";
   route();
 });
-window.addEventListener("hashchange", () => { route(); main.focus({ preventScroll: true }); });
+// Focus moves to the new content (for keyboards and screen readers) before a view may move it
+// on, to its first field.
+window.addEventListener("hashchange", () => { main.focus({ preventScroll: true }); route(); });
 route();
