@@ -33,7 +33,11 @@ async fn console_files_redirects_and_headers() {
         assert_eq!(r.headers()["location"], "/console/", "{path}");
     }
 
-    let r = http.get(format!("{}/console/", s.url)).send().await.unwrap();
+    let r = http
+        .get(format!("{}/console/", s.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let h = r.headers().clone();
     assert_eq!(h["content-type"], "text/html; charset=utf-8");
@@ -54,7 +58,10 @@ async fn console_files_redirects_and_headers() {
     let html = r.text().await.unwrap();
     assert!(html.contains(r#"<script type="module" src="app.js">"#));
     // No CDN: every script, style and image the page names is one of its own.
-    assert!(!html.contains("http://") && !html.contains("https://"), "{html}");
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "{html}"
+    );
 
     for (file, ct) in [
         ("app.js", "text/javascript; charset=utf-8"),
@@ -129,7 +136,9 @@ async fn paged_listings_job_requests_and_admin_status() {
         .collect();
     assert_eq!(got, [ids[2].as_str(), ids[1].as_str()]);
     assert_eq!(p1["has_more"], true);
-    let (_, p2) = s.get(&format!("/v1/batches?limit=2&after={}", ids[1])).await;
+    let (_, p2) = s
+        .get(&format!("/v1/batches?limit=2&after={}", ids[1]))
+        .await;
     assert_eq!(p2["data"][0]["id"], ids[0]);
     assert_eq!(p2["data"].as_array().unwrap().len(), 1);
     assert_eq!(p2["has_more"], false);
@@ -313,6 +322,7 @@ async fn console_in_chromium() {
         "sign_in",
         "validation_error",
         "progress_done",
+        "download_jsonl",
         "image_decodes",
         "audio_plays",
         "chat_text",

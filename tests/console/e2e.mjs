@@ -74,11 +74,17 @@ try {
   await signIn(keys.alice);
   pass("sign_in");
 
-  // A per-item validation error: nothing created, the item and field shown.
-  await submit([
-    { endpoint: "/v1/chat/completions", body: { model: "qwen3-8b", messages: [{ role: "user", content: "hi" }] } },
-    { endpoint: "/v1/images/generations", body: { prompt: "no model" } },
-  ]);
+  // A per-item validation error in an uploaded JSONL file: nothing created, item and field shown.
+  await page.goto(`${url}/console/#/submit`);
+  await page.setInputFiles("#file", {
+    name: "bad.jsonl", mimeType: "application/jsonl",
+    buffer: Buffer.from([
+      { endpoint: "/v1/chat/completions", body: { model: "qwen3-8b", messages: [{ role: "user", content: "hi" }] } },
+      { endpoint: "/v1/images/generations", body: { prompt: "no model" } },
+    ].map((l) => JSON.stringify(l)).join("\n")),
+  });
+  await page.waitForFunction(() => document.querySelector("#items").value.includes("no model"));
+  await page.click("#submit-form button[type=submit]");
   const row = page.locator("#item-errors tr[data-index='1']");
   await row.waitFor();
   const rowText = await row.innerText();
@@ -102,6 +108,16 @@ try {
   if (bar !== "6") throw new Error(`progress bar at ${bar}`);
   pass("progress_done", { batch: mixed });
   if (shots) await page.screenshot({ path: `${shots}/console-batch.png`, fullPage: true });
+
+  // All results as JSONL, built in the browser: one line per job, in order.
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+  const chunks = [];
+  for await (const c of await download.createReadStream()) chunks.push(c);
+  const lines = Buffer.concat(chunks).toString("utf8").trim().split("\n").map((l) => JSON.parse(l));
+  if (lines.length !== 6 || lines.some((l) => l.status !== "PROCESSED" || !l.result)) {
+    throw new Error(`results download: ${JSON.stringify(lines).slice(0, 500)}`);
+  }
+  pass("download_jsonl", { lines: lines.length });
 
   // The filter by status asks the API for one status only.
   await page.selectOption("#status-filter", "FAILED");
@@ -146,6 +162,12 @@ try {
     endpoint: "/v1/completions", body: { model: "qwen3-8b", prompt: `slow ${i}`, sim_latency_ms: 120000 },
   })), "long");
   const long = await batchId();
+  // One job first, from its row.
+  const first = page.locator("#jobs tr[data-job]").first();
+  await first.locator("button").click();
+  await page.waitForSelector("#jobs tr[data-job][data-status='CANCELLED']");
+  const others = await page.locator("#jobs tr[data-job][data-status='CANCELLED']").count();
+  if (others !== 1) throw new Error(`cancelling one job cancelled ${others}`);
   await page.waitForSelector("#cancel-batch:not([disabled])");
   await page.click("#cancel-batch");
   await page.waitForSelector(".progress[data-status='DONE']");
