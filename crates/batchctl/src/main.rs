@@ -212,16 +212,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             KeysCommand::List => {
                 println!(
-                    "{:<6} {:<24} {:<24} {:<12} {:<20} REVOKED",
-                    "ID", "NAME", "OWNER", "PREFIX", "CREATED"
+                    "{:<6} {:<24} {:<24} {:<12} {:<6} {:<20} REVOKED",
+                    "ID", "NAME", "OWNER", "PREFIX", "ADMIN", "CREATED"
                 );
                 for k in db.list_keys().await? {
                     println!(
-                        "{:<6} {:<24} {:<24} {:<12} {:<20} {}",
+                        "{:<6} {:<24} {:<24} {:<12} {:<6} {:<20} {}",
                         k.id,
                         k.name,
                         k.owner,
                         k.key_prefix,
+                        if k.admin { "yes" } else { "-" },
                         k.created_at.format("%Y-%m-%d %H:%M:%S"),
                         k.revoked_at
                             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())

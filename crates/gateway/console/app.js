@@ -104,13 +104,17 @@ function sizeBars(root) {
   for (const s of root.querySelectorAll(".seg[data-w]")) s.style.width = `${s.dataset.w}%`;
 }
 
-/** "about 2m left" from the pace so far; nothing to say until something has finished. */
+/**
+ * "about 2m left" from the pace so far: jobs that ran to an end (processed or failed) per
+ * second since the batch was accepted; cancelled jobs say nothing about the pace.
+ */
 function eta(b) {
   if (b.status === "DONE") return "finished";
-  const done = finished(b);
+  const ran = (b.processed || 0) + (b.failed || 0);
+  const waiting = (b.queued || 0) + (b.processing || 0);
   const elapsed = Date.now() / 1000 - b.created;
-  if (done === 0 || elapsed <= 0) return "estimating…";
-  const left = ((b.total - done) * elapsed) / done;
+  if (ran === 0 || elapsed <= 0) return "estimating…";
+  const left = (waiting * elapsed) / ran;
   return `about ${duration(left)} left (≈ ${new Date(Date.now() + left * 1000).toLocaleTimeString()})`;
 }
 
