@@ -61,18 +61,25 @@ function badge(status) {
   return h("span", { class: `badge s-${String(status).toLowerCase()}` }, status);
 }
 
-/** Polls `fn` every POLL_MS while this view is shown; `fn` returns false to stop. */
+/**
+ * Polls `fn` while this view is shown: `fn` returns false to stop, or the milliseconds until
+ * the next poll (POLL_MS otherwise). A hidden tab asks nothing until it is shown again.
+ */
 function every(fn) {
   const mine = view;
   const tick = async () => {
     if (mine !== view) return;
-    let again = true;
-    try {
-      again = (await fn()) !== false;
-    } catch (e) {
-      // A failed poll is shown by the view itself; keep trying.
+    let next = POLL_MS;
+    if (!document.hidden) {
+      try {
+        const r = await fn();
+        if (r === false) return;
+        if (typeof r === "number") next = r;
+      } catch (e) {
+        // A failed poll is shown by the view itself; keep trying.
+      }
     }
-    if (again && mine === view) poll = setTimeout(tick, POLL_MS);
+    if (mine === view) poll = setTimeout(tick, next);
   };
   poll = setTimeout(tick, POLL_MS);
 }
@@ -193,10 +200,12 @@ async function batchesView(after) {
       sizeBars(list);
     }
     const last = page.data[page.data.length - 1];
+    // Quick while something on the page runs; slowly otherwise, to notice new batches.
+    const busy = page.data.some((b) => b.status !== "DONE");
     pager.replaceChildren(
       after ? h("a", { class: "button secondary", href: "#/batches" }, "Newest") : "",
       page.has_more && last ? h("a", { class: "button secondary", href: `#/batches?after=${last.id}` }, "Older") : "");
-    return true;
+    return busy ? POLL_MS : 10 * POLL_MS;
   };
   await load();
   every(load);
@@ -504,7 +513,8 @@ async function operatorView() {
     Object.entries(s.errors || {}).filter(([, v]) => v).map(([k, v]) => errorBox({ type: k, message: v })),
     h("p", { class: "muted" }, "Ready: messages waiting in RabbitMQ. Queued: jobs not started. Dead letters: ",
       h("code", {}, "batchctl dlq list"), "."));
-    return true;
+    // Each read opens a connection to RabbitMQ: an operator's screen need not be quicker.
+    return 5000;
   };
   await load();
   every(load);
