@@ -323,6 +323,7 @@ async fn console_in_chromium() {
         "validation_error",
         "progress_done",
         "download_jsonl",
+        "failed_job_error",
         "image_decodes",
         "audio_plays",
         "chat_text",

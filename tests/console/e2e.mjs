@@ -99,13 +99,18 @@ try {
     { endpoint: "/v1/audio/speech", body: { model: "espeak", input: "Hello from Volley.", voice: "alloy" } },
     { endpoint: "/v1/music/generations", body: { model: "sim-music", prompt: "calm piano" } },
     { endpoint: "/v1/videos/generations", body: { model: "sim-video", prompt: "a lamp turning on" } },
+    // The provider refuses this one: a failed job, with the provider's error.
+    { endpoint: "/v1/completions", body: { model: "qwen3-8b", prompt: "refused", sim_fail: "fatal" } },
   ], "mixed demo");
   const mixed = await batchId();
   await page.waitForSelector(".progress[data-status='DONE']");
   const processed = await page.locator("[data-count='processed']").innerText();
-  if (processed !== "6") throw new Error(`processed count ${processed}, page: ${await page.locator("main").innerText()}`);
+  const failed = await page.locator("[data-count='failed']").innerText();
+  if (processed !== "6" || failed !== "1") {
+    throw new Error(`processed ${processed}, failed ${failed}, page: ${await page.locator("main").innerText()}`);
+  }
   const bar = await page.locator(".progress").first().getAttribute("aria-valuenow");
-  if (bar !== "6") throw new Error(`progress bar at ${bar}`);
+  if (bar !== "7") throw new Error(`progress bar at ${bar}`);
   pass("progress_done", { batch: mixed });
   if (shots) await page.screenshot({ path: `${shots}/console-batch.png`, fullPage: true });
 
@@ -114,15 +119,26 @@ try {
   const chunks = [];
   for await (const c of await download.createReadStream()) chunks.push(c);
   const lines = Buffer.concat(chunks).toString("utf8").trim().split("\n").map((l) => JSON.parse(l));
-  if (lines.length !== 6 || lines.some((l) => l.status !== "PROCESSED" || !l.result)) {
+  const ok = lines.slice(0, 6).every((l) => l.status === "PROCESSED" && l.result);
+  if (lines.length !== 7 || !ok || lines[6].status !== "FAILED" || !lines[6].error) {
     throw new Error(`results download: ${JSON.stringify(lines).slice(0, 500)}`);
   }
   pass("download_jsonl", { lines: lines.length });
 
   // The filter by status asks the API for one status only.
-  await page.selectOption("#status-filter", "FAILED");
+  await page.selectOption("#status-filter", "CANCELLED");
   await page.waitForSelector("#jobs .empty");
-  await page.selectOption("#status-filter", "");
+  await page.selectOption("#status-filter", "FAILED");
+  await page.waitForFunction(() => {
+    const rows = document.querySelectorAll("#jobs tr[data-job]");
+    return rows.length === 1 && rows[0].dataset.status === "FAILED";
+  });
+  // The failed job: its error's type and message.
+  await page.click("#jobs tr[data-job] a");
+  const jobError = await page.locator("#job-error").innerText();
+  if (!jobError.includes("invalid_request") || !jobError.includes("sim_fail=fatal")) throw new Error(`job error: ${jobError}`);
+  pass("failed_job_error", { error: jobError });
+  await page.goto(`${url}/console/#/batches/${mixed}`);
   await page.waitForSelector("#jobs tr[data-job]");
 
   // The image job: the picture decodes.
