@@ -1,5 +1,8 @@
 //! The gateway: Volley's public HTTP API.
 
+mod admin;
+mod browse;
+mod console;
 mod error;
 mod routes;
 mod views;
@@ -93,6 +96,8 @@ impl Gateway {
                 .app_data(state.clone())
                 .service(volley_telemetry::http::metrics_resource(metrics.clone()))
                 .configure(routes::configure)
+                .configure(admin::configure)
+                .configure(console::configure)
                 .default_service(web::to(|| async {
                     HttpResponse::NotFound().json(serde_json::json!({
                         "error": {"type": "not_found", "message": "no such route"}

@@ -12,16 +12,17 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::views::{self, MediaLinks};
 
-/// At most this many batches in a listing (the contract's page).
-const LIST_LIMIT: i64 = 50;
-
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/v1/batches", web::post().to(create_batch))
-        .route("/v1/batches", web::get().to(list_batches))
+        .route("/v1/batches", web::get().to(crate::browse::list_batches))
         .route("/v1/batches/{id}", web::get().to(get_batch))
         .route("/v1/batches/{id}/cancel", web::post().to(cancel_batch))
+        .route(
+            "/v1/batches/{id}/jobs",
+            web::get().to(crate::browse::list_jobs),
+        )
         .route("/v1/jobs/{id}", web::get().to(get_job))
         .route("/v1/jobs/{id}/cancel", web::post().to(cancel_job))
         .route("/v1/models", web::get().to(list_models))
@@ -51,7 +52,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// The key in `Authorization: Bearer <key>`.
-fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
+pub(crate) fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -69,15 +70,15 @@ fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
         ))
 }
 
-const UNKNOWN_KEY: ApiError = ApiError::Unauthorized("unknown or revoked API key");
+pub(crate) const UNKNOWN_KEY: ApiError = ApiError::Unauthorized("unknown or revoked API key");
 
 /// The key's owner, from `Authorization: Bearer <key>`.
-async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+pub(crate) async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
     let key = bearer(req)?;
     state.db.authenticate(key).await?.ok_or(UNKNOWN_KEY)
 }
 
-fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
+pub(crate) fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
     raw.parse::<i64>()
         .ok()
         .filter(|id| *id > 0)
@@ -197,16 +198,6 @@ async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<
     }
 }
 
-async fn list_batches(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let owner = owner(&req, &state).await?;
-    let list = state.db.list_batches(&owner, LIST_LIMIT).await?;
-    let data: Vec<Value> = list.iter().map(views::batch).collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
-}
-
 async fn get_batch(
     req: HttpRequest,
     path: web::Path<String>,
@@ -302,7 +293,7 @@ async fn abort_running(state: &AppState, batch_id: i64, job_ids: Vec<i64>) {
     }
 }
 
-fn links(state: &AppState) -> MediaLinks<'_> {
+pub(crate) fn links(state: &AppState) -> MediaLinks<'_> {
     MediaLinks {
         signer: &state.signer,
         public_url: &state.settings.gateway.public_url,
@@ -318,12 +309,15 @@ async fn get_job(
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "job")?;
-    let job = state
+    let (job, request) = state
         .db
-        .get_job(&owner, id)
+        .get_job_with_request(&owner, id)
         .await?
         .ok_or(ApiError::NotFound("job"))?;
-    Ok(HttpResponse::Ok().json(views::job(&job, &links(&state))))
+    let mut v = views::job(&job, &links(&state));
+    // An addition to the contract: the body the job was submitted with.
+    v["request"] = request;
+    Ok(HttpResponse::Ok().json(v))
 }
 
 async fn cancel_job(

@@ -91,7 +91,7 @@ pub struct JobView {
 }
 
 #[derive(Queryable)]
-struct BatchRow {
+pub(crate) struct BatchRow {
     id: i64,
     label: Option<String>,
     total: i32,
@@ -131,7 +131,10 @@ fn counts_for(conn: &mut PgConn, ids: &[i64]) -> Result<HashMap<i64, BatchCounts
     Ok(out)
 }
 
-fn views(conn: &mut PgConn, rows: Vec<BatchRow>) -> Result<Vec<BatchView>, DbError> {
+pub(crate) fn batch_views(
+    conn: &mut PgConn,
+    rows: Vec<BatchRow>,
+) -> Result<Vec<BatchView>, DbError> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let mut counts = counts_for(conn, &ids)?;
     Ok(rows
@@ -271,7 +274,7 @@ impl Db {
                 .limit(limit)
                 .select(BATCH_COLUMNS)
                 .load(&mut **conn)?;
-            views(conn, rows)
+            batch_views(conn, rows)
         })
         .await
     }

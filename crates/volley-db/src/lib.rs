@@ -5,6 +5,7 @@
 
 mod batches;
 mod keys;
+pub mod listing;
 pub mod ops;
 mod schema;
 mod state;

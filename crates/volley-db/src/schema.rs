@@ -9,6 +9,7 @@ diesel::table! {
         key_prefix -> Text,
         created_at -> Timestamptz,
         revoked_at -> Nullable<Timestamptz>,
+        admin -> Bool,
     }
 }
 
