@@ -712,8 +712,7 @@ impl ProviderConfig {
                 "provider {name:?}: poll_interval_ms must be at least 1"
             ));
         }
-        if !self.kind.is_http() && (!self.media_hosts.is_empty() || self.allow_private_network)
-        {
+        if !self.kind.is_http() && (!self.media_hosts.is_empty() || self.allow_private_network) {
             return Err(format!(
                 "provider {name:?}: media_hosts and allow_private_network apply to HTTP kinds \
                  only, not {kind}"

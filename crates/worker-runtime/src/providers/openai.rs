@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use volley_domain::Endpoint;
 
 use super::media::Store;
-use super::{Job, Output, Provider, ProviderError, Usage, send_error};
+use super::{Job, Output, Provider, ProviderError, TEXT_ANSWER_CAP, Usage, read_json, send_error};
 
 pub async fn run(
     p: &Provider,
@@ -29,6 +29,7 @@ pub async fn run(
         }
     };
     let mut body = job.body.clone();
+    p.outgoing(&mut body);
     body["model"] = json!(upstream);
     if job.endpoint == Endpoint::AudioSpeech && body.get("response_format").is_none() {
         // WAV needs no decoder to check, and every server that speaks OpenAI's API offers it.
@@ -41,7 +42,7 @@ pub async fn run(
         .await
         .map_err(|e| send_error(&p.config.name, e))?;
     if !resp.status().is_success() {
-        return Err(p.status_error(resp).await);
+        return Err(p.status_error(resp, job).await);
     }
     let malformed =
         |why: &str| ProviderError::retry(format!("{}: malformed response: {why}", p.config.name));
@@ -63,10 +64,14 @@ pub async fn run(
             })
         }
         _ => {
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| malformed(&format!("not JSON: {e}")))?;
+            // Images may come inline as base64: a third larger than the media limit, plus
+            // room for the JSON around them.
+            let cap = if job.endpoint == Endpoint::ImagesGenerations {
+                store.media.max_bytes().saturating_mul(4) / 3 + 64 * 1024
+            } else {
+                TEXT_ANSWER_CAP
+            };
+            let v = read_json(p, resp, cap).await?;
             if job.endpoint == Endpoint::ImagesGenerations {
                 return images(p, job, v, store).await;
             }
@@ -117,7 +122,7 @@ async fn images(
             let ct = sniff_image(&raw);
             store.bytes(i, ct, raw.into()).await?
         } else if let Some(url) = item.get("url").and_then(Value::as_str) {
-            store.url(&p.http, i, url, "image/png").await?
+            store.url(p, i, url, "image/png").await?
         } else {
             return Err(malformed("an image with neither `url` nor `b64_json`"));
         };
