@@ -163,7 +163,7 @@ pub enum Refused {
     Invalid,
     #[error("host {0} is not among this provider's media hosts")]
     NotAllowed(String),
-    #[error("host {host} is {addr}, a {class} address")]
+    #[error("{}", describe_address(host, addr, class))]
     Address {
         host: String,
         addr: IpAddr,
@@ -175,6 +175,14 @@ pub enum Refused {
     OffOrigin(String),
     #[error("more than {MAX_REDIRECTS} redirects")]
     TooManyRedirects,
+}
+
+fn describe_address(host: &str, addr: &IpAddr, class: &str) -> String {
+    if host.trim_start_matches('[').trim_end_matches(']') == addr.to_string() {
+        format!("{addr} is a {class} address")
+    } else {
+        format!("host {host} resolves to {addr}, a {class} address")
+    }
 }
 
 /// One `media_hosts` entry: `host`, `host:port`, or `*.domain` (any subdomain, not the
