@@ -665,6 +665,56 @@ mod tests {
         );
     }
 
+    fn provider(extra: serde_json::Value) -> Provider {
+        let mut cfg = serde_json::json!({"name": "p", "kind": "openai",
+            "base_url": "http://127.0.0.1:9/v1", "max_concurrency": 8});
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        Provider::new(serde_json::from_value(cfg).unwrap()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_batchs_429_delays_only_its_job_and_several_batches_pause_the_provider_briefly() {
+        let p = provider(serde_json::json!({}));
+        let start = Instant::now();
+        let paused = || async { (*p.paused_until.lock().await).saturating_duration_since(start) };
+        // One batch, however often: no pause, the limit stays.
+        assert!(!p.rate_limited(1, Duration::from_secs(300)).await);
+        assert!(!p.rate_limited(1, Duration::from_secs(300)).await);
+        assert_eq!(paused().await, Duration::ZERO);
+        assert_eq!(p.concurrency_limit(), 8);
+        // A second batch within the window: provider-wide, capped at MAX_SHARED_PAUSE.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(p.rate_limited(2, Duration::from_secs(300)).await);
+        assert_eq!(paused().await, Duration::from_secs(2) + MAX_SHARED_PAUSE);
+        assert_eq!(p.concurrency_limit(), 4);
+        // Past the window, a lone batch is its own business again.
+        tokio::time::advance(SHARED_429_WINDOW + Duration::from_secs(1)).await;
+        assert!(!p.rate_limited(3, Duration::from_secs(1)).await);
+    }
+
+    #[test]
+    fn sim_fields_go_only_to_the_simulator() {
+        let body = || serde_json::json!({"prompt": "x", "sim_fail": "fatal", "simple": 1});
+        let mut b = body();
+        provider(serde_json::json!({})).outgoing(&mut b);
+        assert_eq!(b, serde_json::json!({"prompt": "x", "simple": 1}));
+        let mut b = body();
+        provider(serde_json::json!({"simulator": true})).outgoing(&mut b);
+        assert_eq!(b, body());
+    }
+
+    #[test]
+    fn provider_links_stay_on_its_origin() {
+        let p = provider(serde_json::json!({}));
+        assert!(p.own_url("http://127.0.0.1:9/v1/predictions/x").is_ok());
+        assert!(matches!(
+            p.own_url("http://127.0.0.1:10/v1/predictions/x"),
+            Err(ProviderError::Fatal { .. })
+        ));
+    }
+
     #[test]
     fn provider_messages() {
         assert_eq!(
