@@ -378,16 +378,29 @@ async fn read_json(
     resp: reqwest::Response,
     cap: u64,
 ) -> Result<Value, ProviderError> {
+    read_json_or(p, resp, cap, || {
+        ProviderError::fatal(
+            "response_too_large",
+            format!(
+                "{}: the answer is larger than the {cap} byte limit",
+                p.config.name
+            ),
+        )
+    })
+    .await
+}
+
+/// [`read_json`] with its own error for an answer past the cap.
+async fn read_json_or(
+    p: &Provider,
+    resp: reqwest::Response,
+    cap: u64,
+    too_large: impl FnOnce() -> ProviderError,
+) -> Result<Value, ProviderError> {
     let body = volley_egress::read_limited(resp, cap)
         .await
         .map_err(|e| match e {
-            volley_egress::ReadError::TooLarge { cap } => ProviderError::fatal(
-                "response_too_large",
-                format!(
-                    "{}: the answer is larger than the {cap} byte limit",
-                    p.config.name
-                ),
-            ),
+            volley_egress::ReadError::TooLarge { .. } => too_large(),
             volley_egress::ReadError::Body(e) => send_error(&p.config.name, e),
         })?;
     serde_json::from_slice(&body).map_err(|e| {

@@ -5,7 +5,10 @@ use serde_json::{Value, json};
 use volley_domain::Endpoint;
 
 use super::media::Store;
-use super::{Job, Output, Provider, ProviderError, TEXT_ANSWER_CAP, Usage, read_json, send_error};
+use super::{
+    Job, Output, Provider, ProviderError, TEXT_ANSWER_CAP, Usage, read_json, read_json_or,
+    send_error,
+};
 
 pub async fn run(
     p: &Provider,
@@ -64,14 +67,15 @@ pub async fn run(
             })
         }
         _ => {
-            // Images may come inline as base64: a third larger than the media limit, plus
-            // room for the JSON around them.
-            let cap = if job.endpoint == Endpoint::ImagesGenerations {
-                store.media.max_bytes().saturating_mul(4) / 3 + 64 * 1024
+            let v = if job.endpoint == Endpoint::ImagesGenerations {
+                // Images may come inline as base64: a third larger than the media limit, plus
+                // room for the JSON around them. Past that it is the media that is too large.
+                let max = store.media.max_bytes();
+                let cap = max.saturating_mul(4) / 3 + 64 * 1024;
+                read_json_or(p, resp, cap, || media_too_large(max)).await?
             } else {
-                TEXT_ANSWER_CAP
+                read_json(p, resp, TEXT_ANSWER_CAP).await?
             };
-            let v = read_json(p, resp, cap).await?;
             if job.endpoint == Endpoint::ImagesGenerations {
                 return images(p, job, v, store).await;
             }
@@ -111,13 +115,7 @@ async fn images(
                 .decode(b64)
                 .map_err(|e| malformed(&format!("b64_json: {e}")))?;
             if raw.len() as u64 > store.media.max_bytes() {
-                return Err(ProviderError::fatal(
-                    "media_too_large",
-                    format!(
-                        "the provider's media is larger than the {} byte limit",
-                        store.media.max_bytes()
-                    ),
-                ));
+                return Err(media_too_large(store.media.max_bytes()));
             }
             let ct = sniff_image(&raw);
             store.bytes(i, ct, raw.into()).await?
@@ -151,4 +149,11 @@ fn sniff_image(raw: &[u8]) -> &'static str {
     } else {
         "application/octet-stream"
     }
+}
+
+fn media_too_large(max: u64) -> ProviderError {
+    ProviderError::fatal(
+        "media_too_large",
+        format!("the provider's media is larger than the {max} byte limit"),
+    )
 }
