@@ -295,7 +295,7 @@ async fn links_to_internal_addresses_are_refused_and_nothing_is_read_back() {
         ),
     ];
     // Controls: the listed host itself, and the simulator's own links, still work.
-    let controls = vec![
+    let controls = [
         image("listed-flux", json!({})),
         image("flux-dev", json!({})),
     ];
