@@ -95,6 +95,10 @@ impl Store<'_> {
             .send()
             .await
             .map_err(|e| match volley_egress::refusal(&e) {
+                // A name that did not resolve may resolve next time: worth a retry.
+                Some(r @ volley_egress::Refused::Resolve { .. }) => {
+                    ProviderError::retry(format!("downloading media: {r}"))
+                }
                 Some(r) => refused(r),
                 None => ProviderError::retry(format!("downloading media: {e}")),
             })?;
