@@ -433,6 +433,8 @@ base_url = "http://127.0.0.1:{sim}/v1"
 api_key = "sim-key"
 timeout_ms = 30000
 max_concurrency = 512
+simulator = true
+allow_private_network = true
 
 [[providers]]
 name = "sim-predictions"
@@ -441,6 +443,8 @@ base_url = "http://127.0.0.1:{sim}/v1"
 api_key = "sim-key"
 timeout_ms = 120000
 max_concurrency = 512
+simulator = true
+allow_private_network = true
 poll_interval_ms = 200
 
 [[models]]

@@ -239,6 +239,18 @@ pub struct ProviderConfig {
     /// The espeak-ng program (`espeak` only): a name looked up on PATH, or a path.
     #[serde(default)]
     pub command: Option<String>,
+    /// Hosts the provider's media links may point to (`host`, `host:port` or `*.domain`);
+    /// empty: any host with public addresses. Links in an answer are the tenant's to steer.
+    #[serde(default)]
+    pub media_hosts: Vec<String>,
+    /// Lets media links reach loopback, private and CGNAT addresses: for a provider that is
+    /// on the local network (the simulator). Metadata and link-local addresses stay refused.
+    #[serde(default)]
+    pub allow_private_network: bool,
+    /// This provider is Volley's simulator: requests keep their `sim_*` fields (every other
+    /// provider has them stripped).
+    #[serde(default)]
+    pub simulator: bool,
 }
 
 impl ProviderConfig {
@@ -736,6 +748,24 @@ impl ProviderConfig {
                 "provider {name:?}: poll_interval_ms must be at least 1"
             ));
         }
+        if !self.kind.is_http() && (!self.media_hosts.is_empty() || self.allow_private_network) {
+            return Err(format!(
+                "provider {name:?}: media_hosts and allow_private_network apply to HTTP kinds \
+                 only, not {kind}"
+            ));
+        }
+        for h in &self.media_hosts {
+            let h = h.trim();
+            let host = h.strip_prefix("*.").unwrap_or(h);
+            if host.is_empty()
+                || host.contains(['/', '@', '?', '#', '*'])
+                || host.chars().any(char::is_whitespace)
+            {
+                return Err(format!(
+                    "provider {name:?}: media host {h:?} must be host, host:port or *.domain"
+                ));
+            }
+        }
         match (&self.command, self.kind) {
             (Some(_), k) if k != ProviderKind::Espeak => Err(format!(
                 "provider {name:?}: command applies to kind espeak only, not {kind}"
@@ -905,6 +935,14 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
                 "unknown provider",
             ),
             ("[[models", "TOML parse error"),
+            (
+                "[[providers]]\nname='p'\nkind='openai'\nbase_url='http://x'\nmedia_hosts=['https://cdn/']",
+                "media host",
+            ),
+            (
+                "[[providers]]\nname='e'\nkind='espeak'\nallow_private_network=true",
+                "HTTP kinds only",
+            ),
         ] {
             let r = Settings::from_toml(text).and_then(|s| s.validate().map(|_| s));
             let e = r.expect_err(text).to_string();

@@ -5,7 +5,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use volley_media::{MediaError, MediaStore, extension_for, job_media_key, media_ref};
 
-use super::{Job, ProviderError};
+use super::{Job, Provider, ProviderError};
 
 pub struct Store<'a> {
     pub media: &'a MediaStore,
@@ -93,25 +93,35 @@ impl<'a> Store<'a> {
         Ok(self.entry(key, &ct, n))
     }
 
-    /// Downloads a media URL the provider returned.
+    /// Downloads a media URL the provider returned, if the provider's egress policy allows
+    /// it (a tenant's prompt may have chosen the link): refused links fail the job, unread.
     pub async fn url(
         &self,
-        http: &reqwest::Client,
+        p: &Provider,
         i: usize,
         url: &str,
         fallback_type: &str,
     ) -> Result<Value, ProviderError> {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ProviderError::retry(format!(
-                "the provider returned a media link that is not http(s): {:?}",
-                url.chars().take(80).collect::<String>()
-            )));
-        }
+        let (policy, http) = p.media();
+        let refused = |e: &volley_egress::Refused| {
+            ProviderError::fatal(
+                "media_refused",
+                format!("{}: refused to fetch a media link: {e}", p.config.name),
+            )
+        };
+        let url = policy.parse_url(url).map_err(|e| refused(&e))?;
         let resp = http
             .get(url)
             .send()
             .await
-            .map_err(|e| ProviderError::retry(format!("downloading media: {e}")))?;
+            .map_err(|e| match volley_egress::refusal(&e) {
+                // A name that did not resolve may resolve next time: worth a retry.
+                Some(r @ volley_egress::Refused::Resolve { .. }) => {
+                    ProviderError::retry(format!("downloading media: {r}"))
+                }
+                Some(r) => refused(r),
+                None => ProviderError::retry(format!("downloading media: {e}")),
+            })?;
         if !resp.status().is_success() {
             return Err(ProviderError::retry(format!(
                 "downloading media: HTTP {}",
