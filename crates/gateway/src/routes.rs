@@ -108,9 +108,7 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
         .map(|k| Some(k.to_owned()))
-        .ok_or_else(|| {
-            ApiError::invalid("Idempotency-Key must be 1-255 visible ASCII characters")
-        })
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1-255 visible ASCII characters"))
 }
 
 async fn create_batch(
@@ -149,7 +147,12 @@ async fn create_batch(
         .collect();
     let grace = state.settings.state.dispatch_grace_ms;
     let (view, dispatch) = match idempotency_key {
-        None => state.db.create_batch(&owner, batch.label, jobs, grace).await?,
+        None => {
+            state
+                .db
+                .create_batch(&owner, batch.label, jobs, grace)
+                .await?
+        }
         Some(k) => match state
             .db
             .create_batch_idempotent(key_id, k, &body, &owner, batch.label, jobs, grace)

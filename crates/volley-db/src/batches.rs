@@ -161,8 +161,7 @@ pub(crate) fn insert_batch(
         ))
         .returning(BATCH_COLUMNS)
         .get_result(conn)?;
-    let available =
-        row.created_at + chrono::Duration::milliseconds(dispatch_grace_ms as i64);
+    let available = row.created_at + chrono::Duration::milliseconds(dispatch_grace_ms as i64);
     let values: Vec<_> = new_jobs
         .iter()
         .map(|j| {
@@ -223,9 +222,7 @@ impl Db {
     ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
-            conn.transaction(|conn| {
-                insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms)
-            })
+            conn.transaction(|conn| insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms))
         })
         .await
     }

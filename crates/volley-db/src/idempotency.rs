@@ -121,7 +121,10 @@ impl Db {
                         idempotency_keys::request_hash.eq(&hash),
                         idempotency_keys::batch_id.eq(view.id),
                     ))
-                    .on_conflict((idempotency_keys::api_key_id, idempotency_keys::idempotency_key))
+                    .on_conflict((
+                        idempotency_keys::api_key_id,
+                        idempotency_keys::idempotency_key,
+                    ))
                     .do_update()
                     .set((
                         idempotency_keys::request_hash.eq(&hash),
