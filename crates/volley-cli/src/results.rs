@@ -184,9 +184,9 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
     } else {
         println!(
             "{} results ({processed} processed, {failed} failed or cancelled, {unfinished} unfinished) \
-             in {}/results.jsonl; {fetched} files downloaded, {already} already there",
+             in {}; {fetched} files downloaded, {already} already there",
             job_ids.len(),
-            args.out.display()
+            args.out.join("results.jsonl").display()
         );
     }
     if !bad.is_empty() {

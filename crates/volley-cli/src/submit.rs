@@ -170,8 +170,9 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
         }));
     } else {
         println!(
-            "submitted {requests} requests in {} batches: {} (state: {})",
+            "submitted {requests} requests in {} batch{}: {} (state: {})",
             ids.len(),
+            if ids.len() == 1 { "" } else { "es" },
             ids.join(" "),
             state_path.display()
         );

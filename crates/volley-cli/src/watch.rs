@@ -152,7 +152,11 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
     .progress_chars("=> ");
     let mut shown: BTreeMap<String, ProgressBar> = BTreeMap::new();
     let mut last_plain: Option<(Instant, Counts)> = None;
-    out.note(&format!("watching {} batches", t.batches.len()));
+    out.note(&format!(
+        "watching {} batch{}",
+        t.batches.len(),
+        if t.batches.len() == 1 { "" } else { "es" }
+    ));
     let (batches, by, all) = loop {
         let batches = read_batches(api, &t.batches).await?;
         let (by, all) = tally(&batches);

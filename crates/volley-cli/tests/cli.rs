@@ -357,3 +357,35 @@ async fn watch_in_a_terminal_shows_progress_bars_that_move() {
     drop(tmux);
     s.stop().await;
 }
+
+/// README's walk-through on the shipped example file: `volley submit examples/mixed.jsonl &&
+/// volley watch && volley results --out results/` (printed, for the record, with --nocapture).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_walk_through_runs_on_the_shipped_example() {
+    let s = Stack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mixed.jsonl");
+    std::fs::create_dir(dir.path().join("examples")).unwrap();
+    std::fs::copy(&example, dir.path().join("examples/mixed.jsonl")).unwrap();
+    let n = std::fs::read_to_string(&example).unwrap().lines().count();
+    for args in [
+        &["submit", "examples/mixed.jsonl"][..],
+        &["watch"][..],
+        &["results", "--out", "results/"][..],
+    ] {
+        let o = volley(&s, dir.path(), args).await;
+        println!(
+            "$ volley {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    let results = std::fs::read_to_string(dir.path().join("results/results.jsonl")).unwrap();
+    assert_eq!(results.lines().count(), n);
+    let first: Value = serde_json::from_str(results.lines().next().unwrap()).unwrap();
+    assert_eq!(first["custom_id"], "img-01");
+    check_media(&dir.path().join("results/img-01.png"));
+    s.stop().await;
+}
