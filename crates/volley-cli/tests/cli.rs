@@ -354,6 +354,8 @@ async fn watch_in_a_terminal_shows_progress_bars_that_move() {
         .collect();
     assert!(positions.len() >= 3, "the bar did not move: {frames:#?}");
     assert!(positions.contains("120/120"), "{frames:#?}");
+    // For the record (--nocapture): how the bars moved, and the final screen.
+    println!("{}\n{}", frames.join("\n"), screen.trim_end());
     drop(tmux);
     s.stop().await;
 }

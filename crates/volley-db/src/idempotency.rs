@@ -28,6 +28,9 @@ pub enum Idempotent {
     InFlight,
 }
 
+/// An earlier use of the key: its body hash, and its batch's id, label, total and creation.
+type Earlier = (Vec<u8>, i64, Option<String>, i32, DateTime<Utc>);
+
 #[derive(QueryableByName)]
 struct Locked {
     #[diesel(sql_type = Bool)]
@@ -81,21 +84,20 @@ impl Db {
                     return Ok(Idempotent::InFlight);
                 }
                 let since = Utc::now() - chrono::Duration::hours(IDEMPOTENCY_TTL_HOURS);
-                let earlier: Option<(Vec<u8>, i64, Option<String>, i32, DateTime<Utc>)> =
-                    idempotency_keys::table
-                        .inner_join(batches::table)
-                        .filter(idempotency_keys::api_key_id.eq(api_key_id))
-                        .filter(idempotency_keys::idempotency_key.eq(&key))
-                        .filter(idempotency_keys::created_at.gt(since))
-                        .select((
-                            idempotency_keys::request_hash,
-                            batches::id,
-                            batches::label,
-                            batches::total,
-                            batches::created_at,
-                        ))
-                        .first(conn)
-                        .optional()?;
+                let earlier: Option<Earlier> = idempotency_keys::table
+                    .inner_join(batches::table)
+                    .filter(idempotency_keys::api_key_id.eq(api_key_id))
+                    .filter(idempotency_keys::idempotency_key.eq(&key))
+                    .filter(idempotency_keys::created_at.gt(since))
+                    .select((
+                        idempotency_keys::request_hash,
+                        batches::id,
+                        batches::label,
+                        batches::total,
+                        batches::created_at,
+                    ))
+                    .first(conn)
+                    .optional()?;
                 if let Some((earlier_hash, id, label, total, created_at)) = earlier {
                     if earlier_hash != hash {
                         return Ok(Idempotent::Mismatch);
