@@ -2,6 +2,7 @@
 //! modality (plain lines when stderr is not a terminal).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -146,9 +147,15 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
         ProgressDrawTarget::hidden()
     });
     let style = ProgressStyle::with_template(
-        "{prefix:>6} [{bar:30.cyan/blue}] {pos}/{len} {per_sec:>10} eta {eta:>4}  {msg}",
+        "{prefix:>6} [{bar:30.cyan/blue}] {pos}/{len} {rate:>8} eta {eta:>4}  {msg}",
     )
     .map_err(|e| Fail::local(e.to_string()))?
+    .with_key(
+        "rate",
+        |st: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.1}/s", st.per_sec());
+        },
+    )
     .progress_chars("=> ");
     let mut shown: BTreeMap<String, ProgressBar> = BTreeMap::new();
     let mut last_plain: Option<(Instant, Counts)> = None;
