@@ -116,12 +116,12 @@ async fn create_batch(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let idempotency_key = idempotency_key(&req)?;
     let (key_id, owner) = state
         .db
         .authenticate_key(bearer(&req)?)
         .await?
         .ok_or(UNKNOWN_KEY)?;
+    let idempotency_key = idempotency_key(&req)?;
     if !state.settings.gateway.async_enabled {
         return Err(ApiError::AsyncDisabled);
     }

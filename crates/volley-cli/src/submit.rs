@@ -41,13 +41,26 @@ pub struct Args {
     crash_after_chunks: Option<usize>,
 }
 
+/// `key=value`, with a key of 1-64 and a value of at most 512 characters.
 fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| format!("expected key=value, got \"{s}\""))
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected key=value, got \"{s}\""))?;
+    if k.is_empty() || k.chars().count() > 64 || v.chars().count() > 512 {
+        return Err("keys are 1-64 characters and values at most 512".into());
+    }
+    Ok((k.to_owned(), v.to_owned()))
 }
 
+/// At most this many metadata pairs per batch.
+const MAX_METADATA: usize = 16;
+
 pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
+    if args.metadata.len() > MAX_METADATA {
+        return Err(Fail::usage(format!(
+            "at most {MAX_METADATA} --metadata pairs"
+        )));
+    }
     let bytes = tokio::fs::read(&args.file)
         .await
         .map_err(|e| Fail::usage(format!("cannot read {}: {e}", args.file.display())))?;
@@ -198,6 +211,13 @@ async fn send_chunk(api: &Api, key: &str, body: &[u8]) -> Result<(String, bool),
             // In flight elsewhere (an earlier attempt still running), or the service is
             // struggling: with the idempotency key, sending again cannot duplicate.
             Ok(r) if r.status == StatusCode::CONFLICT || r.status.is_server_error() => refused(&r),
+            Ok(r) if r.body["error"]["type"] == "idempotency_mismatch" => {
+                return Err(Fail::usage(
+                    "this file was submitted in the last 24 hours with another label or \
+                     metadata; use the same ones, or change the file"
+                        .into(),
+                ));
+            }
             Ok(r) => return Err(refused(&r)),
             Err(e) if e.code == 3 => e,
             Err(e) => return Err(e),

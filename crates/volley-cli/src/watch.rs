@@ -2,7 +2,6 @@
 //! modality (plain lines when stderr is not a terminal).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;

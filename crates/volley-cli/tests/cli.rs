@@ -214,6 +214,27 @@ async fn an_interrupted_submit_resumes_without_duplicates() {
     let o = volley(&s, dir.path(), &["submit", "f.jsonl"]).await;
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(all_batches(&s).await.len(), 3);
+
+    // Even with the state file gone the keys hold: the same options replay every chunk...
+    std::fs::remove_file(dir.path().join("f.jsonl.volley-state.json")).unwrap();
+    let o = volley(&s, dir.path(), &["submit", "f.jsonl"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        text(&o).matches("already accepted before").count(),
+        3,
+        "{}",
+        text(&o)
+    );
+    // ...and other options are refused rather than submitted twice.
+    std::fs::remove_file(dir.path().join("f.jsonl.volley-state.json")).unwrap();
+    let o = volley(&s, dir.path(), &["submit", "f.jsonl", "--label", "other"]).await;
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("submitted in the last 24 hours"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(all_batches(&s).await.len(), 3);
     s.stop().await;
 }
 
