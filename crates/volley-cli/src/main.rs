@@ -27,17 +27,16 @@ use crate::api::Api;
     about = "Volley's client: submit, watch and download batch inference"
 )]
 struct Cli {
-    /// The gateway's base URL.
-    #[arg(
-        long,
-        env = "VOLLEY_URL",
-        default_value = "http://127.0.0.1:8080",
-        global = true
-    )]
-    url: String,
-    /// The API key (sent as a bearer token).
+    /// The gateway's base URL [default: the config file's `url`, else http://127.0.0.1:8080].
+    #[arg(long, env = "VOLLEY_URL", global = true)]
+    url: Option<String>,
+    /// The API key (sent as a bearer token) [default: the config file's `api_key`].
     #[arg(long, env = "VOLLEY_API_KEY", hide_env_values = true, global = true)]
     api_key: Option<String>,
+    /// A TOML file with `url` and `api_key`, used for what flags and variables leave unset
+    /// [default: ~/.config/volley/config.toml, if it exists].
+    #[arg(long, env = "VOLLEY_CLI_CONFIG", global = true)]
+    config: Option<std::path::PathBuf>,
     /// Machine-readable JSON on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -126,8 +125,43 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The config file's settings: flags and environment variables come first.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    url: Option<String>,
+    api_key: Option<String>,
+}
+
+fn file_config(path: Option<std::path::PathBuf>) -> Result<FileConfig, Fail> {
+    let explicit = path.is_some();
+    let Some(path) = path.or_else(|| {
+        std::env::var_os("XDG_CONFIG_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".config")))
+            .map(|d| d.join("volley").join("config.toml"))
+    }) else {
+        return Ok(FileConfig::default());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            toml::from_str(&text).map_err(|e| Fail::usage(format!("{}: {e}", path.display())))
+        }
+        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(FileConfig::default())
+        }
+        Err(e) => Err(Fail::usage(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
 async fn run(cli: Cli, out: Out) -> Result<(), Fail> {
-    let api = Api::new(&cli.url, cli.api_key.filter(|k| !k.is_empty()))?;
+    let file = file_config(cli.config)?;
+    let url = cli
+        .url
+        .or(file.url)
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let key = cli.api_key.or(file.api_key).filter(|k| !k.is_empty());
+    let api = Api::new(&url, key)?;
     match cli.command {
         Command::Submit(a) => submit::run(&api, a, out).await,
         Command::Watch(a) => watch::run(&api, a, out).await,

@@ -287,6 +287,23 @@ async fn bad_lines_and_bad_setups_are_reported_before_anything_is_created() {
         "{}",
         text(&o)
     );
+
+    // A config file fills in what flags and variables leave unset.
+    let cfg = dir.path().join("volley.toml");
+    std::fs::write(
+        &cfg,
+        format!("url = \"{}\"\napi_key = \"{}\"\n", s.url, s.key),
+    )
+    .unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["ls", "--json", "--config", cfg.to_str().unwrap()])
+        .env_remove("VOLLEY_URL")
+        .env_remove("VOLLEY_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(list["object"], "list", "{list}");
     s.stop().await;
 }
 
