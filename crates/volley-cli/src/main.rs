@@ -5,6 +5,19 @@
 //! lines, nothing to act on), found before anything was changed; 3 the service could not be
 //! used (unreachable, key refused, an unexpected answer).
 
+/// `println!` that treats a closed stdout (`volley ls | head`) as the reader being done, not
+/// as a panic.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod api;
 mod input;
 mod results;
@@ -99,7 +112,7 @@ pub struct Out {
 
 impl Out {
     pub fn print_json(&self, v: &Value) {
-        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     }
     /// A progress note on stderr (stdout stays for results), unless printing JSON.
     pub fn note(&self, s: &str) {
@@ -171,7 +184,9 @@ async fn run(cli: Cli, out: Out) -> Result<(), Fail> {
         Command::Cancel { id } => cancel(&api, &id, out).await,
         Command::Models => models(&api, out).await,
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "volley", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "volley", &mut script);
+            outln!("{}", String::from_utf8_lossy(&script).trim_end());
             Ok(())
         }
     }
@@ -198,9 +213,9 @@ async fn ls(api: &Api, out: Out) -> Result<(), Fail> {
         out.print_json(&v);
         return Ok(());
     }
-    println!("{BATCH_HEADER}");
+    outln!("{BATCH_HEADER}");
     for b in v["data"].as_array().into_iter().flatten() {
-        println!("{}", batch_line(b));
+        outln!("{}", batch_line(b));
     }
     Ok(())
 }
@@ -219,10 +234,10 @@ async fn get(api: &Api, id: &str, out: Out) -> Result<(), Fail> {
         out.print_json(&v);
         return Ok(());
     }
-    println!("{BATCH_HEADER}\n{}", batch_line(&v));
-    println!("\n{:>8}  {:<10} TYPE", "JOB", "STATUS");
+    outln!("{BATCH_HEADER}\n{}", batch_line(&v));
+    outln!("\n{:>8}  {:<10} TYPE", "JOB", "STATUS");
     for j in v["jobs"].as_array().into_iter().flatten() {
-        println!(
+        outln!(
             "{:>8}  {:<10} {}",
             j["id"].as_str().unwrap_or("?"),
             j["status"].as_str().unwrap_or("?"),
@@ -238,7 +253,7 @@ async fn cancel(api: &Api, id: &str, out: Out) -> Result<(), Fail> {
     if out.json {
         out.print_json(&v);
     } else {
-        println!("{BATCH_HEADER}\n{}", batch_line(&v));
+        outln!("{BATCH_HEADER}\n{}", batch_line(&v));
     }
     Ok(())
 }
@@ -256,7 +271,7 @@ async fn models(api: &Api, out: Out) -> Result<(), Fail> {
             .flatten()
             .filter_map(Value::as_str)
             .collect();
-        println!("{:<16} {}", m["id"].as_str().unwrap_or("?"), eps.join(" "));
+        outln!("{:<16} {}", m["id"].as_str().unwrap_or("?"), eps.join(" "));
     }
     Ok(())
 }

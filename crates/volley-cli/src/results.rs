@@ -182,7 +182,7 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
     if out.json {
         out.print_json(&summary);
     } else {
-        println!(
+        outln!(
             "{} results ({processed} processed, {failed} failed or cancelled, {unfinished} unfinished) \
              in {}; {fetched} files downloaded, {already} already there",
             job_ids.len(),

@@ -182,7 +182,7 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
             "batches": ids,
         }));
     } else {
-        println!(
+        outln!(
             "submitted {requests} requests in {} batch{}: {} (state: {})",
             ids.len(),
             if ids.len() == 1 { "" } else { "es" },

@@ -208,7 +208,7 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
             "by_type": per,
         }));
     } else {
-        println!("done: {} jobs: {}", all.total, all.describe());
+        outln!("done: {} jobs: {}", all.total, all.describe());
     }
     if all.failed + all.cancelled > 0 {
         return Err(Fail::incomplete(format!(
