@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and testing Volley needs from Debian's packages, if missing:
 # libpq (diesel links it), pkg-config, the PostgreSQL and RabbitMQ servers, espeak-ng (local
-# text-to-speech), tmux (the CLI's pseudo-terminal test). Needs root (or sudo) only when something is missing.
+# text-to-speech), tmux (the CLI's pseudo-terminal test). Needs root (or sudo) only when
+# something is missing.
 set -euo pipefail
 
 need=()
