@@ -98,6 +98,12 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
                 .collect(),
         },
     };
+    if args.label.is_some() && args.label != st.label {
+        out.note(&format!(
+            "resuming with the label of the first run ({}), so that every chunk is sent as before",
+            st.label.as_deref().unwrap_or("none")
+        ));
+    }
     state::remember_last(&state_path).await?;
     let metadata: Map<String, Value> = args
         .metadata
