@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what building and testing Volley needs from Debian's packages, if missing:
 # libpq (diesel links it), pkg-config, the PostgreSQL and RabbitMQ servers, espeak-ng (local
-# text-to-speech), Chromium, Node.js and npm (the web console's browser tests). Needs root (or
-# sudo) only when something is missing.
+# text-to-speech), tmux (the CLI's pseudo-terminal test), Chromium, Node.js and npm (the web
+# console's browser tests). Needs root (or sudo) only when something is missing.
 set -euo pipefail
 
 need=()
-for pkg in libpq-dev pkg-config postgresql rabbitmq-server espeak-ng curl; do
+for pkg in libpq-dev pkg-config postgresql rabbitmq-server espeak-ng curl tmux; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 # By command, not by package: a Node.js or Chromium installed otherwise serves as well.

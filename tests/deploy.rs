@@ -28,9 +28,9 @@ const PLANNED: &[&str] = &[
     "provider-sim",
     "batchctl",
 ];
-/// Developer tools that run beside a stack on a development machine and are never deployed:
-/// the benchmark and the fault-injection suite.
-const DEV_TOOLS: &[&str] = &["volley-bench", "volley-chaos"];
+/// Tools that run beside a stack, never in it, and are never deployed: the benchmark, the
+/// fault-injection suite and the client CLI (`volley`, on users' machines).
+const DEV_TOOLS: &[&str] = &["volley-bench", "volley-chaos", "volley-cli"];
 const SIM: &str = "provider-sim";
 const CLI: &str = "batchctl";
 /// Variables only the simulator reads (besides those found in its source).

@@ -27,6 +27,10 @@ pub enum ApiError {
     Forbidden(String),
     #[error("the service is temporarily unavailable")]
     Unavailable,
+    #[error("this Idempotency-Key was already used with a different request body")]
+    IdempotencyMismatch,
+    #[error("a request with this Idempotency-Key is still in flight; retry later")]
+    IdempotencyInFlight,
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -48,6 +52,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Unavailable => "unavailable",
+            ApiError::IdempotencyMismatch => "idempotency_mismatch",
+            ApiError::IdempotencyInFlight => "idempotency_in_flight",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -72,6 +78,8 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::IdempotencyInFlight => StatusCode::CONFLICT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

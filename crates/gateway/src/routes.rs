@@ -4,7 +4,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
-use volley_db::NewJob;
+use volley_db::{Idempotent, NewJob};
 use volley_domain::{BatchRejection, validate_batch};
 use volley_proto::{CancelJobs, Control, JobMessage, control};
 
@@ -100,12 +100,29 @@ async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes
     Ok(body)
 }
 
+/// The `Idempotency-Key` header, if sent: 1-255 visible ASCII characters.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(v) = req.headers().get("Idempotency-Key") else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .map(|k| Some(k.to_owned()))
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1-255 visible ASCII characters"))
+}
+
 async fn create_batch(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = owner(&req, &state).await?;
+    let (key_id, owner) = state
+        .db
+        .authenticate_key(bearer(&req)?)
+        .await?
+        .ok_or(UNKNOWN_KEY)?;
+    let idempotency_key = idempotency_key(&req)?;
     if !state.settings.gateway.async_enabled {
         return Err(ApiError::AsyncDisabled);
     }
@@ -129,15 +146,29 @@ async fn create_batch(
             body: i.body,
         })
         .collect();
-    let (view, dispatch) = state
-        .db
-        .create_batch(
-            &owner,
-            batch.label,
-            jobs,
-            state.settings.state.dispatch_grace_ms,
-        )
-        .await?;
+    let grace = state.settings.state.dispatch_grace_ms;
+    let (view, dispatch) = match idempotency_key {
+        None => {
+            state
+                .db
+                .create_batch(&owner, batch.label, jobs, grace)
+                .await?
+        }
+        Some(k) => match state
+            .db
+            .create_batch_idempotent(key_id, k, &body, &owner, batch.label, jobs, grace)
+            .await?
+        {
+            Idempotent::Created(view, dispatch) => (view, dispatch),
+            Idempotent::Replayed(view) => {
+                return Ok(HttpResponse::Accepted()
+                    .insert_header(("Idempotent-Replayed", "true"))
+                    .json(views::batch(&view)));
+            }
+            Idempotent::Mismatch => return Err(ApiError::IdempotencyMismatch),
+            Idempotent::InFlight => return Err(ApiError::IdempotencyInFlight),
+        },
+    };
     tracing::info!(batch.id = view.id, jobs = dispatch.len(), "batch accepted");
     count_accepted(&state, &dispatch);
 

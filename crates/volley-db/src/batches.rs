@@ -149,6 +149,59 @@ pub(crate) fn batch_views(
         .collect())
 }
 
+/// Inserts a batch and its jobs; the caller holds the transaction.
+pub(crate) fn insert_batch(
+    conn: &mut PgConn,
+    owner: &str,
+    label: Option<String>,
+    new_jobs: &[NewJob],
+    dispatch_grace_ms: u64,
+) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+    let total = new_jobs.len() as i32;
+    let row: BatchRow = diesel::insert_into(batches::table)
+        .values((
+            batches::owner.eq(owner),
+            batches::label.eq(&label),
+            batches::total.eq(total),
+        ))
+        .returning(BATCH_COLUMNS)
+        .get_result(conn)?;
+    let available = row.created_at + chrono::Duration::milliseconds(dispatch_grace_ms as i64);
+    let values: Vec<_> = new_jobs
+        .iter()
+        .map(|j| {
+            (
+                jobs::batch_id.eq(row.id),
+                jobs::owner.eq(owner),
+                jobs::inference_type.eq(&j.inference_type),
+                jobs::endpoint.eq(&j.endpoint),
+                jobs::model.eq(&j.model),
+                jobs::body.eq(&j.body),
+                jobs::available_at.eq(available),
+                // Out of the outbox from the start: the batch's `published_at`
+                // stands for the confirms, so they cost no update per job.
+                jobs::dispatched_at.eq(Some(row.created_at)),
+            )
+        })
+        .collect();
+    let dispatch: Vec<JobDispatch> = diesel::insert_into(jobs::table)
+        .values(&values)
+        .returning(JobDispatch::as_returning())
+        .get_results(conn)?;
+    let mut counts = BatchCounts::default();
+    counts.add(JobStatus::Queued, dispatch.len() as u64);
+    Ok((
+        BatchView {
+            id: row.id,
+            label: row.label,
+            total: i64::from(total),
+            created_at: row.created_at,
+            counts,
+        },
+        dispatch,
+    ))
+}
+
 const BATCH_COLUMNS: (
     batches::id,
     batches::label,
@@ -174,52 +227,7 @@ impl Db {
     ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
-            conn.transaction(|conn| {
-                let total = new_jobs.len() as i32;
-                let row: BatchRow = diesel::insert_into(batches::table)
-                    .values((
-                        batches::owner.eq(&owner),
-                        batches::label.eq(&label),
-                        batches::total.eq(total),
-                    ))
-                    .returning(BATCH_COLUMNS)
-                    .get_result(conn)?;
-                let available =
-                    row.created_at + chrono::Duration::milliseconds(dispatch_grace_ms as i64);
-                let values: Vec<_> = new_jobs
-                    .iter()
-                    .map(|j| {
-                        (
-                            jobs::batch_id.eq(row.id),
-                            jobs::owner.eq(&owner),
-                            jobs::inference_type.eq(&j.inference_type),
-                            jobs::endpoint.eq(&j.endpoint),
-                            jobs::model.eq(&j.model),
-                            jobs::body.eq(&j.body),
-                            jobs::available_at.eq(available),
-                            // Out of the outbox from the start: the batch's `published_at`
-                            // stands for the confirms, so they cost no update per job.
-                            jobs::dispatched_at.eq(Some(row.created_at)),
-                        )
-                    })
-                    .collect();
-                let dispatch: Vec<JobDispatch> = diesel::insert_into(jobs::table)
-                    .values(&values)
-                    .returning(JobDispatch::as_returning())
-                    .get_results(conn)?;
-                let mut counts = BatchCounts::default();
-                counts.add(JobStatus::Queued, dispatch.len() as u64);
-                Ok((
-                    BatchView {
-                        id: row.id,
-                        label: row.label,
-                        total: i64::from(total),
-                        created_at: row.created_at,
-                        counts,
-                    },
-                    dispatch,
-                ))
-            })
+            conn.transaction(|conn| insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms))
         })
         .await
     }

@@ -56,5 +56,16 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    idempotency_keys (api_key_id, idempotency_key) {
+        api_key_id -> Int8,
+        idempotency_key -> Text,
+        request_hash -> Bytea,
+        batch_id -> Int8,
+        created_at -> Timestamptz,
+    }
+}
+
 diesel::joinable!(jobs -> batches (batch_id));
-diesel::allow_tables_to_appear_in_same_query!(api_keys, batches, jobs);
+diesel::joinable!(idempotency_keys -> batches (batch_id));
+diesel::allow_tables_to_appear_in_same_query!(api_keys, batches, jobs, idempotency_keys);
