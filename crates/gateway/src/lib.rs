@@ -129,6 +129,11 @@ impl Gateway {
                     metrics.clone(),
                 ))
                 .app_data(state.clone())
+                // A path segment that does not decode (`%ff`) is no such thing, in our shape.
+                .app_data(
+                    web::PathConfig::default()
+                        .error_handler(|_, _| ApiError::NotFound("route").into()),
+                )
                 .service(volley_telemetry::http::metrics_resource(metrics.clone()))
                 .configure(routes::configure)
                 .default_service(web::to(|| async {
