@@ -14,6 +14,9 @@ use tokio::net::TcpStream;
 use volley::{Options, Stack};
 use volley_domain::InferenceType;
 
+/// Request headers as name and raw bytes (some not UTF-8).
+type Headers = Vec<(&'static str, Vec<u8>)>;
+
 /// A stack with no workers: these tests are about the gateway.
 async fn gateway_only(tweak: impl FnOnce(&mut volley_config::Settings)) -> Stack {
     Stack::start_with(
@@ -395,7 +398,7 @@ async fn hostile_bodies_get_clear_400s_and_nothing_is_written() {
     let deep_arrays = "[".repeat(100_000).into_bytes();
     let deep_objects = {
         let mut b = "{\"a\":".repeat(50_000);
-        b.push_str("1");
+        b.push('1');
         b.push_str(&"}".repeat(50_000));
         b.into_bytes()
     };
@@ -468,7 +471,7 @@ async fn odd_ids_and_headers_are_4xx_in_the_error_shape() {
         assert_eq!(status, 404, "{p}/cancel: {v}");
     }
 
-    let get = |headers: Vec<(&'static str, Vec<u8>)>| {
+    let get = |headers: Headers| {
         let (http, url) = (s.http.clone(), s.url.clone());
         async move {
             let mut rb = http.get(format!("{url}/v1/batches"));
@@ -481,7 +484,7 @@ async fn odd_ids_and_headers_are_4xx_in_the_error_shape() {
         }
     };
     let bearer = |k: &str| format!("Bearer {k}").into_bytes();
-    let cases: Vec<(&str, Vec<(&'static str, Vec<u8>)>, u16)> = vec![
+    let cases: Vec<(&str, Headers, u16)> = vec![
         ("no key", vec![], 401),
         (
             "empty bearer",
