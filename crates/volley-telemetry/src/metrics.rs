@@ -294,7 +294,7 @@ const METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-/// A method as a metric label: one of [`METHODS`], else `OTHER`.
+/// A method as a metric label: one of the standard methods, else `OTHER`.
 pub fn method_label(method: &str) -> &'static str {
     METHODS
         .iter()
