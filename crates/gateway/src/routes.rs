@@ -85,19 +85,64 @@ pub(crate) fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
         .ok_or(ApiError::NotFound(what))
 }
 
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::BodyTooLarge(format!(
-                "the request body is larger than {limit} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
+/// Bodies larger than this are parsed and validated on the blocking pool: a few 16 MiB bodies
+/// parsed on the event loop would hold up every other request of that worker thread.
+const PARSE_INLINE_BYTES: usize = 64 * 1024;
+
+/// Reads the whole body: 413 as soon as the declared or the received size passes `limit`, 408
+/// when it has not all arrived within `timeout` (a client sending it slowly holds a
+/// connection and a buffer for as long as it likes otherwise).
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<web::BytesMut, ApiError> {
+    let too_large =
+        || ApiError::BodyTooLarge(format!("the request body is larger than {limit} bytes"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
     }
-    Ok(body)
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} ms",
+            timeout.as_millis()
+        ))
+    })?
+}
+
+/// Parses and validates a submitted batch (a pure function, so it can run on any thread).
+fn parse_batch(
+    body: &[u8],
+    settings: &volley_config::Settings,
+    limits: &volley_domain::Limits,
+) -> Result<volley_domain::ValidBatch, ApiError> {
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    validate_batch(&request, settings, limits).map_err(|r| match r {
+        BatchRejection::TooLarge { .. } => ApiError::TooLarge(r.message()),
+        BatchRejection::Invalid(errors) => ApiError::InvalidRequest {
+            message: BatchRejection::Invalid(errors.clone()).message(),
+            errors,
+        },
+    })
 }
 
 /// The `Idempotency-Key` header, if sent: 1-255 visible ASCII characters.
@@ -126,16 +171,22 @@ async fn create_batch(
     if !state.settings.gateway.async_enabled {
         return Err(ApiError::AsyncDisabled);
     }
-    let body = read_body(payload, state.settings.gateway.max_body_bytes).await?;
-    let request: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let batch = validate_batch(&request, &*state.settings, &state.limits).map_err(|r| match r {
-        BatchRejection::TooLarge { .. } => ApiError::TooLarge(r.message()),
-        BatchRejection::Invalid(errors) => ApiError::InvalidRequest {
-            message: BatchRejection::Invalid(errors.clone()).message(),
-            errors,
-        },
-    })?;
+    let gw = &state.settings.gateway;
+    let body = read_body(
+        &req,
+        payload,
+        gw.max_body_bytes,
+        std::time::Duration::from_millis(gw.body_timeout_ms),
+    )
+    .await?;
+    let batch = if body.len() <= PARSE_INLINE_BYTES {
+        parse_batch(&body, &state.settings, &state.limits)?
+    } else {
+        let (settings, limits) = (state.settings.clone(), state.limits.clone());
+        web::block(move || parse_batch(&body, &settings, &limits))
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("parsing off the event loop: {e}")))??
+    };
     let jobs: Vec<NewJob> = batch
         .items
         .into_iter()

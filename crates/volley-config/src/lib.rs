@@ -94,6 +94,16 @@ pub struct GatewaySettings {
     pub async_enabled: bool,
     pub max_body_bytes: usize,
     pub workers: usize,
+    /// When set, `/metrics` is served on this address only (an internal port), not on `addr`.
+    pub metrics_addr: Option<String>,
+    /// A request body must arrive whole within this long, else 408 `request_timeout`.
+    pub body_timeout_ms: u64,
+    /// Requests per second each API key may make on average (0: no limit).
+    pub key_rate_per_sec: u32,
+    /// Requests an API key may make at once above its rate, after a quiet spell.
+    pub key_burst: u32,
+    /// Requests of one API key in progress at once (0: no limit).
+    pub key_max_in_flight: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -316,6 +326,11 @@ impl Default for GatewaySettings {
             async_enabled: true,
             max_body_bytes: 16 * 1024 * 1024,
             workers: 2,
+            metrics_addr: None,
+            body_timeout_ms: 10_000,
+            key_rate_per_sec: 100,
+            key_burst: 200,
+            key_max_in_flight: 64,
         }
     }
 }
@@ -381,6 +396,26 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     (
         "VOLLEY_ASYNC_ENABLED",
         "false turns batch submission off (503)",
+    ),
+    (
+        "VOLLEY_GATEWAY_METRICS_ADDR",
+        "internal address serving the gateway's /metrics (then not on the public port)",
+    ),
+    (
+        "VOLLEY_GATEWAY_BODY_TIMEOUT_MS",
+        "a request body must arrive within this long (408)",
+    ),
+    (
+        "VOLLEY_GATEWAY_KEY_RATE_PER_SEC",
+        "requests per second per API key (0: no limit; 429)",
+    ),
+    (
+        "VOLLEY_GATEWAY_KEY_BURST",
+        "requests per API key allowed at once above the rate",
+    ),
+    (
+        "VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT",
+        "requests per API key in progress at once (0: no limit; 429)",
     ),
     ("VOLLEY_STATE_ADDR", "batch-state listen address"),
     ("VOLLEY_STATE_URL", "where workers reach batch-state"),
@@ -479,6 +514,15 @@ impl Settings {
                 "VOLLEY_GATEWAY_ADDR" => self.gateway.addr = v.into(),
                 "VOLLEY_PUBLIC_URL" => self.gateway.public_url = v.into(),
                 "VOLLEY_ASYNC_ENABLED" => self.gateway.async_enabled = parse(key, v)?,
+                "VOLLEY_GATEWAY_METRICS_ADDR" => {
+                    self.gateway.metrics_addr = Some(v.trim().to_owned()).filter(|a| !a.is_empty())
+                }
+                "VOLLEY_GATEWAY_BODY_TIMEOUT_MS" => self.gateway.body_timeout_ms = parse(key, v)?,
+                "VOLLEY_GATEWAY_KEY_RATE_PER_SEC" => self.gateway.key_rate_per_sec = parse(key, v)?,
+                "VOLLEY_GATEWAY_KEY_BURST" => self.gateway.key_burst = parse(key, v)?,
+                "VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT" => {
+                    self.gateway.key_max_in_flight = parse(key, v)?
+                }
                 "VOLLEY_STATE_ADDR" => self.state.addr = v.into(),
                 "VOLLEY_STATE_URL" => self.state.url = v.into(),
                 "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
@@ -569,6 +613,12 @@ impl Settings {
         }
         if self.database_pool_size == 0 {
             return bad("database_pool_size must be at least 1".into());
+        }
+        if self.gateway.body_timeout_ms == 0 {
+            return bad("gateway.body_timeout_ms must be at least 1".into());
+        }
+        if self.gateway.key_rate_per_sec > 0 && self.gateway.key_burst == 0 {
+            return bad("gateway.key_burst must be at least 1 when key_rate_per_sec is set".into());
         }
         self.validate_media()?;
         let mut names = std::collections::HashSet::new();
