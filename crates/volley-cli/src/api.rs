@@ -41,7 +41,9 @@ impl Api {
         })
     }
 
-    /// Sends a request and returns whatever status came back; only transport errors fail.
+    /// Sends a request and returns whatever status came back; only transport errors fail. A
+    /// 429 (`rate_limited`) is waited out as its `Retry-After` says, a few times, since the
+    /// gateway limits each key's request rate and the CLI is one key doing many requests.
     pub async fn send(
         &self,
         method: Method,
@@ -50,6 +52,27 @@ impl Api {
         idempotency_key: Option<&str>,
         auth: bool,
     ) -> Result<Reply, Fail> {
+        let mut attempt = 0;
+        loop {
+            let (reply, retry_after) = self
+                .send_once(method.clone(), path, body, idempotency_key, auth)
+                .await?;
+            attempt += 1;
+            if reply.status != StatusCode::TOO_MANY_REQUESTS || attempt >= RATE_LIMIT_ATTEMPTS {
+                return Ok(reply);
+            }
+            tokio::time::sleep(retry_after).await;
+        }
+    }
+
+    async fn send_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&[u8]>,
+        idempotency_key: Option<&str>,
+        auth: bool,
+    ) -> Result<(Reply, Duration), Fail> {
         let mut rb = self.http.request(method, format!("{}{path}", self.base));
         if auth {
             rb = rb.bearer_auth(self.key()?);
@@ -64,17 +87,21 @@ impl Api {
         }
         let r = rb.send().await.map_err(|e| self.transport(e))?;
         let status = r.status();
+        let retry_after = retry_after(r.headers());
         let replayed = r
             .headers()
             .get("Idempotent-Replayed")
             .is_some_and(|v| v.as_bytes() == b"true");
         let text = r.text().await.map_err(|e| self.transport(e))?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Ok(Reply {
-            status,
-            replayed,
-            body,
-        })
+        Ok((
+            Reply {
+                status,
+                replayed,
+                body,
+            },
+            retry_after,
+        ))
     }
 
     /// A request that must succeed: any other status is an error naming what the server said.
@@ -142,6 +169,20 @@ impl Api {
     }
 }
 
+/// How many times one request meets a 429 before the CLI reports it.
+const RATE_LIMIT_ATTEMPTS: u32 = 8;
+
+/// The wait a 429 asks for: its `Retry-After` in seconds, between 1 and 30 (a hostile or
+/// confused server cannot park the CLI for hours).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
+    let secs = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(secs.clamp(1, 30))
+}
+
 /// The error a non-success reply stands for, in the contract's words.
 pub fn refused(r: &Reply) -> Fail {
     let kind = r.body["error"]["type"].as_str().unwrap_or("");
@@ -168,5 +209,27 @@ pub fn refused(r: &Reply) -> Fail {
             Fail::usage(m)
         }
         s => Fail::service(format!("the gateway answered {}: {message}", s.as_u16())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+
+    #[test]
+    fn retry_after_is_bounded() {
+        let wait = |v: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(RETRY_AFTER, HeaderValue::from_static(v));
+            }
+            retry_after(&h).as_secs()
+        };
+        assert_eq!(wait(None), 1);
+        assert_eq!(wait(Some("3")), 3);
+        assert_eq!(wait(Some("0")), 1);
+        assert_eq!(wait(Some("999999")), 30);
+        assert_eq!(wait(Some("Wed, 21 Oct 2015 07:28:00 GMT")), 1);
     }
 }
