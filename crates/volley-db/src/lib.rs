@@ -19,7 +19,7 @@ use r2d2::ManageConnection;
 
 pub use batches::{BatchView, JobDispatch, JobSummary, JobView, NewJob};
 pub use keys::{ApiKey, CreatedKey, hash_key};
-pub use state::{Claim, Event, Outcome, SweepReport, Usage};
+pub use state::{Claim, EachResult, Event, Outcome, Refusal, SweepReport, Usage};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
