@@ -77,6 +77,26 @@ pub enum DbError {
     Task(String),
 }
 
+impl DbError {
+    /// Whether the database answered and refused the statement (a value it cannot store, a
+    /// constraint): retrying the same statement cannot succeed. Connection and transaction
+    /// failures (an outage, a restart) are not refusals.
+    pub fn is_refusal(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        match self {
+            DbError::Query(E::DatabaseError(
+                K::ClosedConnection
+                | K::UnableToSendCommand
+                | K::SerializationFailure
+                | K::ReadOnlyTransaction,
+                _,
+            )) => false,
+            DbError::Query(E::DatabaseError(..) | E::SerializationError(_)) => true,
+            _ => false,
+        }
+    }
+}
+
 /// A handle on the pool; cheap to clone.
 #[derive(Clone)]
 pub struct Db {

@@ -439,21 +439,16 @@ fn apply_on(
     Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
 }
 
-/// Whether `err` says the event is at fault rather than the connection: the database answered
-/// and refused it (an unstorable value, a constraint). Then the connection is checked, so an
-/// outage that shows as a plain error (a server shutting down) is not blamed on the event.
+/// Why an event's statement failed, when the event is at fault rather than the connection
+/// ([`DbError::is_refusal`]). The connection is checked then, so that an outage showing as a
+/// plain error (a server shutting down) is not blamed on the event; otherwise `Err`.
 fn event_error(
     conn: &mut PooledConnection<Manager>,
     err: diesel::result::Error,
 ) -> Result<String, DbError> {
-    use diesel::result::{DatabaseErrorKind as K, Error as E};
-    match &err {
-        E::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _)
-        | E::DatabaseError(K::SerializationFailure | K::ReadOnlyTransaction, _) => {
-            return Err(err.into());
-        }
-        E::DatabaseError(..) | E::SerializationError(_) => {}
-        _ => return Err(err.into()),
+    let err = DbError::from(err);
+    if !err.is_refusal() {
+        return Err(err);
     }
     diesel::sql_query("SELECT 1").execute(&mut **conn)?;
     Ok(err.to_string())

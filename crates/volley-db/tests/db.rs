@@ -403,7 +403,13 @@ async fn an_unstorable_event_fails_only_its_own_job() {
             message: "bad\u{0}".into(),
         },
     };
-    let events = vec![ok(ids[0], 1), nul_result, nul_error, ok(ids[3], 1), ok(ids[3], 9)];
+    let events = vec![
+        ok(ids[0], 1),
+        nul_result,
+        nul_error,
+        ok(ids[3], 1),
+        ok(ids[3], 9),
+    ];
     assert!(
         db.apply_events(events.clone()).await.is_err(),
         "PostgreSQL refuses the whole statement"
@@ -412,14 +418,26 @@ async fn an_unstorable_event_fails_only_its_own_job() {
         error_type: "invalid_output".into(),
         message: "the outcome could not be stored".into(),
     };
-    let each = db.apply_each(events.clone(), refusal.clone()).await.unwrap();
+    let each = db
+        .apply_each(events.clone(), refusal.clone())
+        .await
+        .unwrap();
     assert_eq!(each.len(), 5);
     assert_eq!(each[0], EachResult::Applied("PROCESSED".into()));
     assert!(matches!(each[1], EachResult::FailedInstead(_)), "{each:?}");
     assert!(matches!(each[2], EachResult::FailedInstead(_)), "{each:?}");
     assert_eq!(each[3], EachResult::Applied("PROCESSED".into()));
-    assert_eq!(each[4], EachResult::Ignored, "a stale attempt stays fenced off");
-    for (i, want) in [(0, "PROCESSED"), (1, "FAILED"), (2, "FAILED"), (3, "PROCESSED")] {
+    assert_eq!(
+        each[4],
+        EachResult::Ignored,
+        "a stale attempt stays fenced off"
+    );
+    for (i, want) in [
+        (0, "PROCESSED"),
+        (1, "FAILED"),
+        (2, "FAILED"),
+        (3, "PROCESSED"),
+    ] {
         let job = db.get_job("o", ids[i]).await.unwrap().unwrap();
         assert_eq!(job.status, want, "job {i}");
         if want == "FAILED" {

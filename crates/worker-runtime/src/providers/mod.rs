@@ -169,7 +169,11 @@ impl Provider {
         }
         if let Some(mut b) = self.bucket() {
             let used = used.filter(|u| *u > 0).unwrap_or(0);
-            b.adjust(i64::try_from(reserved).unwrap_or(i64::MAX).saturating_sub(used));
+            b.adjust(
+                i64::try_from(reserved)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(used),
+            );
         }
     }
 
