@@ -18,6 +18,8 @@
 //!   key (default key: hash of route + body without `sim_*` fields).
 //! - `sim_media_bytes`: grow produced media to at least this size (cap
 //!   512 MiB), streamed as valid padding.
+//! - `sim_nul`: `true` puts U+0000 in chat/completion reply text and in
+//!   error messages (a provider's output PostgreSQL cannot store).
 //!
 //! Prediction outputs: video and audio models return one URL string, image
 //! models a list of URLs. The kind comes from `input.kind` or the model name.

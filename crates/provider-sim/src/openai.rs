@@ -125,7 +125,10 @@ pub(crate) async fn chat(
     if let Outcome::Malformed = outcome {
         return Ok(malformed_json());
     }
-    let (text, completion_tokens, finish_reason) = reply_for(&last, max_tokens);
+    let (mut text, completion_tokens, finish_reason) = reply_for(&last, max_tokens);
+    if sim.nul {
+        text.push('\0');
+    }
     Ok(HttpResponse::Ok().json(json!({
         "id": new_id("chatcmpl-"),
         "object": "chat.completion",
@@ -157,7 +160,10 @@ pub(crate) async fn completions(
     if let Outcome::Malformed = outcome {
         return Ok(malformed_json());
     }
-    let (text, completion_tokens, finish_reason) = reply_for(&prompt, max_tokens);
+    let (mut text, completion_tokens, finish_reason) = reply_for(&prompt, max_tokens);
+    if sim.nul {
+        text.push('\0');
+    }
     Ok(HttpResponse::Ok().json(json!({
         "id": new_id("cmpl-"),
         "object": "text_completion",

@@ -61,6 +61,9 @@ pub(crate) struct SimOpts {
     pub key: Option<String>,
     pub retry_after: Option<u64>,
     pub media_bytes: u64,
+    /// `sim_nul`: put U+0000 in the reply text and in error messages (what PostgreSQL
+    /// cannot store).
+    pub nul: bool,
 }
 
 impl SimOpts {
@@ -105,6 +108,10 @@ impl SimOpts {
             key: s("sim_key")?,
             retry_after: u("sim_retry_after")?,
             media_bytes: u("sim_media_bytes")?.unwrap_or(0).min(MAX_MEDIA_BYTES),
+            nul: match pick("sim_nul") {
+                Some(obj) => opt_bool(obj, "sim_nul")?.unwrap_or(false),
+                None => false,
+            },
         })
     }
 }
@@ -179,12 +186,18 @@ impl State {
             return Err(ApiError::timed_out());
         }
         tokio::time::sleep(self.latency(sim)).await;
+        let err = |mut e: ApiError| {
+            if sim.nul {
+                e.message.push_str(" \u{0}");
+            }
+            Err(e)
+        };
         match fail {
             None | Some(FailMode::Timeout) => Ok((Outcome::Succeed, guard)),
             Some(FailMode::Malformed) => Ok((Outcome::Malformed, guard)),
-            Some(FailMode::Retryable) => Err(ApiError::upstream()),
-            Some(FailMode::Fatal) => Err(ApiError::fatal()),
-            Some(FailMode::RateLimit) => Err(ApiError::rate_limited(sim.retry_after.unwrap_or(1))),
+            Some(FailMode::Retryable) => err(ApiError::upstream()),
+            Some(FailMode::Fatal) => err(ApiError::fatal()),
+            Some(FailMode::RateLimit) => err(ApiError::rate_limited(sim.retry_after.unwrap_or(1))),
         }
     }
 
