@@ -267,7 +267,7 @@ async fn services_refuse_weak_internal_tokens_outside_dev_mode() {
 }
 
 /// A `max_tokens` near u64::MAX overflowed the token estimate of a provider with a token
-/// rate: a panic in debug builds that left the job PROCESSING for ever. It now ends.
+/// rate: a panic in debug builds that left the job PROCESSING for ever. It now runs.
 #[tokio::test]
 async fn a_huge_max_tokens_does_not_strand_the_job() {
     let s = Stack::start_with(llm_only(), |s| {
@@ -281,11 +281,9 @@ async fn a_huge_max_tokens_does_not_strand_the_job() {
     for field in ["max_tokens", "max_completion_tokens"] {
         let id = submit_as(&s, &s.key, vec![chat(json!({field: u64::MAX}))]).await;
         let b = wait_done_as(&s, &s.key, &id).await;
-        assert_eq!(
-            b["processed"].as_u64().unwrap() + b["failed"].as_u64().unwrap(),
-            1,
-            "{field}: {b}"
-        );
+        // Saturated, the estimate lets it run. (Were it to overflow again, the panic would
+        // fail the job as internal_error rather than strand it: still not PROCESSED.)
+        assert_eq!(b["processed"], 1, "{field}: {b}");
     }
     assert_eq!(s.worker_in_flight().await, 0, "no job left running");
     s.stop().await;
