@@ -59,7 +59,8 @@ if ! psql -h 127.0.0.1 -U postgres -Atc "SELECT 1 FROM pg_database WHERE datname
 fi
 "$bin/batchctl" migrate
 "$bin/batchctl" keys revoke dev >/dev/null 2>&1 || true
-"$bin/batchctl" keys create --name dev | tail -n 1 >"$state/dev-api-key"
+# Admin, so the local console's operator page works too.
+"$bin/batchctl" keys create --name dev --admin | tail -n 1 >"$state/dev-api-key"
 echo "dev API key (also in $state/dev-api-key): $(cat "$state/dev-api-key")"
 
 : >"$state/pids"
@@ -88,6 +89,7 @@ if ! curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1; then
   exit 1
 fi
 echo "Volley is up: gateway http://127.0.0.1:8080, logs in $state/logs/"
+echo "Web console: http://127.0.0.1:8080/console/ (sign in with the dev API key above)"
 
 if [ "$mode" = up ]; then
   exit 0

@@ -407,6 +407,7 @@ async fn publish_event(s: &Stack, job_id: i64, attempt: i32, result: Value) {
         outcome: Some(job_event::Outcome::Succeeded(Succeeded {
             result_json: serde_json::to_vec(&result).unwrap(),
             usage: None,
+            ..Default::default()
         })),
         at_ms: 0,
         ..Default::default()
@@ -642,27 +643,27 @@ async fn media_links_are_signed() {
     let url = job["result"]["data"][0]["url"].as_str().unwrap().to_owned();
     assert_eq!(s.http.get(&url).send().await.unwrap().status(), 200);
     let (path, query) = url.split_once('?').unwrap();
-    let mut parts: Vec<(String, String)> = query
+    let parts: Vec<(String, String)> = query
         .split('&')
         .map(|kv| {
             let (k, v) = kv.split_once('=').unwrap();
             (k.to_owned(), v.to_owned())
         })
         .collect();
-    let sig = parts.iter().find(|(k, _)| k == "sig").unwrap().1.clone();
+    let part = |name: &str| parts.iter().find(|(k, _)| k == name).unwrap().1.clone();
+    let (job_id, expires, sig) = (part("job"), part("expires"), part("sig"));
     let mut flipped = sig.clone().into_bytes();
     flipped[0] = if flipped[0] == b'a' { b'b' } else { b'a' };
     let tampered = format!(
-        "{path}?expires={}&sig={}",
-        parts[0].1,
+        "{path}?job={job_id}&expires={expires}&sig={}",
         String::from_utf8(flipped).unwrap()
     );
     assert_eq!(s.http.get(&tampered).send().await.unwrap().status(), 403);
     // Extending the expiry without re-signing is refused too.
-    parts[0].1 = (parts[0].1.parse::<i64>().unwrap() + 1000).to_string();
+    let later = expires.parse::<i64>().unwrap() + 1000;
     assert_eq!(
         s.http
-            .get(format!("{path}?expires={}&sig={sig}", parts[0].1))
+            .get(format!("{path}?job={job_id}&expires={later}&sig={sig}"))
             .send()
             .await
             .unwrap()
@@ -671,15 +672,16 @@ async fn media_links_are_signed() {
     );
     // An expired but validly signed link is refused.
     let key = path.split("/v1/media/").nth(1).unwrap();
+    let job_id: i64 = job_id.parse().unwrap();
     let signer = volley_media::Signer::new(s.settings.media.signing_key.expose().as_bytes());
-    let old = signer.url(&s.url, key, chrono_now() - 10);
+    let old = signer.url(&s.url, job_id, key, chrono_now() - 10);
     assert_eq!(s.http.get(&old).send().await.unwrap().status(), 403);
     assert_eq!(
         s.http.get(path).send().await.unwrap().status(),
         403,
         "unsigned"
     );
-    let escape = signer.url(&s.url, "../../etc/passwd", chrono_now() + 100);
+    let escape = signer.url(&s.url, job_id, "../../etc/passwd", chrono_now() + 100);
     assert!(matches!(
         s.http.get(&escape).send().await.unwrap().status().as_u16(),
         403 | 404

@@ -28,9 +28,9 @@ const PLANNED: &[&str] = &[
     "provider-sim",
     "batchctl",
 ];
-/// Developer tools that run beside a stack on a development machine and are never deployed:
-/// the benchmark and the fault-injection suite.
-const DEV_TOOLS: &[&str] = &["volley-bench", "volley-chaos"];
+/// Tools that run beside a stack, never in it, and are never deployed: the benchmark, the
+/// fault-injection suite and the client CLI (`volley`, on users' machines).
+const DEV_TOOLS: &[&str] = &["volley-bench", "volley-chaos", "volley-cli"];
 const SIM: &str = "provider-sim";
 const CLI: &str = "batchctl";
 /// Variables only the simulator reads (besides those found in its source).
@@ -1747,11 +1747,24 @@ fn kubernetes_pods_are_wired_correctly() {
                     errors.push(format!("{where_}: no containerPort"));
                     continue;
                 };
+                // The main address is on the first port; others (an internal metrics port) on
+                // another port of the container, which then carries the metrics annotation.
+                let mut metrics_port = port;
                 for (k, v) in &env {
                     if let (true, EnvSrc::Lit(a)) = (k.ends_with("_ADDR"), v) {
-                        if port_of(a).map(i64::from) != Some(port) {
-                            errors
-                                .push(format!("{where_}: {k}={a} but the containerPort is {port}"));
+                        let p = port_of(a).map(i64::from);
+                        if Some(k.as_str()) == addr_var(&bin) || !k.ends_with("_METRICS_ADDR") {
+                            if p != Some(port) {
+                                errors.push(format!(
+                                    "{where_}: {k}={a} but the containerPort is {port}"
+                                ));
+                            }
+                        } else if let Some(p) = p.filter(|p| ports.contains(p) && *p != port) {
+                            metrics_port = p;
+                        } else {
+                            errors.push(format!(
+                                "{where_}: {k}={a} is not a second containerPort of {ports:?}"
+                            ));
                         }
                         if !a.starts_with("0.0.0.0:") {
                             errors.push(format!("{where_}: {k}={a} must listen on 0.0.0.0"));
@@ -1764,10 +1777,10 @@ fn kubernetes_pods_are_wired_correctly() {
                     errors.push(format!("{where_}: {var} is not set to 0.0.0.0:{port}"));
                 }
                 if let Some(p) = annotations.get("prometheus.io/port")
-                    && p.parse::<i64>().ok() != Some(port)
+                    && p.parse::<i64>().ok() != Some(metrics_port)
                 {
                     errors.push(format!(
-                        "{where_}: prometheus.io/port {p} is not the containerPort {port}"
+                        "{where_}: prometheus.io/port {p} is not the metrics port {metrics_port}"
                     ));
                 }
                 for (probe, want) in [

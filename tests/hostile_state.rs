@@ -109,6 +109,7 @@ async fn nul_in_provider_output_stops_no_ones_outcomes() {
             outcome: Some(job_event::Outcome::Succeeded(Succeeded {
                 result_json: br#"{"text":"raw\u0000reply","k\u0000":1}"#.to_vec(),
                 usage: None,
+                ..Default::default()
             })),
             ..Default::default()
         },

@@ -383,6 +383,7 @@ async fn retry_failed_reruns_failed_jobs_under_the_same_ids_with_a_fresh_budget(
             outcome: Some(job_event::Outcome::Succeeded(Succeeded {
                 result_json: b"{\"late\":true}".to_vec(),
                 usage: None,
+                ..Default::default()
             })),
             ..Default::default()
         },

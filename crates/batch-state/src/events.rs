@@ -67,6 +67,7 @@ pub fn decode_with_context(payload: &[u8]) -> Result<(Event, EventContext), Stri
                 completion_tokens: u.completion_tokens,
                 total_tokens: u.total_tokens,
             }),
+            media_keys: s.media_keys.iter().map(|k| clean_for_pg(k)).collect(),
         },
         Some(job_event::Outcome::Failed(f)) => Outcome::Failed {
             error_type: clean_for_pg(&f.error_type),
@@ -311,6 +312,7 @@ mod tests {
             outcome: Some(job_event::Outcome::Succeeded(Succeeded {
                 result_json: br#"{"a":1}"#.to_vec(),
                 usage: None,
+                ..Default::default()
             })),
             at_ms: 0,
             ..Default::default()
@@ -323,6 +325,7 @@ mod tests {
         bad.outcome = Some(job_event::Outcome::Succeeded(Succeeded {
             result_json: b"{nope".to_vec(),
             usage: None,
+            ..Default::default()
         }));
         assert!(
             decode(&bad.encode_to_vec())
@@ -344,6 +347,7 @@ mod tests {
             outcome: Some(job_event::Outcome::Succeeded(Succeeded {
                 result_json: br#"{"text":"a\u0000b","k\u0000":1}"#.to_vec(),
                 usage: None,
+                ..Default::default()
             })),
             ..Default::default()
         };

@@ -53,6 +53,10 @@ pub async fn sweep_once(
         .await?;
     // Before publishing, so that a job past its window is failed rather than sent out.
     let expired = db.expire(s.state.expire_after_ms).await?;
+    if stale {
+        // Idempotency keys past their 24 hours, a bounded batch per pass.
+        db.purge_idempotency_keys(PAGE).await?;
+    }
     if expired > 0 {
         tracing::info!(jobs = expired, "expired jobs never started in time");
     }

@@ -126,6 +126,10 @@ enum KeysCommand {
         /// Whose batches the key sees (default: the name). Keys with one owner share batches.
         #[arg(long)]
         owner: Option<String>,
+        /// An operator's key: it may also read `GET /v1/admin/status` (the console's operator
+        /// page), the whole stack's queues and dead letters.
+        #[arg(long)]
+        admin: bool,
     },
     /// List keys (never the keys themselves).
     List,
@@ -184,7 +188,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Keys { command } => match command {
-            KeysCommand::Create { name, owner } => {
+            KeysCommand::Create { name, owner, admin } => {
                 for (what, v) in [("--name", Some(&name)), ("--owner", owner.as_ref())] {
                     if let Some(v) = v
                         && let Err(e) = valid_name(v)
@@ -194,24 +198,31 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     }
                 }
                 let k = db.create_key(&name, owner.as_deref()).await?;
+                if admin {
+                    db.set_admin(k.key.id, true).await?;
+                }
                 println!(
-                    "created key {} (name {}, owner {}); it is shown only now:",
-                    k.key.id, k.key.name, k.key.owner
+                    "created {}key {} (name {}, owner {}); it is shown only now:",
+                    if admin { "admin " } else { "" },
+                    k.key.id,
+                    k.key.name,
+                    k.key.owner
                 );
                 println!("{}", k.secret);
             }
             KeysCommand::List => {
                 println!(
-                    "{:<6} {:<24} {:<24} {:<12} {:<20} REVOKED",
-                    "ID", "NAME", "OWNER", "PREFIX", "CREATED"
+                    "{:<6} {:<24} {:<24} {:<12} {:<6} {:<20} REVOKED",
+                    "ID", "NAME", "OWNER", "PREFIX", "ADMIN", "CREATED"
                 );
                 for k in db.list_keys().await? {
                     println!(
-                        "{:<6} {:<24} {:<24} {:<12} {:<20} {}",
+                        "{:<6} {:<24} {:<24} {:<12} {:<6} {:<20} {}",
                         k.id,
                         k.name,
                         k.owner,
                         k.key_prefix,
+                        if k.admin { "yes" } else { "-" },
                         k.created_at.format("%Y-%m-%d %H:%M:%S"),
                         k.revoked_at
                             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())

@@ -8,8 +8,8 @@
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use volley_amqp::depths::{QueueDepth, depths};
-use volley_amqp::{Names, connect, declare_topology};
+use volley_amqp::Names;
+use volley_amqp::depths::{QueueDepth, read_once};
 use volley_config::Settings;
 use volley_db::Db;
 use volley_db::status::TypeStatus;
@@ -23,14 +23,7 @@ pub struct Status {
 
 pub async fn gather(settings: &Settings, db: &Db) -> Status {
     let names = Names::new(&settings.queue_prefix);
-    let queues = async {
-        let conn = connect(&settings.amqp_url, "batchctl-status").await?;
-        let ch = conn.create_channel().await?;
-        declare_topology(&ch, &names).await?;
-        let d = depths(&ch, &names).await;
-        let _ = conn.close(200, "done".into()).await;
-        d
-    };
+    let queues = read_once(&settings.amqp_url, &names, "batchctl-status");
     let (queues, jobs) = tokio::join!(queues, db.status_by_type());
     Status {
         queues: queues.map_err(|e| e.to_string()),
@@ -118,7 +111,7 @@ pub async fn run(settings: &Settings, db: &Db) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use volley_amqp::Broker;
+    use volley_amqp::{Broker, connect};
     use volley_db::NewJob;
     use volley_db::testing::TestDatabase;
     use volley_proto::JobMessage;

@@ -157,6 +157,7 @@ async fn redispatch_and_retry_failed_report_what_they_did() {
         outcome: volley_db::Outcome::Succeeded {
             result: json!({"ok": true}),
             usage: None,
+            media_keys: Vec::new(),
         },
     };
     db.apply_events(vec![fail, ok]).await.unwrap();
@@ -252,6 +253,7 @@ async fn dead_letters_are_listed_and_replayed_with_filters() {
         outcome: Some(job_event::Outcome::Succeeded(Succeeded {
             result_json: b"{}".to_vec(),
             usage: None,
+            ..Default::default()
         })),
         ..Default::default()
     };
@@ -365,4 +367,29 @@ async fn dead_letters_are_listed_and_replayed_with_filters() {
         "{o}"
     );
     let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_keys_are_made_only_when_asked() {
+    let (_t, db, ctl, _q) = setup().await;
+    let (o, _) = ctl.expect(0, &["keys", "create", "--name", "ops", "--admin"]);
+    assert!(o.starts_with("created admin key"), "{o}");
+    let ops = o.lines().last().unwrap().to_owned();
+    let (o, _) = ctl.expect(0, &["keys", "create", "--name", "ci"]);
+    let ci = o.lines().last().unwrap().to_owned();
+    assert_eq!(db.key_is_admin(&ops).await.unwrap(), Some(true));
+    assert_eq!(db.key_is_admin(&ci).await.unwrap(), Some(false));
+    assert_eq!(db.key_is_admin("vk_unknown").await.unwrap(), None);
+    let (o, _) = ctl.expect(0, &["keys", "list"]);
+    let admin_of = |name: &str| -> String {
+        let row: Vec<&str> = o
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(name))
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        row[4].to_owned()
+    };
+    assert_eq!(admin_of("ops"), "yes", "{o}");
+    assert_eq!(admin_of("ci"), "-", "{o}");
 }

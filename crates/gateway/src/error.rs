@@ -1,7 +1,7 @@
 //! Errors policy: every route returns `ApiError`. Client mistakes map to their contract type
 //! and status; anything unexpected is an opaque 500 whose cause is logged, never sent.
 
-use actix_web::http::StatusCode;
+use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 use volley_domain::FieldError;
@@ -27,6 +27,18 @@ pub enum ApiError {
     Forbidden(String),
     #[error("the service is temporarily unavailable")]
     Unavailable,
+    #[error("this Idempotency-Key was already used with a different request body")]
+    IdempotencyMismatch,
+    #[error("a request with this Idempotency-Key is still in flight; retry later")]
+    IdempotencyInFlight,
+    #[error("{0}")]
+    RequestTimeout(String),
+    /// Too many requests for one API key; the client may retry after `retry_after_secs`.
+    #[error("{message}")]
+    RateLimited {
+        message: &'static str,
+        retry_after_secs: u64,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -48,6 +60,10 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::Unavailable => "unavailable",
+            ApiError::IdempotencyMismatch => "idempotency_mismatch",
+            ApiError::IdempotencyInFlight => "idempotency_in_flight",
+            ApiError::RequestTimeout(_) => "request_timeout",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -72,6 +88,10 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::IdempotencyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::IdempotencyInFlight => StatusCode::CONFLICT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -92,6 +112,16 @@ impl ResponseError for ApiError {
         let mut resp = HttpResponse::build(self.status_code());
         if matches!(self, ApiError::Unauthorized(_)) {
             resp.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let ApiError::RateLimited {
+            retry_after_secs, ..
+        } = self
+        {
+            resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
+        }
+        if matches!(self, ApiError::RequestTimeout(_)) {
+            // The rest of the body may still be on its way: do not read it as a next request.
+            resp.insert_header((header::CONNECTION, "close"));
         }
         resp.json(json!({ "error": error }))
     }

@@ -1,6 +1,10 @@
 //! The gateway: Volley's public HTTP API.
 
+mod admin;
+mod browse;
+mod console;
 mod error;
+mod limits;
 mod routes;
 mod views;
 
@@ -8,7 +12,8 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use actix_web::dev::Server;
+use actix_web::dev::{Server, Service};
+use actix_web::http::header;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use volley_amqp::{Broker, Names};
 use volley_config::Settings;
@@ -41,6 +46,7 @@ const BACKGROUND_PUBLISHES: usize = 64;
 /// A built gateway, bound but not yet serving.
 pub struct Gateway {
     port: u16,
+    metrics_port: Option<u16>,
     server: Server,
     broker: Arc<Broker>,
     draining: Arc<AtomicBool>,
@@ -59,6 +65,19 @@ impl Gateway {
     /// the public URL before building).
     pub fn build_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Gateway> {
         let port = listener.local_addr()?.port();
+        // An internal listener for `/metrics` alone, kept off the public port.
+        let metrics_listener = match &settings.gateway.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?,
+            ),
+            None => None,
+        };
+        let metrics_port = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?.port()),
+            None => None,
+        };
+        let limiter = limits::KeyLimiter::new(&settings.gateway);
         let db = Db::new(&settings.database_url, settings.database_pool_size)?;
         let metrics = Metrics::new()?;
         let broker = Arc::new(
@@ -85,14 +104,43 @@ impl Gateway {
             publishing: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_PUBLISHES)),
         });
         let server = HttpServer::new(move || {
+            let limiter = limiter.clone();
             App::new()
+                // Inside Observe, so refused requests are counted too.
+                .wrap_fn(move |req, srv| {
+                    let admitted = match port_role(&req, metrics_port) {
+                        PortRole::Public => req
+                            .headers()
+                            .get(header::AUTHORIZATION)
+                            .map(|h| limiter.admit(h.as_bytes()))
+                            .transpose()
+                            .map(Option::flatten),
+                        PortRole::NotHere => Err(ApiError::NotFound("route")),
+                        PortRole::Internal => Ok(None),
+                    };
+                    let call = admitted.map(|slot| (srv.call(req), slot));
+                    async move {
+                        let (call, slot) = call?;
+                        let res = call.await;
+                        // The key's in-flight slot is held until the handler has answered.
+                        drop(slot);
+                        res
+                    }
+                })
                 .wrap(volley_telemetry::http::Observe::new(
                     "gateway",
                     metrics.clone(),
                 ))
                 .app_data(state.clone())
+                // A path segment that does not decode (`%ff`) is no such thing, in our shape.
+                .app_data(
+                    web::PathConfig::default()
+                        .error_handler(|_, _| ApiError::NotFound("route").into()),
+                )
                 .service(volley_telemetry::http::metrics_resource(metrics.clone()))
                 .configure(routes::configure)
+                .configure(admin::configure)
+                .configure(console::configure)
                 .default_service(web::to(|| async {
                     HttpResponse::NotFound().json(serde_json::json!({
                         "error": {"type": "not_found", "message": "no such route"}
@@ -102,10 +150,15 @@ impl Gateway {
         .workers(workers)
         .disable_signals()
         .shutdown_timeout(30)
-        .listen(listener)?
+        .listen(listener)?;
+        let server = match metrics_listener {
+            Some(l) => server.listen(l)?,
+            None => server,
+        }
         .run();
         Ok(Gateway {
             port,
+            metrics_port,
             server,
             broker,
             draining,
@@ -119,6 +172,11 @@ impl Gateway {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The internal metrics port, when `gateway.metrics_addr` is set.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port
     }
 
     pub fn handle(&self) -> ServerHandle {
@@ -141,5 +199,28 @@ pub struct DrainSwitch(Arc<AtomicBool>);
 impl DrainSwitch {
     pub fn drain(&self) {
         self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a request may reach, by the listener it came in on.
+enum PortRole {
+    /// The public API, under the per-key limits.
+    Public,
+    /// `/metrics` on the public port while an internal metrics port is set, or anything but
+    /// `/metrics` on that internal port: 404.
+    NotHere,
+    /// `/metrics` on the internal metrics port.
+    Internal,
+}
+
+fn port_role(req: &actix_web::dev::ServiceRequest, metrics_port: Option<u16>) -> PortRole {
+    let Some(mp) = metrics_port else {
+        return PortRole::Public;
+    };
+    let internal = req.app_config().local_addr().port() == mp;
+    match (internal, req.path() == "/metrics") {
+        (true, true) => PortRole::Internal,
+        (false, false) => PortRole::Public,
+        _ => PortRole::NotHere,
     }
 }

@@ -10,6 +10,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    // The gateway signs media links: a known or guessable key would let anyone forge them.
+    if let Err(e) = settings.check_media_signing_key() {
+        eprintln!("gateway: {e}");
+        return std::process::ExitCode::from(2);
+    }
     let gateway = match gateway::Gateway::build(settings) {
         Ok(g) => g,
         Err(e) => {

@@ -4,7 +4,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
-use volley_db::NewJob;
+use volley_db::{Idempotent, NewJob};
 use volley_domain::{BatchRejection, validate_batch};
 use volley_proto::{CancelJobs, Control, JobMessage, control};
 
@@ -12,16 +12,17 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::views::{self, MediaLinks};
 
-/// At most this many batches in a listing (the contract's page).
-const LIST_LIMIT: i64 = 50;
-
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/v1/batches", web::post().to(create_batch))
-        .route("/v1/batches", web::get().to(list_batches))
+        .route("/v1/batches", web::get().to(crate::browse::list_batches))
         .route("/v1/batches/{id}", web::get().to(get_batch))
         .route("/v1/batches/{id}/cancel", web::post().to(cancel_batch))
+        .route(
+            "/v1/batches/{id}/jobs",
+            web::get().to(crate::browse::list_jobs),
+        )
         .route("/v1/jobs/{id}", web::get().to(get_job))
         .route("/v1/jobs/{id}/cancel", web::post().to(cancel_job))
         .route("/v1/models", web::get().to(list_models))
@@ -51,7 +52,7 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 /// The key in `Authorization: Bearer <key>`.
-fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
+pub(crate) fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
     let header = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -69,34 +70,91 @@ fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
         ))
 }
 
-const UNKNOWN_KEY: ApiError = ApiError::Unauthorized("unknown or revoked API key");
+pub(crate) const UNKNOWN_KEY: ApiError = ApiError::Unauthorized("unknown or revoked API key");
 
 /// The key's owner, from `Authorization: Bearer <key>`.
-async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+pub(crate) async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
     let key = bearer(req)?;
     state.db.authenticate(key).await?.ok_or(UNKNOWN_KEY)
 }
 
-fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
+pub(crate) fn parse_id(raw: &str, what: &'static str) -> Result<i64, ApiError> {
     raw.parse::<i64>()
         .ok()
         .filter(|id| *id > 0)
         .ok_or(ApiError::NotFound(what))
 }
 
-async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::BodyTooLarge(format!(
-                "the request body is larger than {limit} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
+/// Bodies larger than this are parsed and validated on the blocking pool: a few 16 MiB bodies
+/// parsed on the event loop would hold up every other request of that worker thread.
+const PARSE_INLINE_BYTES: usize = 64 * 1024;
+
+/// Reads the whole body: 413 as soon as the declared or the received size passes `limit`, 408
+/// when it has not all arrived within `timeout` (a client sending it slowly holds a
+/// connection and a buffer for as long as it likes otherwise).
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<web::BytesMut, ApiError> {
+    let too_large =
+        || ApiError::BodyTooLarge(format!("the request body is larger than {limit} bytes"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
     }
-    Ok(body)
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::invalid(format!("could not read the body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| {
+        ApiError::RequestTimeout(format!(
+            "the request body did not arrive within {} ms",
+            timeout.as_millis()
+        ))
+    })?
+}
+
+/// Parses and validates a submitted batch (a pure function, so it can run on any thread).
+fn parse_batch(
+    body: &[u8],
+    settings: &volley_config::Settings,
+    limits: &volley_domain::Limits,
+) -> Result<volley_domain::ValidBatch, ApiError> {
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
+    validate_batch(&request, settings, limits).map_err(|r| match r {
+        BatchRejection::TooLarge { .. } => ApiError::TooLarge(r.message()),
+        BatchRejection::Invalid(errors) => ApiError::InvalidRequest {
+            message: BatchRejection::Invalid(errors.clone()).message(),
+            errors,
+        },
+    })
+}
+
+/// The `Idempotency-Key` header, if sent: 1-255 visible ASCII characters.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(v) = req.headers().get("Idempotency-Key") else {
+        return Ok(None);
+    };
+    v.to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()))
+        .map(|k| Some(k.to_owned()))
+        .ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1-255 visible ASCII characters"))
 }
 
 async fn create_batch(
@@ -104,20 +162,31 @@ async fn create_batch(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let owner = owner(&req, &state).await?;
+    let (key_id, owner) = state
+        .db
+        .authenticate_key(bearer(&req)?)
+        .await?
+        .ok_or(UNKNOWN_KEY)?;
+    let idempotency_key = idempotency_key(&req)?;
     if !state.settings.gateway.async_enabled {
         return Err(ApiError::AsyncDisabled);
     }
-    let body = read_body(payload, state.settings.gateway.max_body_bytes).await?;
-    let request: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid(format!("the body is not valid JSON: {e}")))?;
-    let batch = validate_batch(&request, &*state.settings, &state.limits).map_err(|r| match r {
-        BatchRejection::TooLarge { .. } => ApiError::TooLarge(r.message()),
-        BatchRejection::Invalid(errors) => ApiError::InvalidRequest {
-            message: BatchRejection::Invalid(errors.clone()).message(),
-            errors,
-        },
-    })?;
+    let gw = &state.settings.gateway;
+    let body = read_body(
+        &req,
+        payload,
+        gw.max_body_bytes,
+        std::time::Duration::from_millis(gw.body_timeout_ms),
+    )
+    .await?;
+    let batch = if body.len() <= PARSE_INLINE_BYTES {
+        parse_batch(&body, &state.settings, &state.limits)?
+    } else {
+        let (settings, limits) = (state.settings.clone(), state.limits.clone());
+        web::block(move || parse_batch(&body, &settings, &limits))
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("parsing off the event loop: {e}")))??
+    };
     let jobs: Vec<NewJob> = batch
         .items
         .into_iter()
@@ -128,15 +197,29 @@ async fn create_batch(
             body: i.body,
         })
         .collect();
-    let (view, dispatch) = state
-        .db
-        .create_batch(
-            &owner,
-            batch.label,
-            jobs,
-            state.settings.state.dispatch_grace_ms,
-        )
-        .await?;
+    let grace = state.settings.state.dispatch_grace_ms;
+    let (view, dispatch) = match idempotency_key {
+        None => {
+            state
+                .db
+                .create_batch(&owner, batch.label, jobs, grace)
+                .await?
+        }
+        Some(k) => match state
+            .db
+            .create_batch_idempotent(key_id, k, &body, &owner, batch.label, jobs, grace)
+            .await?
+        {
+            Idempotent::Created(view, dispatch) => (view, dispatch),
+            Idempotent::Replayed(view) => {
+                return Ok(HttpResponse::Accepted()
+                    .insert_header(("Idempotent-Replayed", "true"))
+                    .json(views::batch(&view)));
+            }
+            Idempotent::Mismatch => return Err(ApiError::IdempotencyMismatch),
+            Idempotent::InFlight => return Err(ApiError::IdempotencyInFlight),
+        },
+    };
     tracing::info!(batch.id = view.id, jobs = dispatch.len(), "batch accepted");
     count_accepted(&state, &dispatch);
 
@@ -195,16 +278,6 @@ async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<
             "publishing timed out; the sweeper will publish"
         ),
     }
-}
-
-async fn list_batches(
-    req: HttpRequest,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let owner = owner(&req, &state).await?;
-    let list = state.db.list_batches(&owner, LIST_LIMIT).await?;
-    let data: Vec<Value> = list.iter().map(views::batch).collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
 }
 
 async fn get_batch(
@@ -302,11 +375,11 @@ async fn abort_running(state: &AppState, batch_id: i64, job_ids: Vec<i64>) {
     }
 }
 
-fn links(state: &AppState) -> MediaLinks<'_> {
+pub(crate) fn links(state: &AppState) -> MediaLinks<'_> {
     MediaLinks {
         signer: &state.signer,
         public_url: &state.settings.gateway.public_url,
-        ttl_secs: state.settings.media.url_ttl_secs as i64,
+        ttl_secs: i64::try_from(state.settings.media.url_ttl_secs).unwrap_or(i64::MAX),
         now: chrono::Utc::now().timestamp(),
     }
 }
@@ -318,12 +391,15 @@ async fn get_job(
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "job")?;
-    let job = state
+    let (job, request) = state
         .db
-        .get_job(&owner, id)
+        .get_job_with_request(&owner, id)
         .await?
         .ok_or(ApiError::NotFound("job"))?;
-    Ok(HttpResponse::Ok().json(views::job(&job, &links(&state))))
+    let mut v = views::job(&job, &links(&state));
+    // An addition to the contract: the body the job was submitted with.
+    v["request"] = request;
+    Ok(HttpResponse::Ok().json(v))
 }
 
 async fn cancel_job(
@@ -365,24 +441,28 @@ async fn list_models(state: web::Data<AppState>) -> HttpResponse {
 
 #[derive(Deserialize)]
 struct MediaQuery {
+    job: Option<i64>,
     expires: Option<i64>,
     sig: Option<String>,
 }
 
 /// Serves stored media to whoever holds a valid signed link (no API key: the signature is
-/// the capability, so links work in browsers and `<img>` tags).
-async fn get_media(
-    path: web::Path<String>,
-    query: web::Query<MediaQuery>,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let key = path.into_inner();
-    let (Some(expires), Some(sig)) = (query.expires, query.sig.as_deref()) else {
+/// the capability, so links work in browsers and `<img>` tags). A link names its job and
+/// opens only that job's media; every refusal is in the contract's error shape.
+async fn get_media(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let key = req.match_info().query("key").to_owned();
+    // Parsed here, not by the `Query` extractor, whose errors are plain text.
+    let query = web::Query::<MediaQuery>::from_query(req.query_string()).map_err(|e| {
+        ApiError::invalid(format!("the media link's query string is not valid: {e}"))
+    })?;
+    let (Some(job), Some(expires), Some(sig)) = (query.job, query.expires, query.sig.as_deref())
+    else {
         return Err(ApiError::Forbidden("a signed link is required".into()));
     };
+    let ttl = i64::try_from(state.settings.media.url_ttl_secs).unwrap_or(i64::MAX);
     state
         .signer
-        .verify(&key, expires, sig, chrono::Utc::now().timestamp())
+        .verify(job, &key, expires, sig, chrono::Utc::now().timestamp(), ttl)
         .map_err(|e| ApiError::Forbidden(e.to_string()))?;
     let (size, body) = state.media.get(&key).await.map_err(|e| match e {
         volley_media::MediaError::NotFound | volley_media::MediaError::BadKey(_) => {

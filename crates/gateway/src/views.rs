@@ -71,10 +71,18 @@ pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Value {
     });
     if let Some(result) = &j.result {
         let mut r = result.clone();
-        // Signed afresh on every read: links never outlive their expiry, results do.
-        let expires = links.now + links.ttl_secs;
-        volley_media::rewrite_refs(&mut r, &|key| {
-            links.signer.url(links.public_url, key, expires)
+        // Signed afresh on every read: links never outlive their expiry, results do. Only
+        // media this job's worker stored, in this job's part of the store, becomes a link.
+        let expires = links.now.saturating_add(links.ttl_secs);
+        let own: Vec<String> = j
+            .media_keys
+            .iter()
+            .flatten()
+            .filter(|k| volley_media::key_belongs_to_job(k, j.id))
+            .cloned()
+            .collect();
+        volley_media::rewrite_refs(&mut r, &own, &|key| {
+            links.signer.url(links.public_url, j.id, key, expires)
         });
         v["result"] = r;
     }

@@ -18,8 +18,25 @@
 //!   key (default key: hash of route + body without `sim_*` fields).
 //! - `sim_media_bytes`: grow produced media to at least this size (cap
 //!   512 MiB), streamed as valid padding.
+//! - `sim_echo`: `true` makes chat and completions reply with the prompt
+//!   verbatim, as an instruction-following model told "reply with exactly ..."
+//!   does (tests of hostile provider text).
 //! - `sim_nul`: `true` puts U+0000 in chat/completion reply text and in
 //!   error messages (a provider's output PostgreSQL cannot store).
+//!
+//! Hostile ones, for what a worker fetches (each only when asked):
+//! - `sim_media_url`: media links in the answer (image `url`, prediction
+//!   outputs) are this URL, e.g. an internal address.
+//! - `sim_redirect_to`: media links go to `GET /sim/redirect?to=...`, which
+//!   answers 302 to this URL.
+//! - `sim_answer_bytes`: a chat or completion answer of at least this many
+//!   bytes (cap 64 MiB).
+//! - `sim_slow_body_ms`: a chat or completion body sent in pieces over this
+//!   long.
+//! - `sim_poll_url`: a prediction's `urls.get` is this URL.
+//!
+//! `GET /sim/stats` counts the `sim_*` fields that reached the simulator
+//! (`sim_fields`), to show which a caller passed on.
 //!
 //! Prediction outputs: video and audio models return one URL string, image
 //! models a list of URLs. The kind comes from `input.kind` or the model name.
@@ -81,6 +98,9 @@ pub struct SimStats {
     /// Requests per route template, e.g. "/v1/predictions/{id}"; unrouted
     /// paths count under "<unmatched>".
     pub by_path: BTreeMap<String, u64>,
+    /// `sim_*` request fields received, by name.
+    #[serde(default)]
+    pub sim_fields: BTreeMap<String, u64>,
     pub status_429: u64,
     pub status_5xx: u64,
     pub predictions_cancelled: u64,
@@ -161,6 +181,7 @@ pub async fn spawn(listener: TcpListener, config: SimConfig) -> std::io::Result<
             .route("/healthz", web::get().to(healthz))
             .route("/sim/stats", web::get().to(sim_stats))
             .route("/sim/reset", web::post().to(sim_reset))
+            .route("/sim/redirect", web::get().to(sim_redirect))
             .route("/v1/models", web::get().to(openai::models))
             .route("/v1/chat/completions", web::post().to(openai::chat))
             .route("/v1/completions", web::post().to(openai::completions))
@@ -234,6 +255,16 @@ async fn sim_stats(st: web::Data<State>) -> HttpResponse {
 async fn sim_reset(st: web::Data<State>) -> HttpResponse {
     st.stats.reset();
     HttpResponse::Ok().json(st.stats.snapshot())
+}
+
+/// `sim_redirect_to`'s hop: 302 to `?to=`.
+async fn sim_redirect(q: web::Query<BTreeMap<String, String>>) -> HttpResponse {
+    match q.get("to") {
+        Some(to) => HttpResponse::Found()
+            .insert_header(("location", to.as_str()))
+            .finish(),
+        None => error::ApiError::missing("to").error_response(),
+    }
 }
 
 async fn unknown_route(req: actix_web::HttpRequest) -> HttpResponse {

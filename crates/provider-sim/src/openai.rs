@@ -21,6 +21,38 @@ const MAX_SPEECH_MS: u64 = 10_000;
 
 pub(crate) type Data = web::Data<State>;
 
+/// Pads a text answer to `sim_answer_bytes`.
+fn padded(mut text: String, sim: &SimOpts) -> String {
+    let want = usize::try_from(sim.answer_bytes).unwrap_or(usize::MAX);
+    if text.len() < want {
+        text.push_str(&"x".repeat(want - text.len()));
+    }
+    text
+}
+
+/// A JSON answer; with `sim_slow_body_ms`, sent in ten pieces over that long (no length
+/// declared, as a streaming server would).
+fn answer(sim: &SimOpts, v: &Value) -> HttpResponse {
+    const PIECES: usize = 10;
+    let Some(ms) = sim.slow_body_ms else {
+        return HttpResponse::Ok().json(v);
+    };
+    let bytes = Bytes::from(v.to_string());
+    let step = bytes.len().div_ceil(PIECES).max(1);
+    let pause = std::time::Duration::from_millis(ms / PIECES as u64);
+    let pieces: Vec<Bytes> = (0..bytes.len())
+        .step_by(step)
+        .map(|i| bytes.slice(i..(i + step).min(bytes.len())))
+        .collect();
+    let body = futures::StreamExt::then(futures::stream::iter(pieces), move |c| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, Infallible>(c)
+    });
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .streaming(body)
+}
+
 fn malformed_json() -> HttpResponse {
     HttpResponse::Ok().json(json!({"unexpected": true}))
 }
@@ -37,6 +69,13 @@ fn reject_stream(body: &Object) -> Result<(), ApiError> {
 
 fn max_tokens(body: &Object) -> Result<Option<u64>, ApiError> {
     Ok(opt_u64(body, "max_tokens")?.or(opt_u64(body, "max_completion_tokens")?))
+}
+
+/// The prompt itself, untouched (`sim_echo`).
+fn echo_of(input: &str) -> (String, u64, &'static str) {
+    let text: String = input.chars().take(MAX_ECHO_CHARS).collect();
+    let words = word_count(&text);
+    (text, words, "stop")
 }
 
 /// Deterministic reply echoing `input`, cut to `max_tokens` words.
@@ -125,23 +164,31 @@ pub(crate) async fn chat(
     if let Outcome::Malformed = outcome {
         return Ok(malformed_json());
     }
-    let (mut text, completion_tokens, finish_reason) = reply_for(&last, max_tokens);
+    let (text, completion_tokens, finish_reason) = if sim.echo {
+        echo_of(&last)
+    } else {
+        reply_for(&last, max_tokens)
+    };
+    let mut text = padded(text, &sim);
     if sim.nul {
         text.push('\0');
     }
-    Ok(HttpResponse::Ok().json(json!({
-        "id": new_id("chatcmpl-"),
-        "object": "chat.completion",
-        "created": unix_now(),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": null,
-            "finish_reason": finish_reason,
-        }],
-        "usage": usage(prompt_tokens.max(1), completion_tokens),
-    })))
+    Ok(answer(
+        &sim,
+        &json!({
+            "id": new_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": unix_now(),
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }],
+            "usage": usage(prompt_tokens.max(1), completion_tokens),
+        }),
+    ))
 }
 
 pub(crate) async fn completions(
@@ -160,23 +207,31 @@ pub(crate) async fn completions(
     if let Outcome::Malformed = outcome {
         return Ok(malformed_json());
     }
-    let (mut text, completion_tokens, finish_reason) = reply_for(&prompt, max_tokens);
+    let (text, completion_tokens, finish_reason) = if sim.echo {
+        echo_of(&prompt)
+    } else {
+        reply_for(&prompt, max_tokens)
+    };
+    let mut text = padded(text, &sim);
     if sim.nul {
         text.push('\0');
     }
-    Ok(HttpResponse::Ok().json(json!({
-        "id": new_id("cmpl-"),
-        "object": "text_completion",
-        "created": unix_now(),
-        "model": model,
-        "choices": [{
-            "text": text,
-            "index": 0,
-            "logprobs": null,
-            "finish_reason": finish_reason,
-        }],
-        "usage": usage(word_count(&prompt).max(1), completion_tokens),
-    })))
+    Ok(answer(
+        &sim,
+        &json!({
+            "id": new_id("cmpl-"),
+            "object": "text_completion",
+            "created": unix_now(),
+            "model": model,
+            "choices": [{
+                "text": text,
+                "index": 0,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }],
+            "usage": usage(word_count(&prompt).max(1), completion_tokens),
+        }),
+    ))
 }
 
 fn parse_size(size: &str) -> Result<(u32, u32), ApiError> {
@@ -265,7 +320,9 @@ pub(crate) async fn images(
             .into_iter()
             .map(|m| {
                 let id = format!("{}.{}", new_id("img-"), m.extension());
-                let url = st.file_url(&id);
+                let url = sim
+                    .media_link(&st.base_url)
+                    .unwrap_or_else(|| st.file_url(&id));
                 files.insert(id, m);
                 json!({"url": url, "revised_prompt": revised})
             })

@@ -38,6 +38,8 @@ enum Plan {
         height: u32,
         audio_ms: u64,
         media_bytes: u64,
+        /// `sim_media_url`/`sim_redirect_to`: the output links instead of the files'.
+        link: Option<String>,
     },
     Fail(String),
 }
@@ -58,6 +60,8 @@ struct Prediction {
     created_at: DateTime<Utc>,
     latency: Duration,
     plan: Plan,
+    /// `sim_poll_url`: `urls.get` instead of this prediction's own.
+    poll_url: Option<String>,
     status: Status,
     completed_at: Option<DateTime<Utc>>,
 }
@@ -121,7 +125,8 @@ impl Prediction {
             }
             _ => json!({}),
         };
-        let get = format!("{base}{ROUTE}/{}", self.id);
+        let own = format!("{base}{ROUTE}/{}", self.id);
+        let get = self.poll_url.clone().unwrap_or_else(|| own.clone());
         json!({
             "id": self.id,
             "model": self.model,
@@ -135,7 +140,7 @@ impl Prediction {
             "created_at": rfc3339(self.created_at),
             "started_at": started,
             "completed_at": self.completed_at.map(rfc3339),
-            "urls": {"get": get, "cancel": format!("{get}/cancel")},
+            "urls": {"get": get, "cancel": format!("{own}/cancel")},
             "metrics": metrics,
         })
     }
@@ -177,7 +182,7 @@ fn input_u64(input: &Object, name: &str) -> Option<u64> {
     input.get(name).and_then(Value::as_u64)
 }
 
-fn build_plan(model: &str, input: &Object, sim: &SimOpts) -> Result<Plan, ApiError> {
+fn build_plan(model: &str, input: &Object, sim: &SimOpts, base: &str) -> Result<Plan, ApiError> {
     let kind = kind_of(model, input)?;
     let prompt = input
         .get("prompt")
@@ -197,6 +202,7 @@ fn build_plan(model: &str, input: &Object, sim: &SimOpts) -> Result<Plan, ApiErr
         height: side("height"),
         audio_ms,
         media_bytes: sim.media_bytes,
+        link: sim.media_link(base),
         prompt,
     })
 }
@@ -212,6 +218,7 @@ fn render(plan: &Plan, st: &State) -> Result<(Value, Vec<(String, Media)>), Stri
         height,
         audio_ms,
         media_bytes,
+        link,
     } = plan
     else {
         return Err("no output planned".to_owned());
@@ -219,7 +226,7 @@ fn render(plan: &Plan, st: &State) -> Result<(Value, Vec<(String, Media)>), Stri
     let mut files = Vec::new();
     let mut add = |m: Media| {
         let id = format!("{}.{}", new_id("pred-"), m.extension());
-        let url = st.file_url(&id);
+        let url = link.clone().unwrap_or_else(|| st.file_url(&id));
         files.push((id, m));
         url
     };
@@ -305,7 +312,7 @@ pub(crate) async fn create(
         Some(_) => return Err(ApiError::wrong_type("input", "an object")),
     };
     let sim = SimOpts::parse(&body, Some(input))?;
-    let mut plan = build_plan(&name, input, &sim)?;
+    let mut plan = build_plan(&name, input, &sim, &st.base_url)?;
     let mut latency = st.latency(&sim);
 
     // Create itself fails only for transport-level modes; the others shape
@@ -338,6 +345,7 @@ pub(crate) async fn create(
         created_at: Utc::now(),
         latency,
         plan,
+        poll_url: sim.poll_url.clone(),
         status: Status::Running,
         completed_at: None,
     };

@@ -61,6 +61,20 @@ pub(crate) struct SimOpts {
     pub key: Option<String>,
     pub retry_after: Option<u64>,
     pub media_bytes: u64,
+    /// `sim_echo`: chat and completions reply with the prompt verbatim, as a model that
+    /// follows "reply with exactly ..." does (for tests of hostile provider text).
+    pub echo: bool,
+    /// `sim_media_url`: media links in the answer point here instead (a hostile provider,
+    /// or a model talked into it).
+    pub media_url: Option<String>,
+    /// `sim_redirect_to`: media links point to `/sim/redirect`, which redirects here.
+    pub redirect_to: Option<String>,
+    /// `sim_answer_bytes`: a text answer padded to at least this many bytes.
+    pub answer_bytes: u64,
+    /// `sim_slow_body_ms`: a text answer's body trickles out over this long.
+    pub slow_body_ms: Option<u64>,
+    /// `sim_poll_url`: a prediction's `urls.get` (off the provider's origin, say).
+    pub poll_url: Option<String>,
     /// `sim_nul`: put U+0000 in the reply text and in error messages (what PostgreSQL
     /// cannot store).
     pub nul: bool,
@@ -108,13 +122,43 @@ impl SimOpts {
             key: s("sim_key")?,
             retry_after: u("sim_retry_after")?,
             media_bytes: u("sim_media_bytes")?.unwrap_or(0).min(MAX_MEDIA_BYTES),
+            echo: match pick("sim_echo") {
+                Some(obj) => opt_bool(obj, "sim_echo")?.unwrap_or(false),
+                None => false,
+            },
+            media_url: s("sim_media_url")?,
+            redirect_to: s("sim_redirect_to")?,
+            answer_bytes: u("sim_answer_bytes")?.unwrap_or(0).min(MAX_ANSWER_BYTES),
+            slow_body_ms: u("sim_slow_body_ms")?,
+            poll_url: s("sim_poll_url")?,
             nul: match pick("sim_nul") {
                 Some(obj) => opt_bool(obj, "sim_nul")?.unwrap_or(false),
                 None => false,
             },
         })
     }
+
+    /// The link to hand out for produced media, if `sim_media_url` or `sim_redirect_to`
+    /// chose one.
+    pub fn media_link(&self, base: &str) -> Option<String> {
+        if let Some(u) = &self.media_url {
+            return Some(u.clone());
+        }
+        let to = self.redirect_to.as_ref()?;
+        let mut q = String::new();
+        for b in to.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                q.push(char::from(b));
+            } else {
+                q.push_str(&format!("%{b:02X}"));
+            }
+        }
+        Some(format!("{base}/sim/redirect?to={q}"))
+    }
 }
+
+/// The largest `sim_answer_bytes`.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 
 impl State {
     pub fn new(default_latency: Duration, api_key: Option<String>, base_url: String) -> Self {
@@ -239,6 +283,7 @@ pub(crate) async fn read_json(
     }
     let mut buf = web::BytesMut::new();
     let mut seen = 0usize;
+    let state = req.app_data::<web::Data<State>>();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::invalid(format!("could not read request body: {e}"), None))?;
@@ -258,7 +303,12 @@ pub(crate) async fn read_json(
         return Err(ApiError::too_large(BODY_LIMIT));
     }
     match serde_json::from_slice::<Value>(&buf) {
-        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(Value::Object(obj)) => {
+            if let Some(st) = state {
+                st.stats.record_sim_fields(&obj);
+            }
+            Ok(obj)
+        }
         Ok(_) => Err(ApiError::invalid(
             "the request body must be a JSON object",
             None,

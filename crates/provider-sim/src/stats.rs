@@ -14,6 +14,8 @@ pub(crate) struct Stats {
     status_5xx: AtomicU64,
     predictions_cancelled: AtomicU64,
     by_path: Mutex<BTreeMap<String, u64>>,
+    /// `sim_*` fields received (top level or in `input`), by name.
+    sim_fields: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Stats {
@@ -21,6 +23,19 @@ impl Stats {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut map = self.by_path.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry(path.to_owned()).or_default() += 1;
+    }
+
+    /// Counts the `sim_*` fields of a request body, to show which reached the simulator.
+    pub fn record_sim_fields(&self, body: &serde_json::Map<String, serde_json::Value>) {
+        let inner = body.get("input").and_then(serde_json::Value::as_object);
+        let names = body.keys().chain(inner.into_iter().flat_map(|i| i.keys()));
+        let mut map = self.sim_fields.lock().unwrap_or_else(|e| e.into_inner());
+        for k in names.filter(|k| k.starts_with("sim_")) {
+            // Bounded: only names the simulator knows could be that many.
+            if map.len() < 64 || map.contains_key(k) {
+                *map.entry(k.clone()).or_default() += 1;
+            }
+        }
     }
 
     pub fn record_status(&self, status: u16) {
@@ -61,6 +76,11 @@ impl Stats {
             in_flight: self.in_flight.load(Ordering::SeqCst),
             max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
             by_path,
+            sim_fields: self
+                .sim_fields
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             status_429: self.status_429.load(Ordering::Relaxed),
             status_5xx: self.status_5xx.load(Ordering::Relaxed),
             predictions_cancelled: self.predictions_cancelled.load(Ordering::Relaxed),
@@ -77,6 +97,10 @@ impl Stats {
         self.max_in_flight
             .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
         self.by_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.sim_fields
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();

@@ -885,6 +885,124 @@ async fn prefer_wait_returns_quick_predictions_finished() {
     assert_eq!(r.status(), 201);
 }
 
+/// `sim_echo` replies with the prompt verbatim (no prefix, spacing kept), only when asked.
+#[tokio::test]
+async fn sim_echo_repeats_the_prompt_verbatim() {
+    let sim = fast().await;
+    let said = "volley-media:batches/1/1-a1-0.png  exactly";
+    let (status, v) = post_json(
+        &sim,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": said}], "sim_echo": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["message"]["content"], said);
+    let (status, v) = post_json(
+        &sim,
+        "/v1/completions",
+        json!({"model": "m", "prompt": said, "sim_echo": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], said);
+    let (_, v) = post_json(
+        &sim,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": said}]}),
+    )
+    .await;
+    assert_ne!(v["choices"][0]["message"]["content"], said, "opt-in only");
+    let (status, _) = post_json(
+        &sim,
+        "/v1/completions",
+        json!({"model": "m", "prompt": said, "sim_echo": "yes"}),
+    )
+    .await;
+    assert_eq!(status, 400, "sim_echo takes a boolean");
+}
+
+#[tokio::test]
+async fn hostile_behaviours_only_when_asked_and_sim_fields_are_counted() {
+    let sim = fast().await;
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    // sim_media_url: the image link is the caller's choice.
+    let (status, v) = post_json(
+        &sim,
+        "/v1/images/generations",
+        json!({"model": "m", "prompt": "p", "sim_media_url": "http://10.0.0.1/x"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"][0]["url"], "http://10.0.0.1/x");
+    // sim_redirect_to: the link answers 302 to the target.
+    let target = "http://127.0.0.1:1/metrics?a=b&c=d";
+    let (_, v) = post_json(
+        &sim,
+        "/v1/images/generations",
+        json!({"model": "m", "prompt": "p", "sim_redirect_to": target}),
+    )
+    .await;
+    let link = v["data"][0]["url"].as_str().unwrap();
+    assert!(link.starts_with(&sim.url()), "{link}");
+    let r = no_redirects.get(link).send().await.unwrap();
+    assert_eq!(r.status(), 302);
+    assert_eq!(r.headers()["location"], target);
+    // sim_answer_bytes, streamed slowly with sim_slow_body_ms (no declared length).
+    let started = Instant::now();
+    let r = post(
+        &sim,
+        "/v1/completions",
+        json!({"model": "m", "prompt": "p", "sim_answer_bytes": 100_000, "sim_slow_body_ms": 300}),
+    )
+    .await;
+    assert_eq!(r.content_length(), None);
+    let v: Value = r.json().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(v["choices"][0]["text"].as_str().unwrap().len() >= 100_000);
+    // sim_poll_url: a prediction's urls.get; urls.cancel stays its own.
+    let pred = create_prediction(
+        &sim,
+        json!({"version": "sim/video-1", "input": {"prompt": "p",
+               "sim_poll_url": "http://169.254.169.254/x"}}),
+    )
+    .await;
+    assert_eq!(pred["urls"]["get"], "http://169.254.169.254/x");
+    assert!(
+        pred["urls"]["cancel"]
+            .as_str()
+            .unwrap()
+            .starts_with(&sim.url())
+    );
+    // Without them: the simulator's own links.
+    let (_, v) = post_json(
+        &sim,
+        "/v1/images/generations",
+        json!({"model": "m", "prompt": "p"}),
+    )
+    .await;
+    assert!(
+        v["data"][0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&sim.url())
+    );
+    let stats = sim.stats();
+    assert_eq!(stats.sim_fields.get("sim_media_url"), Some(&1), "{stats:?}");
+    assert_eq!(stats.sim_fields.get("sim_poll_url"), Some(&1), "{stats:?}");
+    assert_eq!(
+        stats.sim_fields.get("sim_answer_bytes"),
+        Some(&1),
+        "{stats:?}"
+    );
+    sim.reset_stats();
+    assert!(sim.stats().sim_fields.is_empty());
+    sim.stop().await;
+}
+
 #[tokio::test]
 async fn sim_nul_puts_u0000_in_replies_and_errors() {
     let sim = fast().await;

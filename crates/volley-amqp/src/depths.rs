@@ -44,6 +44,25 @@ pub async fn depths(ch: &lapin::Channel, names: &Names) -> Result<Vec<QueueDepth
     Ok(out)
 }
 
+/// Depths of every queue, read once on a connection of its own: what `batchctl status` and the
+/// gateway's operator view (`GET /v1/admin/status`) show. Declaring first (idempotent) means a
+/// fresh stack's missing queues read as empty instead of failing.
+pub async fn read_once(
+    url: &str,
+    names: &Names,
+    client: &str,
+) -> Result<Vec<QueueDepth>, AmqpError> {
+    let conn = connect(url, client).await?;
+    let r = async {
+        let ch = conn.create_channel().await?;
+        crate::declare_topology(&ch, names).await?;
+        depths(&ch, names).await
+    }
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    r
+}
+
 /// Polls the depths every `every` into `volley_queue_messages` / `volley_queue_consumers`
 /// until `stop` resolves, reconnecting after failures. A scrape then costs no broker round
 /// trip, and a broker outage leaves the last values (with the readiness probes saying why).

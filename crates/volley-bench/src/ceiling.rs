@@ -175,7 +175,7 @@ async fn postgres(db: &Db, jobs: usize) -> anyhow::Result<f64> {
                         .map(|id| Event {
                             job_id: *id,
                             attempt: 1,
-                            outcome: Outcome::Succeeded { result: serde_json::json!({"text": "ok"}), usage: None },
+                            outcome: Outcome::Succeeded { result: serde_json::json!({"text": "ok"}), usage: None, media_keys: Vec::new() },
                         })
                         .collect();
                     db.apply_events(events).await?;

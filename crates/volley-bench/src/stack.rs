@@ -113,6 +113,9 @@ impl Stack {
         common.insert("VOLLEY_PROVIDER_SIM_OPENAI_BASE_URL", sim_url.clone());
         common.insert("VOLLEY_PROVIDER_SIM_PREDICTIONS_BASE_URL", sim_url);
         common.insert("RUST_LOG", "warn".into());
+        // One key drives the whole load: the per-key limits would measure themselves.
+        common.insert("VOLLEY_GATEWAY_KEY_RATE_PER_SEC", "0".into());
+        common.insert("VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT", "0".into());
 
         let mut services = Vec::new();
         let mut spawn =

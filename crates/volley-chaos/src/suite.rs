@@ -397,6 +397,8 @@ database_url = "{db}"
 database_pool_size = 6
 amqp_url = "{mq}"
 queue_prefix = "chaos"
+# A test stack: its development signing key is allowed.
+dev_mode = true
 
 [gateway]
 addr = "127.0.0.1:{gw}"
@@ -433,6 +435,8 @@ base_url = "http://127.0.0.1:{sim}/v1"
 api_key = "sim-key"
 timeout_ms = 30000
 max_concurrency = 512
+simulator = true
+allow_private_network = true
 
 [[providers]]
 name = "sim-predictions"
@@ -441,6 +445,8 @@ base_url = "http://127.0.0.1:{sim}/v1"
 api_key = "sim-key"
 timeout_ms = 120000
 max_concurrency = 512
+simulator = true
+allow_private_network = true
 poll_interval_ms = 200
 
 [[models]]

@@ -30,6 +30,16 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The shortest media signing key accepted outside development mode.
+pub const MIN_MEDIA_SIGNING_KEY_BYTES: usize = 32;
+
+/// Media signing keys published in this repository (configuration, Compose, examples).
+pub const KNOWN_MEDIA_SIGNING_KEYS: &[&str] = &[
+    "dev-only-signing-key",
+    "compose-dev-signing-key-change-me",
+    "CHANGE-ME-32-random-bytes-hex",
+];
+
 /// A secret that never shows in logs or `Debug` output.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -84,6 +94,16 @@ pub struct GatewaySettings {
     pub async_enabled: bool,
     pub max_body_bytes: usize,
     pub workers: usize,
+    /// When set, `/metrics` is served on this address only (an internal port), not on `addr`.
+    pub metrics_addr: Option<String>,
+    /// A request body must arrive whole within this long, else 408 `request_timeout`.
+    pub body_timeout_ms: u64,
+    /// Requests per second each API key may make on average (0: no limit).
+    pub key_rate_per_sec: u32,
+    /// Requests an API key may make at once above its rate, after a quiet spell.
+    pub key_burst: u32,
+    /// Requests of one API key in progress at once (0: no limit).
+    pub key_max_in_flight: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +259,18 @@ pub struct ProviderConfig {
     /// The espeak-ng program (`espeak` only): a name looked up on PATH, or a path.
     #[serde(default)]
     pub command: Option<String>,
+    /// Hosts the provider's media links may point to (`host`, `host:port` or `*.domain`);
+    /// empty: any host with public addresses. Links in an answer are the tenant's to steer.
+    #[serde(default)]
+    pub media_hosts: Vec<String>,
+    /// Lets media links reach loopback, private and CGNAT addresses: for a provider that is
+    /// on the local network (the simulator). Metadata and link-local addresses stay refused.
+    #[serde(default)]
+    pub allow_private_network: bool,
+    /// This provider is Volley's simulator: requests keep their `sim_*` fields (every other
+    /// provider has them stripped).
+    #[serde(default)]
+    pub simulator: bool,
 }
 
 impl ProviderConfig {
@@ -304,6 +336,11 @@ impl Default for GatewaySettings {
             async_enabled: true,
             max_body_bytes: 16 * 1024 * 1024,
             workers: 2,
+            metrics_addr: None,
+            body_timeout_ms: 10_000,
+            key_rate_per_sec: 100,
+            key_burst: 200,
+            key_max_in_flight: 64,
         }
     }
 }
@@ -370,6 +407,26 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     (
         "VOLLEY_ASYNC_ENABLED",
         "false turns batch submission off (503)",
+    ),
+    (
+        "VOLLEY_GATEWAY_METRICS_ADDR",
+        "internal address serving the gateway's /metrics (then not on the public port)",
+    ),
+    (
+        "VOLLEY_GATEWAY_BODY_TIMEOUT_MS",
+        "a request body must arrive within this long (408)",
+    ),
+    (
+        "VOLLEY_GATEWAY_KEY_RATE_PER_SEC",
+        "requests per second per API key (0: no limit; 429)",
+    ),
+    (
+        "VOLLEY_GATEWAY_KEY_BURST",
+        "requests per API key allowed at once above the rate",
+    ),
+    (
+        "VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT",
+        "requests per API key in progress at once (0: no limit; 429)",
     ),
     ("VOLLEY_STATE_ADDR", "batch-state listen address"),
     ("VOLLEY_STATE_URL", "where workers reach batch-state"),
@@ -472,6 +529,15 @@ impl Settings {
                 "VOLLEY_GATEWAY_ADDR" => self.gateway.addr = v.into(),
                 "VOLLEY_PUBLIC_URL" => self.gateway.public_url = v.into(),
                 "VOLLEY_ASYNC_ENABLED" => self.gateway.async_enabled = parse(key, v)?,
+                "VOLLEY_GATEWAY_METRICS_ADDR" => {
+                    self.gateway.metrics_addr = Some(v.trim().to_owned()).filter(|a| !a.is_empty())
+                }
+                "VOLLEY_GATEWAY_BODY_TIMEOUT_MS" => self.gateway.body_timeout_ms = parse(key, v)?,
+                "VOLLEY_GATEWAY_KEY_RATE_PER_SEC" => self.gateway.key_rate_per_sec = parse(key, v)?,
+                "VOLLEY_GATEWAY_KEY_BURST" => self.gateway.key_burst = parse(key, v)?,
+                "VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT" => {
+                    self.gateway.key_max_in_flight = parse(key, v)?
+                }
                 "VOLLEY_STATE_ADDR" => self.state.addr = v.into(),
                 "VOLLEY_STATE_URL" => self.state.url = v.into(),
                 "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
@@ -564,6 +630,12 @@ impl Settings {
         if self.database_pool_size == 0 {
             return bad("database_pool_size must be at least 1".into());
         }
+        if self.gateway.body_timeout_ms == 0 {
+            return bad("gateway.body_timeout_ms must be at least 1".into());
+        }
+        if self.gateway.key_rate_per_sec > 0 && self.gateway.key_burst == 0 {
+            return bad("gateway.key_burst must be at least 1 when key_rate_per_sec is set".into());
+        }
         self.validate_media()?;
         let mut names = std::collections::HashSet::new();
         for p in &self.providers {
@@ -612,6 +684,32 @@ impl Settings {
         Ok(())
     }
 
+    /// Refuses a media signing key anyone could know or guess: empty, shorter than
+    /// [`MIN_MEDIA_SIGNING_KEY_BYTES`], or one shipped in this repository (the development
+    /// configuration, Compose file and example Secret). With such a key anyone can forge
+    /// media links. Allowed in [`Settings::dev_mode`] only. The gateway, which signs and
+    /// checks links, runs this at start-up.
+    pub fn check_media_signing_key(&self) -> Result<(), ConfigError> {
+        if self.dev_mode {
+            return Ok(());
+        }
+        let key = self.media.signing_key.expose();
+        let why = if key.is_empty() {
+            "is empty"
+        } else if key.len() < MIN_MEDIA_SIGNING_KEY_BYTES {
+            "is shorter than 32 bytes"
+        } else if KNOWN_MEDIA_SIGNING_KEYS.contains(&key) || key.contains("CHANGE-ME") {
+            "is a development default published with Volley"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::Invalid(format!(
+            "media.signing_key (VOLLEY_MEDIA_SIGNING_KEY) {why}, so media links could be \
+             forged: set at least 32 random bytes (e.g. `openssl rand -hex 32`), or \
+             VOLLEY_DEV_MODE=true on a development machine"
+        )))
+    }
+
     /// For batch-state and workers at start-up: outside `dev_mode`, the internal token must
     /// be set, long enough, and not the shipped development one. Anyone who can reach
     /// batch-state could otherwise claim and hold other tenants' jobs.
@@ -620,7 +718,10 @@ impl Settings {
         if self.dev_mode {
             return Ok(());
         }
-        if t.chars().count() < MIN_INTERNAL_TOKEN_CHARS || t.starts_with(DEV_INTERNAL_TOKEN) {
+        if t.chars().count() < MIN_INTERNAL_TOKEN_CHARS
+            || t.starts_with(DEV_INTERNAL_TOKEN)
+            || t.contains("CHANGE-ME")
+        {
             return Err(ConfigError::Invalid(format!(
                 "state.internal_token (VOLLEY_INTERNAL_TOKEN) must be a random secret of at \
                  least {MIN_INTERNAL_TOKEN_CHARS} characters shared by batch-state and the \
@@ -735,6 +836,24 @@ impl ProviderConfig {
                 "provider {name:?}: poll_interval_ms must be at least 1"
             ));
         }
+        if !self.kind.is_http() && (!self.media_hosts.is_empty() || self.allow_private_network) {
+            return Err(format!(
+                "provider {name:?}: media_hosts and allow_private_network apply to HTTP kinds \
+                 only, not {kind}"
+            ));
+        }
+        for h in &self.media_hosts {
+            let h = h.trim();
+            let host = h.strip_prefix("*.").unwrap_or(h);
+            if host.is_empty()
+                || host.contains(['/', '@', '?', '#', '*'])
+                || host.chars().any(char::is_whitespace)
+            {
+                return Err(format!(
+                    "provider {name:?}: media host {h:?} must be host, host:port or *.domain"
+                ));
+            }
+        }
         match (&self.command, self.kind) {
             (Some(_), k) if k != ProviderKind::Espeak => Err(format!(
                 "provider {name:?}: command applies to kind espeak only, not {kind}"
@@ -790,6 +909,46 @@ name = "qwen3-8b"
 endpoints = ["/v1/chat/completions"]
 routes = [{ provider = "local-sim", upstream_model = "qwen" }]
 "#;
+
+    #[test]
+    fn weak_media_signing_keys_are_refused_outside_dev_mode() {
+        let mut s = Settings::default();
+        let strong = "0123456789abcdef0123456789abcdef";
+        for (key, ok) in [
+            ("", false),
+            ("short-key", false),
+            (&"x".repeat(31), false),
+            ("compose-dev-signing-key-change-me", false),
+            ("dev-only-signing-key", false),
+            ("prefix-CHANGE-ME-and-long-enough-to-pass-length", false),
+            (strong, true),
+        ] {
+            s.media.signing_key = Secret::new(key);
+            s.dev_mode = false;
+            let r = s.check_media_signing_key();
+            assert_eq!(r.is_ok(), ok, "{key:?}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("VOLLEY_MEDIA_SIGNING_KEY"), "{e}");
+                if !key.is_empty() {
+                    assert!(
+                        !e.to_string().contains(key),
+                        "the key itself is never shown"
+                    );
+                }
+            }
+            s.dev_mode = true;
+            assert!(
+                s.check_media_signing_key().is_ok(),
+                "dev mode allows {key:?}"
+            );
+        }
+        // Every key this repository ships is refused.
+        for file in ["../../config/volley.toml", "../../deploy/base/volley.toml"] {
+            let text = std::fs::read_to_string(file).unwrap();
+            let shipped = Settings::from_toml(&text).unwrap();
+            assert!(shipped.check_media_signing_key().is_err(), "{file}");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
@@ -896,6 +1055,14 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
                 "unknown provider",
             ),
             ("[[models", "TOML parse error"),
+            (
+                "[[providers]]\nname='p'\nkind='openai'\nbase_url='http://x'\nmedia_hosts=['https://cdn/']",
+                "media host",
+            ),
+            (
+                "[[providers]]\nname='e'\nkind='espeak'\nallow_private_network=true",
+                "HTTP kinds only",
+            ),
         ] {
             let r = Settings::from_toml(text).and_then(|s| s.validate().map(|_| s));
             let e = r.expect_err(text).to_string();

@@ -86,10 +86,12 @@ pub struct JobView {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub total_tokens: Option<i64>,
+    /// Media the job's worker stored: the only `volley-media:` keys that may become links.
+    pub media_keys: Option<Vec<String>>,
 }
 
 #[derive(Queryable)]
-struct BatchRow {
+pub(crate) struct BatchRow {
     id: i64,
     label: Option<String>,
     total: i32,
@@ -129,7 +131,10 @@ fn counts_for(conn: &mut PgConn, ids: &[i64]) -> Result<HashMap<i64, BatchCounts
     Ok(out)
 }
 
-fn views(conn: &mut PgConn, rows: Vec<BatchRow>) -> Result<Vec<BatchView>, DbError> {
+pub(crate) fn batch_views(
+    conn: &mut PgConn,
+    rows: Vec<BatchRow>,
+) -> Result<Vec<BatchView>, DbError> {
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let mut counts = counts_for(conn, &ids)?;
     Ok(rows
@@ -142,6 +147,59 @@ fn views(conn: &mut PgConn, rows: Vec<BatchRow>) -> Result<Vec<BatchView>, DbErr
             counts: counts.remove(&r.id).unwrap_or_default(),
         })
         .collect())
+}
+
+/// Inserts a batch and its jobs; the caller holds the transaction.
+pub(crate) fn insert_batch(
+    conn: &mut PgConn,
+    owner: &str,
+    label: Option<String>,
+    new_jobs: &[NewJob],
+    dispatch_grace_ms: u64,
+) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+    let total = new_jobs.len() as i32;
+    let row: BatchRow = diesel::insert_into(batches::table)
+        .values((
+            batches::owner.eq(owner),
+            batches::label.eq(&label),
+            batches::total.eq(total),
+        ))
+        .returning(BATCH_COLUMNS)
+        .get_result(conn)?;
+    let available = row.created_at + chrono::Duration::milliseconds(dispatch_grace_ms as i64);
+    let values: Vec<_> = new_jobs
+        .iter()
+        .map(|j| {
+            (
+                jobs::batch_id.eq(row.id),
+                jobs::owner.eq(owner),
+                jobs::inference_type.eq(&j.inference_type),
+                jobs::endpoint.eq(&j.endpoint),
+                jobs::model.eq(&j.model),
+                jobs::body.eq(&j.body),
+                jobs::available_at.eq(available),
+                // Out of the outbox from the start: the batch's `published_at`
+                // stands for the confirms, so they cost no update per job.
+                jobs::dispatched_at.eq(Some(row.created_at)),
+            )
+        })
+        .collect();
+    let dispatch: Vec<JobDispatch> = diesel::insert_into(jobs::table)
+        .values(&values)
+        .returning(JobDispatch::as_returning())
+        .get_results(conn)?;
+    let mut counts = BatchCounts::default();
+    counts.add(JobStatus::Queued, dispatch.len() as u64);
+    Ok((
+        BatchView {
+            id: row.id,
+            label: row.label,
+            total: i64::from(total),
+            created_at: row.created_at,
+            counts,
+        },
+        dispatch,
+    ))
 }
 
 const BATCH_COLUMNS: (
@@ -169,52 +227,7 @@ impl Db {
     ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
-            conn.transaction(|conn| {
-                let total = new_jobs.len() as i32;
-                let row: BatchRow = diesel::insert_into(batches::table)
-                    .values((
-                        batches::owner.eq(&owner),
-                        batches::label.eq(&label),
-                        batches::total.eq(total),
-                    ))
-                    .returning(BATCH_COLUMNS)
-                    .get_result(conn)?;
-                let available =
-                    row.created_at + chrono::Duration::milliseconds(dispatch_grace_ms as i64);
-                let values: Vec<_> = new_jobs
-                    .iter()
-                    .map(|j| {
-                        (
-                            jobs::batch_id.eq(row.id),
-                            jobs::owner.eq(&owner),
-                            jobs::inference_type.eq(&j.inference_type),
-                            jobs::endpoint.eq(&j.endpoint),
-                            jobs::model.eq(&j.model),
-                            jobs::body.eq(&j.body),
-                            jobs::available_at.eq(available),
-                            // Out of the outbox from the start: the batch's `published_at`
-                            // stands for the confirms, so they cost no update per job.
-                            jobs::dispatched_at.eq(Some(row.created_at)),
-                        )
-                    })
-                    .collect();
-                let dispatch: Vec<JobDispatch> = diesel::insert_into(jobs::table)
-                    .values(&values)
-                    .returning(JobDispatch::as_returning())
-                    .get_results(conn)?;
-                let mut counts = BatchCounts::default();
-                counts.add(JobStatus::Queued, dispatch.len() as u64);
-                Ok((
-                    BatchView {
-                        id: row.id,
-                        label: row.label,
-                        total: i64::from(total),
-                        created_at: row.created_at,
-                        counts,
-                    },
-                    dispatch,
-                ))
-            })
+            conn.transaction(|conn| insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms))
         })
         .await
     }
@@ -269,7 +282,7 @@ impl Db {
                 .limit(limit)
                 .select(BATCH_COLUMNS)
                 .load(&mut **conn)?;
-            views(conn, rows)
+            batch_views(conn, rows)
         })
         .await
     }

@@ -16,6 +16,8 @@ pub struct ApiKey {
     pub key_prefix: String,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// May read the operator view (`GET /v1/admin/status`).
+    pub admin: bool,
 }
 
 /// A key just made; `secret` is shown once and stored only as a hash.

@@ -4,7 +4,9 @@
 //! r2d2 block, including `pool.get()`, and must never run on the executor.
 
 mod batches;
+mod idempotency;
 mod keys;
+pub mod listing;
 pub mod ops;
 mod schema;
 mod state;
@@ -18,6 +20,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use r2d2::ManageConnection;
 
 pub use batches::{BatchView, JobDispatch, JobSummary, JobView, NewJob};
+pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
 pub use state::{Claim, EachResult, Event, Outcome, Refusal, SweepReport, Usage};
 

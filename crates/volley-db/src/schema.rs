@@ -9,6 +9,7 @@ diesel::table! {
         key_prefix -> Text,
         created_at -> Timestamptz,
         revoked_at -> Nullable<Timestamptz>,
+        admin -> Bool,
     }
 }
 
@@ -51,8 +52,20 @@ diesel::table! {
         outcomes -> Int4,
         attempt_base -> Int4,
         operator_retries -> Int4,
+        media_keys -> Nullable<Array<Text>>,
+    }
+}
+
+diesel::table! {
+    idempotency_keys (api_key_id, idempotency_key) {
+        api_key_id -> Int8,
+        idempotency_key -> Text,
+        request_hash -> Bytea,
+        batch_id -> Int8,
+        created_at -> Timestamptz,
     }
 }
 
 diesel::joinable!(jobs -> batches (batch_id));
-diesel::allow_tables_to_appear_in_same_query!(api_keys, batches, jobs);
+diesel::joinable!(idempotency_keys -> batches (batch_id));
+diesel::allow_tables_to_appear_in_same_query!(api_keys, batches, jobs, idempotency_keys);

@@ -39,6 +39,8 @@ pub enum Outcome {
     Succeeded {
         result: Value,
         usage: Option<Usage>,
+        /// Media the worker stored for this attempt (see `jobs.media_keys`).
+        media_keys: Vec<String>,
     },
     Failed {
         error_type: String,
@@ -361,6 +363,8 @@ fn apply_on(
     let mut last_errors: Vec<Option<String>> = Vec::new();
     let mut tokens: [Vec<Option<i64>>; 3] = Default::default();
     let mut delays = Vec::new();
+    // One JSON array per event: PostgreSQL has no arrays of differently sized arrays.
+    let mut media_keys: Vec<Option<Value>> = Vec::new();
     for e in events {
         // UPDATE ... FROM applies one arbitrary row per job; keep the first per attempt.
         if !seen.insert(e.job_id) {
@@ -368,8 +372,14 @@ fn apply_on(
         }
         ids.push(e.job_id);
         attempts.push(e.attempt);
+        let mut keys = None;
         let (status, result, et, em, le, usage, delay) = match e.outcome {
-            Outcome::Succeeded { result, usage } => {
+            Outcome::Succeeded {
+                result,
+                usage,
+                media_keys,
+            } => {
+                keys = (!media_keys.is_empty()).then(|| Value::from(media_keys));
                 ("PROCESSED", Some(result), None, None, None, usage, 0)
             }
             Outcome::Failed {
@@ -397,6 +407,7 @@ fn apply_on(
         tokens[1].push(usage.map(|u| u.completion_tokens));
         tokens[2].push(usage.map(|u| u.total_tokens));
         delays.push(delay.max(0));
+        media_keys.push(keys);
     }
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -415,12 +426,14 @@ fn apply_on(
                    dispatched_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE j.dispatched_at END, \
                    lease_until = NULL, \
                    outcomes = j.outcomes + CASE WHEN v.status = 'QUEUED' THEN 0 ELSE 1 END, \
+                   media_keys = CASE WHEN v.media_keys IS NULL THEN NULL \
+                     ELSE ARRAY(SELECT jsonb_array_elements_text(v.media_keys)) END, \
                    updated_at = now() \
                  FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], \
                              $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
-                             $11::bigint[]) \
+                             $11::bigint[], $12::jsonb[]) \
                    AS v(id, attempt, status, result, error_type, error_message, last_error, \
-                        pt, ct, tt, delay_ms) \
+                        pt, ct, tt, delay_ms, media_keys) \
                  WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
                  RETURNING j.id, j.status",
             )
@@ -435,6 +448,7 @@ fn apply_on(
             .bind::<Array<Nullable<BigInt>>, _>(&tokens[1])
             .bind::<Array<Nullable<BigInt>>, _>(&tokens[2])
             .bind::<Array<BigInt>, _>(&delays)
+            .bind::<Array<Nullable<Jsonb>>, _>(&media_keys)
             .load(&mut **conn)?;
     Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
 }

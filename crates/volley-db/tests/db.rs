@@ -32,6 +32,7 @@ fn ok(job_id: i64, attempt: i32) -> Event {
                 completion_tokens: 2,
                 total_tokens: 3,
             }),
+            media_keys: Vec::new(),
         },
     }
 }
@@ -378,6 +379,139 @@ async fn a_connection_the_server_ended_is_replaced_on_checkout() {
     assert_ne!(first, second);
 }
 
+/// A success stores the media keys its worker reported (the only keys the gateway links);
+/// a success without media and a failure store none.
+#[tokio::test]
+async fn media_keys_are_stored_with_the_outcome() {
+    let (_t, db) = setup().await;
+    let (_, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
+    db.claim(ids.clone(), 60_000).await.unwrap();
+    let keys = vec![
+        "batches/1/2-a1-0-aa.png".to_owned(),
+        "batches/1/2-a1-1-bb.png".to_owned(),
+    ];
+    let mut with_media = ok(ids[0], 1);
+    if let Outcome::Succeeded { media_keys, .. } = &mut with_media.outcome {
+        media_keys.clone_from(&keys);
+    }
+    let failed = Event {
+        job_id: ids[2],
+        attempt: 1,
+        outcome: Outcome::Failed {
+            error_type: "provider_error".into(),
+            message: "no".into(),
+        },
+    };
+    let applied = db
+        .apply_events(vec![with_media, ok(ids[1], 1), failed])
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 3);
+    let stored = |i: usize| {
+        let db = db.clone();
+        let id = ids[i];
+        async move { db.get_job("o", id).await.unwrap().unwrap().media_keys }
+    };
+    assert_eq!(stored(0).await, Some(keys));
+    assert_eq!(stored(1).await, None);
+    assert_eq!(stored(2).await, None);
+}
+
+/// Holds the advisory lock a create with this (API key, idempotency key) takes, as a request
+/// still in flight on another replica would, until the returned connection is dropped.
+fn hold_idempotency_lock(url: &str, key_id: i64, key: &str) -> diesel::PgConnection {
+    use diesel::{Connection, RunQueryDsl};
+    let mut c = diesel::PgConnection::establish(url).unwrap();
+    diesel::sql_query("BEGIN").execute(&mut c).unwrap();
+    diesel::sql_query(format!(
+        "SELECT pg_advisory_xact_lock(hashtextextended('{key_id}' || ':' || '{key}', 7011))"
+    ))
+    .execute(&mut c)
+    .unwrap();
+    c
+}
+
+/// Ends the holder's transaction (closing the socket alone releases the lock only once the
+/// server notices).
+fn release(mut c: diesel::PgConnection) {
+    use diesel::RunQueryDsl;
+    diesel::sql_query("ROLLBACK").execute(&mut c).unwrap();
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_refuse_and_expire() {
+    use volley_db::Idempotent;
+    let (t, db) = setup().await;
+    let alice = db.create_key("alice", None).await.unwrap().key.id;
+    let bob = db.create_key("bob", None).await.unwrap().key.id;
+    let create = |key_id: i64, key: &str, body: &'static [u8]| {
+        let (db, key) = (db.clone(), key.to_owned());
+        async move {
+            db.create_batch_idempotent(key_id, key, body, "o", None, jobs(2), 0)
+                .await
+                .unwrap()
+        }
+    };
+    let Idempotent::Created(first, d) = create(alice, "k1", b"body-a").await else {
+        panic!("the first use creates")
+    };
+    assert_eq!(d.len(), 2);
+    match create(alice, "k1", b"body-a").await {
+        Idempotent::Replayed(v) => {
+            assert_eq!(v.id, first.id);
+            assert_eq!(v.counts.queued, 2, "the original response: all queued");
+        }
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    assert!(matches!(
+        create(alice, "k1", b"body-b").await,
+        Idempotent::Mismatch
+    ));
+    // Keys are per API key.
+    let Idempotent::Created(other, _) = create(bob, "k1", b"body-a").await else {
+        panic!("another API key's k1 is another key")
+    };
+    assert_ne!(other.id, first.id);
+    // Nothing more was created by the replay and the mismatch.
+    assert_eq!(db.list_batches("o", 50).await.unwrap().len(), 2);
+
+    // In flight: another transaction holds the key.
+    let lock = hold_idempotency_lock(&t.url, alice, "k2");
+    assert!(matches!(
+        create(alice, "k2", b"x").await,
+        Idempotent::InFlight
+    ));
+    release(lock);
+    assert!(matches!(
+        create(alice, "k2", b"x").await,
+        Idempotent::Created(..)
+    ));
+
+    // Past 24 hours a key no longer counts, and the purge removes it in bounded batches.
+    db.run(|conn| {
+        use diesel::RunQueryDsl;
+        diesel::sql_query(
+            "UPDATE idempotency_keys SET created_at = now() - interval '25 hours' \
+             WHERE idempotency_key = 'k1'",
+        )
+        .execute(&mut **conn)?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let Idempotent::Created(again, _) = create(alice, "k1", b"body-b").await else {
+        panic!("an expired key is free again")
+    };
+    assert_ne!(again.id, first.id);
+    assert_eq!(db.purge_idempotency_keys(1).await.unwrap(), 1, "bob's k1");
+    assert_eq!(db.purge_idempotency_keys(10).await.unwrap(), 0);
+    match create(alice, "k1", b"body-b").await {
+        Idempotent::Replayed(v) => assert_eq!(v.id, again.id),
+        other => panic!("the fresh k1 replays, got {other:?}"),
+    }
+}
+
 /// One event PostgreSQL cannot store (U+0000 in a jsonb string and in a text column) fails
 /// the batched statement; applied one by one, the others still apply and the bad event's job
 /// fails cleanly instead of wedging every outcome behind it.
@@ -393,6 +527,7 @@ async fn an_unstorable_event_fails_only_its_own_job() {
         outcome: Outcome::Succeeded {
             result: json!({"text": "a\u{0}b"}),
             usage: None,
+            media_keys: vec![],
         },
     };
     let nul_error = Event {

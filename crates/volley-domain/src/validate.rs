@@ -133,6 +133,14 @@ pub fn validate_batch(
     let mut errors = Vec::new();
     let label = match obj.get("label") {
         None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.contains('\0') => {
+            errors.push(FieldError {
+                index: None,
+                field: "label".into(),
+                message: NUL_MESSAGE.into(),
+            });
+            None
+        }
         Some(Value::String(s)) if s.chars().count() > limits.max_label_chars => {
             errors.push(FieldError {
                 index: None,
@@ -168,6 +176,41 @@ pub fn validate_batch(
     } else {
         Err(BatchRejection::Invalid(errors))
     }
+}
+
+const NUL_MESSAGE: &str = "must not contain the NUL character (U+0000)";
+
+/// The path of the first string or key holding U+0000 under `body`, which is stored as
+/// `jsonb`: PostgreSQL cannot store that character, and a batch holding one must be a clear
+/// 400, not a failed insert. Iterative, so any depth is fine.
+fn nul_path(body: &Map<String, Value>, root: &str) -> Option<String> {
+    let mut stack: Vec<(String, &Value)> = Vec::new();
+    for (k, v) in body {
+        if k.contains('\0') {
+            return Some(root.to_owned());
+        }
+        stack.push((format!("{root}.{k}"), v));
+    }
+    while let Some((path, v)) = stack.pop() {
+        match v {
+            Value::String(s) if s.contains('\0') => return Some(path),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    stack.push((format!("{path}[{i}]"), item));
+                }
+            }
+            Value::Object(m) => {
+                for (k, item) in m {
+                    if k.contains('\0') {
+                        return Some(path);
+                    }
+                    stack.push((format!("{path}.{k}"), item));
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 struct Checker<'a> {
@@ -238,6 +281,10 @@ impl Checker<'_> {
                 return None;
             }
         };
+        if let Some(at) = nul_path(body, "body") {
+            self.err(&at, NUL_MESSAGE);
+            return None;
+        }
         let endpoint = endpoint?;
         let before = self.errors.len();
         let model = self.body(endpoint, body, catalog);
@@ -460,6 +507,23 @@ mod tests {
             {"endpoint": "/v1/music/generations", "body": {"model": "tune", "prompt": "jazz"}},
             {"endpoint": "/v1/audio/speech", "body": {"model": "say", "input": "hello", "voice": "alloy", "speed": 1.5}},
         ]})
+    }
+
+    #[test]
+    fn nul_anywhere_is_a_field_error() {
+        let f = fields(check(json!({"label": "a\u{0}b", "requests": [
+            {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x\u{0}"}},
+            {"endpoint": "/v1/chat/completions", "body": {"model": "qwen3-8b", "messages": [{"role": "user", "content": "hi", "extra": {"k\u{0}": 1}}]}},
+            {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "fine"}},
+        ]})));
+        assert_eq!(
+            f,
+            [
+                "label",
+                "requests[0].body.prompt",
+                "requests[1].body.messages[0].extra"
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Media results are ours: workers stream provider media into an object store (a local
 //! directory by default, S3-compatible by configuration) and job results refer to it as
-//! `volley-media:<key>`. The gateway turns each reference into a URL signed afresh on every
+//! `volley-media:<key>`. The gateway turns the references the job's worker stored (and no
+//! other string, whatever it looks like) into URLs bound to the job and signed afresh on every
 //! read, so a result fetched tomorrow still has a working link.
 
 use std::sync::Arc;
@@ -338,16 +339,47 @@ pub fn media_ref(key: &str) -> String {
     format!("{SCHEME}{key}")
 }
 
-/// Replaces every `volley-media:<key>` string inside `v` with `f(key)`.
-pub fn rewrite_refs(v: &mut Value, f: &dyn Fn(&str) -> String) {
+/// The key a worker stores a job's `i`-th media under, for attempt `attempt`. One folder per
+/// batch, not per job: on a local disk a folder costs an inode allocation, which under load
+/// cost more than writing the file. The 128 random bits make keys unguessable, so knowing
+/// one job's key says nothing about another's.
+pub fn job_media_key(batch_id: i64, job_id: i64, attempt: i32, i: usize, ext: &str) -> String {
+    let nonce: u128 = rand::random();
+    format!("batches/{batch_id}/{job_id}-a{attempt}-{i}-{nonce:032x}.{ext}")
+}
+
+/// Whether `key` is in job `job_id`'s part of the store (`batches/<batch>/<job>-a...`).
+pub fn key_belongs_to_job(key: &str, job_id: i64) -> bool {
+    let mut parts = key.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("batches"), Some(batch), Some(file), None) => {
+            !batch.is_empty()
+                && batch.bytes().all(|b| b.is_ascii_digit())
+                && file
+                    .strip_prefix(&job_id.to_string())
+                    .is_some_and(|rest| rest.starts_with("-a"))
+        }
+        _ => false,
+    }
+}
+
+/// Replaces `volley-media:<key>` strings inside `v` with `f(key)`, but only for keys in
+/// `keys` (the media the job's worker stored). A result is mostly provider text: any other
+/// string that merely looks like a reference stays as it is.
+pub fn rewrite_refs(v: &mut Value, keys: &[String], f: &dyn Fn(&str) -> String) {
+    if keys.is_empty() {
+        return;
+    }
     match v {
         Value::String(s) => {
-            if let Some(key) = s.strip_prefix(SCHEME) {
+            if let Some(key) = s.strip_prefix(SCHEME)
+                && keys.iter().any(|k| k == key)
+            {
                 *s = f(key);
             }
         }
-        Value::Array(items) => items.iter_mut().for_each(|i| rewrite_refs(i, f)),
-        Value::Object(map) => map.values_mut().for_each(|i| rewrite_refs(i, f)),
+        Value::Array(items) => items.iter_mut().for_each(|i| rewrite_refs(i, keys, f)),
+        Value::Object(map) => map.values_mut().for_each(|i| rewrite_refs(i, keys, f)),
         _ => {}
     }
 }
@@ -358,15 +390,26 @@ pub enum SignError {
     Expired,
     #[error("the link's signature is not valid")]
     BadSignature,
+    #[error("the link's expiry is further ahead than links are ever issued for")]
+    TooFarAhead,
+    #[error("the media does not belong to the link's job")]
+    WrongJob,
 }
 
-/// Signs and checks media URLs with HMAC-SHA256 over the key and the expiry time.
+/// Signs and checks media URLs with HMAC-SHA256 over a version tag, the job id, the key and
+/// the expiry time: a link opens one job's media only, until its expiry.
 #[derive(Clone)]
 pub struct Signer {
     secret: Vec<u8>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Expiries may run this far past `now + ttl` (clock skew between gateway replicas).
+pub const EXPIRY_SLACK_SECS: i64 = 60;
+
+/// Names the signed message's layout, so no other layout's MAC can ever verify as this one.
+const LINK_VERSION: &[u8] = b"volley-media-v2";
 
 impl Signer {
     pub fn new(secret: &[u8]) -> Signer {
@@ -375,37 +418,65 @@ impl Signer {
         }
     }
 
-    fn mac(&self, key: &str, expires: i64) -> HmacSha256 {
+    fn mac(&self, job_id: i64, key: &str, expires: i64) -> HmacSha256 {
         // HMAC takes a key of any length, so this cannot fail.
         let mut m = <HmacSha256 as Mac>::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
-        m.update(key.as_bytes());
-        m.update(b"\n");
-        m.update(expires.to_string().as_bytes());
+        // Newline-separated: no part can contain one (keys pass `check_key`).
+        for part in [
+            LINK_VERSION,
+            job_id.to_string().as_bytes(),
+            key.as_bytes(),
+            expires.to_string().as_bytes(),
+        ] {
+            m.update(part);
+            m.update(b"\n");
+        }
         m
     }
 
-    pub fn sign(&self, key: &str, expires: i64) -> String {
-        hex::encode(self.mac(key, expires).finalize().into_bytes())
+    pub fn sign(&self, job_id: i64, key: &str, expires: i64) -> String {
+        hex::encode(self.mac(job_id, key, expires).finalize().into_bytes())
     }
 
-    /// `{base}/v1/media/{key}?expires=..&sig=..`
-    pub fn url(&self, base: &str, key: &str, expires: i64) -> String {
+    /// `{base}/v1/media/{key}?job={job_id}&expires=..&sig=..`
+    pub fn url(&self, base: &str, job_id: i64, key: &str, expires: i64) -> String {
         format!(
-            "{}/v1/media/{key}?expires={expires}&sig={}",
+            "{}/v1/media/{key}?job={job_id}&expires={expires}&sig={}",
             base.trim_end_matches('/'),
-            self.sign(key, expires)
+            self.sign(job_id, key, expires)
         )
     }
 
-    pub fn verify(&self, key: &str, expires: i64, sig: &str, now: i64) -> Result<(), SignError> {
+    /// Checks a link: the key lies in the job's part of the store, the signature covers job,
+    /// key and expiry, the expiry has not passed and is no further ahead than `ttl_secs` (plus
+    /// [`EXPIRY_SLACK_SECS`]) from `now`, which is as far as links are ever issued.
+    pub fn verify(
+        &self,
+        job_id: i64,
+        key: &str,
+        expires: i64,
+        sig: &str,
+        now: i64,
+        ttl_secs: i64,
+    ) -> Result<(), SignError> {
+        if !key_belongs_to_job(key, job_id) {
+            return Err(SignError::WrongJob);
+        }
         let raw = hex::decode(sig).map_err(|_| SignError::BadSignature)?;
         // Constant-time comparison.
-        self.mac(key, expires)
+        self.mac(job_id, key, expires)
             .verify_slice(&raw)
             .map_err(|_| SignError::BadSignature)?;
         if now > expires {
             return Err(SignError::Expired);
+        }
+        if expires
+            > now
+                .saturating_add(ttl_secs)
+                .saturating_add(EXPIRY_SLACK_SECS)
+        {
+            return Err(SignError::TooFarAhead);
         }
         Ok(())
     }
@@ -436,39 +507,104 @@ mod tests {
     #[test]
     fn signatures() {
         let s = Signer::new(b"k");
-        let sig = s.sign("jobs/1/a.png", 100);
-        assert_eq!(s.verify("jobs/1/a.png", 100, &sig, 50), Ok(()));
+        let key = "batches/7/42-a1-0-00ff.png";
+        let sig = s.sign(42, key, 100);
+        assert!(
+            s.url("http://x/", 42, key, 100).starts_with(
+                "http://x/v1/media/batches/7/42-a1-0-00ff.png?job=42&expires=100&sig="
+            )
+        );
+        assert_eq!(s.verify(42, key, 100, &sig, 50, 3600), Ok(()));
         assert_eq!(
-            s.verify("jobs/1/a.png", 100, &sig, 101),
+            s.verify(42, key, 100, &sig, 101, 3600),
             Err(SignError::Expired)
         );
         assert_eq!(
-            s.verify("jobs/1/b.png", 100, &sig, 50),
+            s.verify(42, "batches/7/42-a1-1-00ff.png", 100, &sig, 50, 3600),
             Err(SignError::BadSignature)
         );
         assert_eq!(
-            s.verify("jobs/1/a.png", 1000, &sig, 50),
+            s.verify(42, key, 1000, &sig, 50, 3600),
             Err(SignError::BadSignature),
             "a longer expiry is a different signature"
         );
         assert_eq!(
-            s.verify("jobs/1/a.png", 100, "zz", 50),
+            s.verify(42, key, 100, "zz", 50, 3600),
             Err(SignError::BadSignature)
         );
         assert!(
             Signer::new(b"other")
-                .verify("jobs/1/a.png", 100, &sig, 50)
+                .verify(42, key, 100, &sig, 50, 3600)
                 .is_err()
+        );
+        // Another job's id: its media lies elsewhere, and the signature names the job.
+        assert_eq!(
+            s.verify(43, key, 100, &sig, 50, 3600),
+            Err(SignError::WrongJob)
+        );
+        let other = "batches/7/43-a1-0-00ff.png";
+        assert_eq!(
+            s.verify(43, other, 100, &s.sign(42, other, 100), 50, 3600),
+            Err(SignError::BadSignature),
+            "a signature made for job 42 does not open job 43's media"
+        );
+        // An expiry decades ahead, even validly signed, is refused.
+        let far = 50 + 3600 + EXPIRY_SLACK_SECS + 1;
+        assert_eq!(
+            s.verify(42, key, far, &s.sign(42, key, far), 50, 3600),
+            Err(SignError::TooFarAhead)
+        );
+        let edge = 50 + 3600 + EXPIRY_SLACK_SECS;
+        assert_eq!(
+            s.verify(42, key, edge, &s.sign(42, key, edge), 50, 3600),
+            Ok(())
         );
     }
 
     #[test]
-    fn rewrites_nested_refs() {
-        let mut v =
-            json!({"data": [{"url": "volley-media:jobs/1/a.png"}, {"url": "https://x"}], "n": 1});
-        rewrite_refs(&mut v, &|k| format!("U({k})"));
-        assert_eq!(v["data"][0]["url"], "U(jobs/1/a.png)");
+    fn keys_are_unguessable_and_bound_to_their_job() {
+        let a = job_media_key(7, 42, 2, 0, "png");
+        let b = job_media_key(7, 42, 2, 0, "png");
+        assert_ne!(a, b);
+        assert!(
+            a.starts_with("batches/7/42-a2-0-") && a.ends_with(".png"),
+            "{a}"
+        );
+        assert_eq!(a.len(), "batches/7/42-a2-0-".len() + 32 + ".png".len());
+        check_key(&a).unwrap();
+        assert!(key_belongs_to_job(&a, 42));
+        for (key, job) in [
+            (a.as_str(), 4),
+            (a.as_str(), 420),
+            ("batches/7/420-a1-0-x.png", 42),
+            ("batches/7/42.png", 42),
+            ("jobs/7/42-a1-0.png", 42),
+            ("batches/7/x/42-a1-0.png", 42),
+            ("batches//42-a1-0.png", 42),
+            ("batches/x/42-a1-0.png", 42),
+        ] {
+            assert!(!key_belongs_to_job(key, job), "{key} for {job}");
+        }
+    }
+
+    #[test]
+    fn rewrites_only_the_jobs_own_refs() {
+        let mut v = json!({
+            "data": [{"url": "volley-media:batches/1/2-a1-0-ab.png"}, {"url": "https://x"}],
+            "choices": [{"message": {"content": "volley-media:batches/9/9-a1-0-cd.png"}}],
+            "n": 1
+        });
+        let keys = vec!["batches/1/2-a1-0-ab.png".to_owned()];
+        rewrite_refs(&mut v, &keys, &|k| format!("U({k})"));
+        assert_eq!(v["data"][0]["url"], "U(batches/1/2-a1-0-ab.png)");
         assert_eq!(v["data"][1]["url"], "https://x");
+        assert_eq!(
+            v["choices"][0]["message"]["content"], "volley-media:batches/9/9-a1-0-cd.png",
+            "a reference the worker did not store stays text"
+        );
+        let mut none = json!({"url": "volley-media:batches/1/2-a1-0-ab.png"});
+        rewrite_refs(&mut none, &[], &|k| format!("U({k})"));
+        assert_eq!(none["url"], "volley-media:batches/1/2-a1-0-ab.png");
     }
 
     #[test]

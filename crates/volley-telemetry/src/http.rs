@@ -74,11 +74,13 @@ where
 
     fn call(&self, req: ServiceRequest) -> Self::Future {
         let started = Instant::now();
-        let method = req.method().clone();
+        // Bounded like the metric label: a client picks the method, and span names are
+        // grouped on by trace back-ends too.
+        let method = crate::metrics::method_label(req.method().as_str());
         let span = if UNTRACED.contains(&req.path()) {
             Span::none()
         } else {
-            server_span(self.observe.service, method.as_str(), req.path())
+            server_span(self.observe.service, method, req.path())
         };
         if !span.is_disabled() {
             let headers = req.headers();
@@ -100,7 +102,7 @@ where
             let route = route.unwrap_or_else(|| "unmatched".to_owned());
             metrics
                 .http
-                .observe(&route, method.as_str(), status.as_u16(), started.elapsed());
+                .observe(&route, method, status.as_u16(), started.elapsed());
             if !span.is_disabled() {
                 trace::rename(&span, format!("{method} {route}"));
                 span.record("http.route", route.as_str());
@@ -181,5 +183,32 @@ mod tests {
             r#"volley_http_requests_total{method="GET",route="unmatched",status="404"} 1"#
         ));
         assert!(text.contains("volley_http_request_duration_seconds_bucket"));
+    }
+
+    #[actix_web::test]
+    async fn invented_methods_share_one_label() {
+        let m = Metrics::new().unwrap();
+        let app = test::init_service(
+            App::new()
+                .wrap(Observe::new("test", m.clone()))
+                .service(metrics_resource(m.clone())),
+        )
+        .await;
+        for i in 0..50 {
+            let method = actix_web::http::Method::from_bytes(format!("X{i}").as_bytes()).unwrap();
+            let req = test::TestRequest::default()
+                .method(method)
+                .uri("/anything")
+                .to_request();
+            test::call_service(&app, req).await;
+        }
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"volley_http_requests_total{method="OTHER",route="unmatched",status="404"} 50"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("X1"), "{text}");
     }
 }

@@ -16,7 +16,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use volley_domain::InferenceType;
+use volley_domain::{InferenceType, JobStatus};
 
 /// Seconds; requests are short, with a tail for media downloads and batch submissions.
 const HTTP_BUCKETS: &[f64] = &[
@@ -274,7 +274,11 @@ pub struct HttpMetrics {
 }
 
 impl HttpMetrics {
+    /// `route` must be a route pattern (or a fixed word), never a raw path; `method` is
+    /// bounded here: anything but the standard methods counts as `OTHER`, so invented methods
+    /// cannot grow the series.
     pub fn observe(&self, route: &str, method: &str, status: u16, took: Duration) {
+        let method = method_label(method);
         let code = itoa_status(status);
         self.requests
             .with_label_values(&[route, method, code.as_str()])
@@ -283,6 +287,20 @@ impl HttpMetrics {
             .with_label_values(&[route, method])
             .observe(took.as_secs_f64());
     }
+}
+
+/// The standard HTTP methods (RFC 9110 and PATCH), which are label values as they are.
+const METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// A method as a metric label: one of the standard methods, else `OTHER`.
+pub fn method_label(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("OTHER")
 }
 
 /// A status code as a label without going through `format!`.
@@ -329,12 +347,18 @@ impl JobMetrics {
     }
 
     /// A state change applied by batch-state.
+    /// Both come from events on the broker, so both are bounded here: an inference type that
+    /// is not one of ours counts as `unknown`, a status that is not a job status as `other`.
     pub fn transition(&self, inference_type: &str, status: &str) {
-        let ty = if inference_type.is_empty() {
-            "unknown"
-        } else {
-            inference_type
-        };
+        let ty = inference_type
+            .parse::<InferenceType>()
+            .map(InferenceType::as_str)
+            .unwrap_or("unknown");
+        let status = JobStatus::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .find(|s| *s == status)
+            .unwrap_or("other");
         self.transitions.with_label_values(&[ty, status]).inc();
     }
 }
@@ -615,5 +639,31 @@ mod tests {
     fn status_labels() {
         assert_eq!(itoa_status(202), "202");
         assert_eq!(itoa_status(503), "503");
+    }
+
+    #[test]
+    fn transition_labels_are_bounded() {
+        let m = Metrics::new().unwrap();
+        m.jobs.transition("LLM", "PROCESSED");
+        m.jobs.transition("llm", "PROCESSED");
+        for i in 0..20 {
+            m.jobs.transition(&format!("T{i}"), &format!("S{i}"));
+        }
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"volley_job_state_changes_total{inference_type="LLM",status="PROCESSED"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"volley_job_state_changes_total{inference_type="unknown",status="other"} 20"#
+            ),
+            "{text}"
+        );
+        assert_eq!(method_label("GET"), "GET");
+        assert_eq!(method_label("get"), "OTHER");
+        assert_eq!(method_label("BREW"), "OTHER");
     }
 }

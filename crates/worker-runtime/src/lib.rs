@@ -30,6 +30,8 @@ use volley_telemetry::Metrics;
 use volley_telemetry::metrics::JobMeters;
 
 pub use providers::{Job, Output, ProviderError, Providers};
+/// The queue boundary's decoder, public for the property tests.
+pub use run::decode;
 pub use state_client::{ClaimResult, StateClient};
 
 /// A job this worker is running.

@@ -355,6 +355,7 @@ async fn report(
                     completion_tokens: u.completion_tokens,
                     total_tokens: u.total_tokens,
                 }),
+                media_keys: out.media_keys,
             }),
             "succeeded",
         ),

@@ -235,6 +235,7 @@ pub async fn run(p: &Provider, job: &Job, store: &Store<'_>) -> Result<Output, P
             "data": [entry],
         }),
         usage: None,
+        media_keys: Vec::new(),
     })
 }
 

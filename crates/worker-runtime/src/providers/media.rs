@@ -3,13 +3,16 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use volley_media::{MediaError, MediaStore, extension_for, media_ref};
+use volley_media::{MediaError, MediaStore, extension_for, job_media_key, media_ref};
 
-use super::{Job, ProviderError};
+use super::{Job, Provider, ProviderError};
 
 pub struct Store<'a> {
     pub media: &'a MediaStore,
     pub job: &'a Job,
+    /// Keys stored so far in this attempt: the outcome carries them, and only they may
+    /// become links (the rest of a result is provider text).
+    keys: std::sync::Mutex<Vec<String>>,
 }
 
 fn media_error(e: MediaError) -> ProviderError {
@@ -23,21 +26,38 @@ fn media_error(e: MediaError) -> ProviderError {
     }
 }
 
-impl Store<'_> {
-    /// One folder per batch, not per job: on a local disk a folder costs an inode
-    /// allocation, which under load cost more than writing the file.
+impl<'a> Store<'a> {
+    pub fn new(media: &'a MediaStore, job: &'a Job) -> Store<'a> {
+        Store {
+            media,
+            job,
+            keys: Default::default(),
+        }
+    }
+
+    /// The keys this attempt stored, in order.
+    pub fn take_keys(&self) -> Vec<String> {
+        std::mem::take(&mut *self.keys.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn key(&self, i: usize, content_type: &str) -> String {
-        format!(
-            "batches/{}/{}-a{}-{i}.{}",
+        job_media_key(
             self.job.batch_id,
             self.job.id,
             self.job.attempt,
-            extension_for(content_type)
+            i,
+            extension_for(content_type),
         )
     }
 
-    fn entry(key: &str, content_type: &str, bytes: u64) -> Value {
-        json!({"url": media_ref(key), "content_type": content_type, "bytes": bytes})
+    /// The result entry for stored media; records the key as this attempt's.
+    fn entry(&self, key: String, content_type: &str, bytes: u64) -> Value {
+        let v = json!({"url": media_ref(&key), "content_type": content_type, "bytes": bytes});
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(key);
+        v
     }
 
     /// Streams a provider's response body into the store.
@@ -70,28 +90,38 @@ impl Store<'_> {
             )
             .await
             .map_err(media_error)?;
-        Ok(Self::entry(&key, &ct, n))
+        Ok(self.entry(key, &ct, n))
     }
 
-    /// Downloads a media URL the provider returned.
+    /// Downloads a media URL the provider returned, if the provider's egress policy allows
+    /// it (a tenant's prompt may have chosen the link): refused links fail the job, unread.
     pub async fn url(
         &self,
-        http: &reqwest::Client,
+        p: &Provider,
         i: usize,
         url: &str,
         fallback_type: &str,
     ) -> Result<Value, ProviderError> {
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ProviderError::retry(format!(
-                "the provider returned a media link that is not http(s): {:?}",
-                url.chars().take(80).collect::<String>()
-            )));
-        }
+        let (policy, http) = p.media();
+        let refused = |e: &volley_egress::Refused| {
+            ProviderError::fatal(
+                "media_refused",
+                format!("{}: refused to fetch a media link: {e}", p.config.name),
+            )
+        };
+        let url = policy.parse_url(url).map_err(|e| refused(&e))?;
         let resp = http
             .get(url)
             .send()
             .await
-            .map_err(|e| ProviderError::retry(format!("downloading media: {e}")))?;
+            .map_err(|e| match volley_egress::refusal(&e) {
+                // A name that did not resolve may resolve next time: worth a retry.
+                Some(r @ volley_egress::Refused::Resolve { .. }) => {
+                    ProviderError::retry(format!("downloading media: {r}"))
+                }
+                Some(r) => refused(r),
+                None => ProviderError::retry(format!("downloading media: {e}")),
+            })?;
         if !resp.status().is_success() {
             return Err(ProviderError::retry(format!(
                 "downloading media: HTTP {}",
@@ -118,7 +148,7 @@ impl Store<'_> {
             .put_stream(&key, body)
             .await
             .map_err(media_error)?;
-        Ok(Self::entry(&key, content_type, n))
+        Ok(self.entry(key, content_type, n))
     }
 
     pub async fn bytes(
@@ -133,6 +163,6 @@ impl Store<'_> {
             .put_bytes(&key, body)
             .await
             .map_err(media_error)?;
-        Ok(Self::entry(&key, content_type, n))
+        Ok(self.entry(key, content_type, n))
     }
 }

@@ -1,7 +1,11 @@
 //! Provider adapters. One trait-free dispatch on the provider's kind; each kind is a module.
 //! Capacity lives here too: each provider has an adaptive concurrency limit (`capacity.rs`),
-//! an optional request rate and token rate, and a pause that a 429 or `Retry-After` sets for
-//! all its jobs.
+//! an optional request rate and token rate, and a short pause for all its jobs when 429s come
+//! back for several batches at once (one batch's 429 delays only that job).
+//!
+//! What a provider's answer may make a worker fetch is `volley-egress`'s to decide: media
+//! links go through the provider's guarded client, its own URLs must stay on its origin, and
+//! every body is read up to a cap.
 
 mod capacity;
 mod espeak;
@@ -10,6 +14,7 @@ mod openai;
 mod predictions;
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +48,8 @@ pub struct Usage {
 pub struct Output {
     pub result: Value,
     pub usage: Option<Usage>,
+    /// Media the attempt stored (set by [`Providers::run`] from the store).
+    pub media_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,7 +88,16 @@ impl ProviderError {
 
 pub struct Provider {
     pub config: ProviderConfig,
+    /// The provider's own API, at the operator's `base_url` (no redirects followed).
     http: reqwest::Client,
+    /// Media links from the provider's answers: only what `egress` allows.
+    media_http: reqwest::Client,
+    egress: volley_egress::Policy,
+    /// `base_url` parsed: the origin a provider's `urls.*` must stay on.
+    origin: Option<volley_egress::Url>,
+    /// Batches that met a 429 lately, and when: one batch's 429 is that batch's business,
+    /// 429s for several batches at once are the provider's (see [`Provider::rate_limited`]).
+    recent_429: std::sync::Mutex<HashMap<i64, Instant>>,
     capacity: capacity::Capacity,
     /// No call starts before this instant (set by 429 / Retry-After).
     paused_until: Mutex<Instant>,
@@ -95,13 +111,26 @@ pub struct Provider {
 
 impl Provider {
     fn new(config: ProviderConfig) -> anyhow::Result<Provider> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(config.timeout_ms))
-            .connect_timeout(Duration::from_secs(10))
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(Duration::from_millis(config.timeout_ms))
+                .connect_timeout(Duration::from_secs(10))
+        };
+        let http = builder()
             .pool_max_idle_per_host(config.max_concurrency.min(1024))
+            // A provider's API does not redirect; a redirect would take the key elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let egress = volley_egress::Policy::new(config.allow_private_network, &config.media_hosts)
+            .map_err(|e| anyhow::anyhow!("provider {:?}: {e}", config.name))?;
+        let media_http = egress.client(builder())?;
+        let origin = volley_egress::Url::parse(&config.base_url).ok();
         let now = Instant::now();
         Ok(Provider {
+            media_http,
+            egress,
+            origin,
+            recent_429: std::sync::Mutex::new(HashMap::new()),
             capacity: capacity::Capacity::new(config.max_concurrency),
             tokens: config
                 .tokens_per_minute
@@ -205,14 +234,71 @@ impl Provider {
         Ok(())
     }
 
-    /// A 429 slows the whole provider down, not just the job that met it: every call waits
-    /// out the pause, and the concurrency limit is halved.
-    async fn pause(&self, d: Duration) {
-        self.capacity.rate_limited(d);
-        let mut p = self.paused_until.lock().await;
-        let until = Instant::now() + d.min(MAX_PAUSE);
-        if until > *p {
-            *p = until;
+    /// A 429 for a job of `batch_id`. Alone, it is that batch's (one tenant's request may be
+    /// what the provider limits): only the job waits, as its own retry delay. When 429s came
+    /// back for at least [`SHARED_429_BATCHES`] batches within [`SHARED_429_WINDOW`], the
+    /// provider itself is saturated: every call waits a short pause (at most
+    /// [`MAX_SHARED_PAUSE`]) and the concurrency limit is halved. Returns whether it was
+    /// provider-wide.
+    async fn rate_limited(&self, batch_id: i64, wait: Duration) -> bool {
+        let now = Instant::now();
+        let shared = {
+            let mut recent = self.recent_429.lock().unwrap_or_else(|e| e.into_inner());
+            recent.retain(|_, t| now.saturating_duration_since(*t) <= SHARED_429_WINDOW);
+            // Bounded: past this many batches the provider is saturated anyway.
+            if recent.len() < 1024 {
+                match recent.entry(batch_id) {
+                    Entry::Occupied(mut e) => *e.get_mut() = now,
+                    Entry::Vacant(e) => {
+                        e.insert(now);
+                    }
+                }
+            }
+            recent.len() >= SHARED_429_BATCHES
+        };
+        if shared {
+            let d = wait.min(MAX_SHARED_PAUSE);
+            self.capacity.rate_limited(d);
+            let mut p = self.paused_until.lock().await;
+            let until = Instant::now() + d;
+            if until > *p {
+                *p = until;
+            }
+        }
+        shared
+    }
+
+    /// The provider's policy for links in its answers, and its client for them.
+    fn media(&self) -> (&volley_egress::Policy, &reqwest::Client) {
+        (&self.egress, &self.media_http)
+    }
+
+    /// A URL the provider handed back for its own API (`urls.get`, `urls.cancel`): it must
+    /// stay on `base_url`'s origin, since the provider's key goes with it.
+    fn own_url(&self, link: &str) -> Result<String, ProviderError> {
+        let origin = self.origin.as_ref().ok_or_else(|| {
+            ProviderError::fatal(
+                "provider_error",
+                format!("{}: no base_url", self.config.name),
+            )
+        })?;
+        volley_egress::on_origin(origin, link)
+            .map(String::from)
+            .map_err(|e| {
+                ProviderError::fatal(
+                    "provider_error",
+                    format!("{}: refused the provider's own link: {e}", self.config.name),
+                )
+            })
+    }
+
+    /// The request body as this provider gets it: `sim_*` fields steer the simulator only and
+    /// are no other provider's business.
+    fn outgoing(&self, body: &mut Value) {
+        if !self.config.simulator
+            && let Some(o) = body.as_object_mut()
+        {
+            o.retain(|k, _| !k.starts_with("sim_"));
         }
     }
 
@@ -233,8 +319,9 @@ impl Provider {
         format!("{}{path}", self.config.base_url.trim_end_matches('/'))
     }
 
-    /// Maps an HTTP status that is not a success to a job error, pausing on 429.
-    async fn status_error(&self, resp: reqwest::Response) -> ProviderError {
+    /// Maps an HTTP status that is not a success to a job error; a 429 delays the job (and,
+    /// if several batches meet 429s, the provider: [`Provider::rate_limited`]).
+    async fn status_error(&self, resp: reqwest::Response, job: &Job) -> ProviderError {
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -242,17 +329,21 @@ impl Provider {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after)
             .map(|d| d.min(MAX_PAUSE));
-        let text = resp.text().await.unwrap_or_default();
-        let message = provider_message(&text);
+        let text = volley_egress::read_prefix(resp, ERROR_BODY_CAP).await;
+        let message = provider_message(&String::from_utf8_lossy(&text));
         let name = &self.config.name;
         if status.as_u16() == 429 {
             if let Some(m) = self.meters.get() {
                 m.rate_limited();
             }
             let wait = retry_after.unwrap_or(Duration::from_secs(1));
-            self.pause(wait).await;
+            let scope = if self.rate_limited(job.batch_id, wait).await {
+                "provider-wide"
+            } else {
+                "this job"
+            };
             return ProviderError::Retryable {
-                message: format!("{name}: rate limited (429): {message}"),
+                message: format!("{name}: rate limited (429, {scope}): {message}"),
                 retry_after: Some(wait),
             };
         }
@@ -272,8 +363,59 @@ impl Provider {
     }
 }
 
-/// The longest a provider's `Retry-After` may pause it (and delay a job's retry).
+/// The longest a provider's `Retry-After` may delay a job's retry.
 const MAX_PAUSE: Duration = Duration::from_secs(300);
+/// 429s for this many distinct batches within [`SHARED_429_WINDOW`] pause the whole provider.
+const SHARED_429_BATCHES: usize = 2;
+const SHARED_429_WINDOW: Duration = Duration::from_secs(10);
+/// The longest a provider-wide pause lasts, whatever `Retry-After` says: long enough to
+/// relieve the provider, short enough that no tenant can stall the others for long.
+const MAX_SHARED_PAUSE: Duration = Duration::from_secs(5);
+
+/// How much of a provider's error body is read (enough to quote its message).
+const ERROR_BODY_CAP: usize = 64 * 1024;
+/// The largest JSON answer read for a chat, a completion or a prediction's state.
+pub const TEXT_ANSWER_CAP: u64 = 4 * 1024 * 1024;
+
+/// Reads a JSON answer of at most `cap` bytes. Larger fails the job: the same request would
+/// get the same answer.
+async fn read_json(
+    p: &Provider,
+    resp: reqwest::Response,
+    cap: u64,
+) -> Result<Value, ProviderError> {
+    read_json_or(p, resp, cap, || {
+        ProviderError::fatal(
+            "response_too_large",
+            format!(
+                "{}: the answer is larger than the {cap} byte limit",
+                p.config.name
+            ),
+        )
+    })
+    .await
+}
+
+/// [`read_json`] with its own error for an answer past the cap.
+async fn read_json_or(
+    p: &Provider,
+    resp: reqwest::Response,
+    cap: u64,
+    too_large: impl FnOnce() -> ProviderError,
+) -> Result<Value, ProviderError> {
+    let body = volley_egress::read_limited(resp, cap)
+        .await
+        .map_err(|e| match e {
+            volley_egress::ReadError::TooLarge { .. } => too_large(),
+            volley_egress::ReadError::Body(e) => send_error(&p.config.name, e),
+        })?;
+    serde_json::from_slice(&body).map_err(|e| {
+        ProviderError::retry(format!(
+            "{}: malformed response: not JSON: {e}",
+            p.config.name
+        ))
+    })
+}
 
 /// `Retry-After` in seconds (fractions allowed, as some servers send) or as an HTTP date.
 fn parse_retry_after(v: &str) -> Option<Duration> {
@@ -463,10 +605,7 @@ impl Providers {
         };
         p.pace(cancel).await?;
         let reserved = p.reserve_tokens(job, cancel).await?;
-        let store = media::Store {
-            media: &self.media,
-            job,
-        };
+        let store = media::Store::new(&self.media, job);
         let span = call_span(&p, job, &upstream);
         let metered = p.meters.get().map(|m| m.start());
         let call = async {
@@ -496,7 +635,10 @@ impl Providers {
         if result.is_ok() {
             p.capacity.succeeded();
         }
-        result
+        result.map(|mut out| {
+            out.media_keys = store.take_keys();
+            out
+        })
     }
 }
 
@@ -547,6 +689,56 @@ mod tests {
         // A tenant's huge max_tokens saturates instead of overflowing (a debug-build panic).
         let huge = json!({"prompt": "abcd", "max_tokens": u64::MAX});
         assert_eq!(estimate_tokens(&huge), u64::MAX);
+    }
+
+    fn provider(extra: serde_json::Value) -> Provider {
+        let mut cfg = serde_json::json!({"name": "p", "kind": "openai",
+            "base_url": "http://127.0.0.1:9/v1", "max_concurrency": 8});
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
+        Provider::new(serde_json::from_value(cfg).unwrap()).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_batchs_429_delays_only_its_job_and_several_batches_pause_the_provider_briefly() {
+        let p = provider(serde_json::json!({}));
+        let start = Instant::now();
+        let paused = || async { (*p.paused_until.lock().await).saturating_duration_since(start) };
+        // One batch, however often: no pause, the limit stays.
+        assert!(!p.rate_limited(1, Duration::from_secs(300)).await);
+        assert!(!p.rate_limited(1, Duration::from_secs(300)).await);
+        assert_eq!(paused().await, Duration::ZERO);
+        assert_eq!(p.concurrency_limit(), 8);
+        // A second batch within the window: provider-wide, capped at MAX_SHARED_PAUSE.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(p.rate_limited(2, Duration::from_secs(300)).await);
+        assert_eq!(paused().await, Duration::from_secs(2) + MAX_SHARED_PAUSE);
+        assert_eq!(p.concurrency_limit(), 4);
+        // Past the window, a lone batch is its own business again.
+        tokio::time::advance(SHARED_429_WINDOW + Duration::from_secs(1)).await;
+        assert!(!p.rate_limited(3, Duration::from_secs(1)).await);
+    }
+
+    #[test]
+    fn sim_fields_go_only_to_the_simulator() {
+        let body = || serde_json::json!({"prompt": "x", "sim_fail": "fatal", "simple": 1});
+        let mut b = body();
+        provider(serde_json::json!({})).outgoing(&mut b);
+        assert_eq!(b, serde_json::json!({"prompt": "x", "simple": 1}));
+        let mut b = body();
+        provider(serde_json::json!({"simulator": true})).outgoing(&mut b);
+        assert_eq!(b, body());
+    }
+
+    #[test]
+    fn provider_links_stay_on_its_origin() {
+        let p = provider(serde_json::json!({}));
+        assert!(p.own_url("http://127.0.0.1:9/v1/predictions/x").is_ok());
+        assert!(matches!(
+            p.own_url("http://127.0.0.1:10/v1/predictions/x"),
+            Err(ProviderError::Fatal { .. })
+        ));
     }
 
     #[test]

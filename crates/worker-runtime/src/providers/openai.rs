@@ -5,7 +5,10 @@ use serde_json::{Value, json};
 use volley_domain::Endpoint;
 
 use super::media::Store;
-use super::{Job, Output, Provider, ProviderError, Usage, send_error};
+use super::{
+    Job, Output, Provider, ProviderError, TEXT_ANSWER_CAP, Usage, read_json, read_json_or,
+    send_error,
+};
 
 pub async fn run(
     p: &Provider,
@@ -29,6 +32,7 @@ pub async fn run(
         }
     };
     let mut body = job.body.clone();
+    p.outgoing(&mut body);
     body["model"] = json!(upstream);
     if job.endpoint == Endpoint::AudioSpeech && body.get("response_format").is_none() {
         // WAV needs no decoder to check, and every server that speaks OpenAI's API offers it.
@@ -41,7 +45,7 @@ pub async fn run(
         .await
         .map_err(|e| send_error(&p.config.name, e))?;
     if !resp.status().is_success() {
-        return Err(p.status_error(resp).await);
+        return Err(p.status_error(resp, job).await);
     }
     let malformed =
         |why: &str| ProviderError::retry(format!("{}: malformed response: {why}", p.config.name));
@@ -60,13 +64,19 @@ pub async fn run(
             Ok(Output {
                 result: json!({"object": "audio", "model": job.model, "data": [entry]}),
                 usage: None,
+                media_keys: Vec::new(),
             })
         }
         _ => {
-            let v: Value = resp
-                .json()
-                .await
-                .map_err(|e| malformed(&format!("not JSON: {e}")))?;
+            let v = if job.endpoint == Endpoint::ImagesGenerations {
+                // Images may come inline as base64: a third larger than the media limit, plus
+                // room for the JSON around them. Past that it is the media that is too large.
+                let max = store.media.max_bytes();
+                let cap = max.saturating_mul(4) / 3 + 64 * 1024;
+                read_json_or(p, resp, cap, || media_too_large(max)).await?
+            } else {
+                read_json(p, resp, TEXT_ANSWER_CAP).await?
+            };
             if job.endpoint == Endpoint::ImagesGenerations {
                 return images(p, job, v, store).await;
             }
@@ -81,7 +91,11 @@ pub async fn run(
                     total_tokens: n("total_tokens"),
                 }
             });
-            Ok(Output { result: v, usage })
+            Ok(Output {
+                result: v,
+                usage,
+                media_keys: Vec::new(),
+            })
         }
     }
 }
@@ -106,18 +120,12 @@ async fn images(
                 .decode(b64)
                 .map_err(|e| malformed(&format!("b64_json: {e}")))?;
             if raw.len() as u64 > store.media.max_bytes() {
-                return Err(ProviderError::fatal(
-                    "media_too_large",
-                    format!(
-                        "the provider's media is larger than the {} byte limit",
-                        store.media.max_bytes()
-                    ),
-                ));
+                return Err(media_too_large(store.media.max_bytes()));
             }
             let ct = sniff_image(&raw);
             store.bytes(i, ct, raw.into()).await?
         } else if let Some(url) = item.get("url").and_then(Value::as_str) {
-            store.url(&p.http, i, url, "image/png").await?
+            store.url(p, i, url, "image/png").await?
         } else {
             return Err(malformed("an image with neither `url` nor `b64_json`"));
         };
@@ -133,6 +141,7 @@ async fn images(
             "data": out,
         }),
         usage: None,
+        media_keys: Vec::new(),
     })
 }
 
@@ -146,4 +155,11 @@ fn sniff_image(raw: &[u8]) -> &'static str {
     } else {
         "application/octet-stream"
     }
+}
+
+fn media_too_large(max: u64) -> ProviderError {
+    ProviderError::fatal(
+        "media_too_large",
+        format!("the provider's media is larger than the {max} byte limit"),
+    )
 }

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use volley_domain::Endpoint;
 
 use super::media::Store;
-use super::{Job, Output, Provider, ProviderError, send_error};
+use super::{Job, Output, Provider, ProviderError, TEXT_ANSWER_CAP, read_json, send_error};
 
 /// How long a create may wait for a quick prediction to finish (Replicate allows 1 to 60).
 const PREFER_WAIT_SECS: u64 = 5;
@@ -34,6 +34,7 @@ pub async fn run(
     cancel: &CancellationToken,
 ) -> Result<Output, ProviderError> {
     let mut input = job.body.clone();
+    p.outgoing(&mut input);
     if let Some(o) = input.as_object_mut() {
         o.remove("model");
     }
@@ -51,29 +52,32 @@ pub async fn run(
         .await
         .map_err(|e| send_error(&p.config.name, e))?;
     if !resp.status().is_success() {
-        return Err(p.status_error(resp).await);
+        return Err(p.status_error(resp, job).await);
     }
     let malformed =
         |why: &str| ProviderError::retry(format!("{}: malformed response: {why}", p.config.name));
-    let created: Value = resp
-        .json()
-        .await
-        .map_err(|e| malformed(&format!("not JSON: {e}")))?;
+    let created = read_json(p, resp, TEXT_ANSWER_CAP).await?;
     let id = created
         .get("id")
         .and_then(Value::as_str)
         .ok_or_else(|| malformed("no prediction id"))?
         .to_owned();
-    let get_url = created
-        .pointer("/urls/get")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .unwrap_or_else(|| p.url(&format!("/predictions/{id}")));
-    let cancel_url = created
-        .pointer("/urls/cancel")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .unwrap_or_else(|| p.url(&format!("/predictions/{id}/cancel")));
+    // The provider's key goes with these: they must stay on its origin.
+    let own = |key: &str, default: String| match created.pointer(key).and_then(Value::as_str) {
+        Some(u) => p.own_url(u),
+        None => Ok(default),
+    };
+    let default_cancel = p.url(&format!("/predictions/{id}/cancel"));
+    let urls = own("/urls/get", p.url(&format!("/predictions/{id}")))
+        .and_then(|get| Ok((get, own("/urls/cancel", default_cancel.clone())?)));
+    let (get_url, cancel_url) = match urls {
+        Ok(u) => u,
+        Err(e) => {
+            // The prediction runs at the provider: stop it there, on its own origin.
+            cancel_upstream(p, &default_cancel).await;
+            return Err(e);
+        }
+    };
     tracing::debug!(job.id = job.id, prediction = %id, "prediction created");
 
     let deadline = tokio::time::Instant::now() + Duration::from_millis(p.config.timeout_ms);
@@ -138,12 +142,9 @@ pub async fn run(
             continue;
         }
         if !resp.status().is_success() {
-            return Err(p.status_error(resp).await);
+            return Err(p.status_error(resp, job).await);
         }
-        current = match resp.json().await {
-            Ok(v) => v,
-            Err(e) => return Err(malformed(&format!("poll answer not JSON: {e}"))),
-        };
+        current = read_json(p, resp, TEXT_ANSWER_CAP).await?;
     }
 
     let urls: Vec<String> = match current.get("output") {
@@ -165,7 +166,7 @@ pub async fn run(
     };
     let mut data = Vec::with_capacity(urls.len());
     for (i, u) in urls.iter().enumerate() {
-        data.push(store.url(&p.http, i, u, fallback).await?);
+        data.push(store.url(p, i, u, fallback).await?);
     }
     Ok(Output {
         result: json!({
@@ -175,6 +176,7 @@ pub async fn run(
             "data": data,
         }),
         usage: None,
+        media_keys: Vec::new(),
     })
 }
 

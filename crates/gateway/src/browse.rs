@@ -1,0 +1,113 @@
+//! Paged listings (additions to the contract): `GET /v1/batches?limit=&after=` pages an owner's
+//! batches newest first, and `GET /v1/batches/{id}/jobs?limit=&after=&status=` pages a batch's
+//! jobs with their results. Both answer `{"object": "list", "data": [...], "has_more": bool}`;
+//! the next page starts `after` the last id of this one.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use volley_domain::{FieldError, JobStatus};
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::routes::{links, owner, parse_id};
+use crate::views;
+
+/// Batches per page unless asked (the contract's listing: up to 50).
+const BATCHES_DEFAULT: i64 = 50;
+const BATCHES_MAX: i64 = 100;
+/// Jobs per page unless asked; a batch holds at most 256, so the maximum is one page.
+const JOBS_DEFAULT: i64 = 100;
+const JOBS_MAX: i64 = 256;
+
+/// Query parameters as text, checked here so a bad one gets the contract's 400 naming it.
+#[derive(Deserialize)]
+pub struct PageQuery {
+    limit: Option<String>,
+    after: Option<String>,
+    status: Option<String>,
+}
+
+fn bad(field: &str, message: String) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!("{field}: {message}"),
+        errors: vec![FieldError {
+            index: None,
+            field: field.to_owned(),
+            message,
+        }],
+    }
+}
+
+fn number(raw: Option<&str>, field: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+    let Some(raw) = raw else { return Ok(None) };
+    raw.parse::<i64>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .map(Some)
+        .ok_or_else(|| bad(field, format!("must be an integer from {min} to {max}")))
+}
+
+impl PageQuery {
+    /// Parsed by hand, so that even undecodable query text gets the contract's error shape.
+    fn parse(req: &HttpRequest) -> Result<PageQuery, ApiError> {
+        web::Query::<PageQuery>::from_query(req.query_string())
+            .map(web::Query::into_inner)
+            .map_err(|e| ApiError::invalid(format!("the query string is malformed: {e}")))
+    }
+
+    fn limit(&self, default: i64, max: i64) -> Result<i64, ApiError> {
+        Ok(number(self.limit.as_deref(), "limit", 1, max)?.unwrap_or(default))
+    }
+
+    fn after(&self) -> Result<Option<i64>, ApiError> {
+        number(self.after.as_deref(), "after", 1, i64::MAX)
+    }
+}
+
+pub async fn list_batches(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    let query = PageQuery::parse(&req)?;
+    let limit = query.limit(BATCHES_DEFAULT, BATCHES_MAX)?;
+    let page = state
+        .db
+        .list_batches_page(&owner, query.after()?, limit)
+        .await?;
+    let data: Vec<Value> = page.items.iter().map(views::batch).collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
+}
+
+pub async fn list_jobs(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&req, &state).await?;
+    let query = PageQuery::parse(&req)?;
+    let id = parse_id(&path, "batch")?;
+    let limit = query.limit(JOBS_DEFAULT, JOBS_MAX)?;
+    let status = match query.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.to_ascii_uppercase()
+                .parse::<JobStatus>()
+                .map_err(|_| {
+                    let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                    bad("status", format!("must be one of {}", all.join(", ")))
+                })?
+                .as_str()
+                .to_owned(),
+        ),
+    };
+    let page = state
+        .db
+        .list_jobs(&owner, id, status, query.after()?, limit)
+        .await?
+        .ok_or(ApiError::NotFound("batch"))?;
+    let links = links(&state);
+    let data: Vec<Value> = page.items.iter().map(|j| views::job(j, &links)).collect();
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
+}

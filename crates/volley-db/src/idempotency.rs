@@ -1,0 +1,158 @@
+//! `Idempotency-Key` on batch creation (the IETF httpapi draft's semantics): per API key, kept
+//! 24 hours. Decided in the batch's own transaction, so it holds across gateway replicas.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Bool, Text};
+use sha2::{Digest, Sha256};
+use volley_domain::{BatchCounts, JobStatus};
+
+use crate::batches::insert_batch;
+use crate::schema::{api_keys, batches, idempotency_keys};
+use crate::{BatchView, Db, DbError, JobDispatch, NewJob};
+
+/// How long a key is remembered, in hours.
+pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
+
+/// What a create with an idempotency key came to.
+#[derive(Debug)]
+pub enum Idempotent {
+    /// A new batch (the key is now bound to it).
+    Created(BatchView, Vec<JobDispatch>),
+    /// The key was used before with the same body: the original response's batch, as it was
+    /// when it was created.
+    Replayed(BatchView),
+    /// The key was used before with another body.
+    Mismatch,
+    /// Another request with the same key is being decided right now.
+    InFlight,
+}
+
+/// An earlier use of the key: its body hash, and its batch's id, label, total and creation.
+type Earlier = (Vec<u8>, i64, Option<String>, i32, DateTime<Utc>);
+
+#[derive(QueryableByName)]
+struct Locked {
+    #[diesel(sql_type = Bool)]
+    locked: bool,
+}
+
+impl Db {
+    /// The id and owner of a live key, if the secret is one.
+    pub async fn authenticate_key(&self, secret: &str) -> Result<Option<(i64, String)>, DbError> {
+        let hash = crate::hash_key(secret);
+        self.run(move |conn| {
+            Ok(api_keys::table
+                .filter(api_keys::key_hash.eq(&hash))
+                .filter(api_keys::revoked_at.is_null())
+                .select((api_keys::id, api_keys::owner))
+                .first(&mut **conn)
+                .optional()?)
+        })
+        .await
+    }
+
+    /// Creates a batch unless `key` was already used by this API key in the last 24 hours.
+    /// `body` is the request body as received; its SHA-256 tells a replay from a mismatch.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_batch_idempotent(
+        &self,
+        api_key_id: i64,
+        key: String,
+        body: &[u8],
+        owner: &str,
+        label: Option<String>,
+        new_jobs: Vec<NewJob>,
+        dispatch_grace_ms: u64,
+    ) -> Result<Idempotent, DbError> {
+        let hash = Sha256::digest(body).to_vec();
+        let owner = owner.to_owned();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                // A transaction-scoped advisory lock on (API key, idempotency key): a second
+                // request with the same key does not wait behind the first but is told it is
+                // in flight. Held until this transaction ends, so whoever takes it next sees
+                // the committed row. A hash collision only costs a spurious 409.
+                let locked: Locked = diesel::sql_query(
+                    "SELECT pg_try_advisory_xact_lock(\
+                       hashtextextended($1::text || ':' || $2, 7011)) AS locked",
+                )
+                .bind::<BigInt, _>(api_key_id)
+                .bind::<Text, _>(&key)
+                .get_result(conn)?;
+                if !locked.locked {
+                    return Ok(Idempotent::InFlight);
+                }
+                let since = Utc::now() - chrono::Duration::hours(IDEMPOTENCY_TTL_HOURS);
+                let earlier: Option<Earlier> = idempotency_keys::table
+                    .inner_join(batches::table)
+                    .filter(idempotency_keys::api_key_id.eq(api_key_id))
+                    .filter(idempotency_keys::idempotency_key.eq(&key))
+                    .filter(idempotency_keys::created_at.gt(since))
+                    .select((
+                        idempotency_keys::request_hash,
+                        batches::id,
+                        batches::label,
+                        batches::total,
+                        batches::created_at,
+                    ))
+                    .first(conn)
+                    .optional()?;
+                if let Some((earlier_hash, id, label, total, created_at)) = earlier {
+                    if earlier_hash != hash {
+                        return Ok(Idempotent::Mismatch);
+                    }
+                    // The response the first request got: every job still queued.
+                    let mut counts = BatchCounts::default();
+                    counts.add(JobStatus::Queued, total.max(0) as u64);
+                    return Ok(Idempotent::Replayed(BatchView {
+                        id,
+                        label,
+                        total: i64::from(total),
+                        created_at,
+                        counts,
+                    }));
+                }
+                let (view, dispatch) =
+                    insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms)?;
+                // An expired row not purged yet is taken over.
+                diesel::insert_into(idempotency_keys::table)
+                    .values((
+                        idempotency_keys::api_key_id.eq(api_key_id),
+                        idempotency_keys::idempotency_key.eq(&key),
+                        idempotency_keys::request_hash.eq(&hash),
+                        idempotency_keys::batch_id.eq(view.id),
+                    ))
+                    .on_conflict((
+                        idempotency_keys::api_key_id,
+                        idempotency_keys::idempotency_key,
+                    ))
+                    .do_update()
+                    .set((
+                        idempotency_keys::request_hash.eq(&hash),
+                        idempotency_keys::batch_id.eq(view.id),
+                        idempotency_keys::created_at.eq(diesel::dsl::now),
+                    ))
+                    .execute(conn)?;
+                Ok(Idempotent::Created(view, dispatch))
+            })
+        })
+        .await
+    }
+
+    /// Deletes at most `limit` keys older than 24 hours; returns how many. Bounded so that a
+    /// backlog is worked off in short statements that hold few locks.
+    pub async fn purge_idempotency_keys(&self, limit: i64) -> Result<usize, DbError> {
+        self.run(move |conn| {
+            Ok(diesel::sql_query(format!(
+                "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(\
+                   SELECT ctid FROM idempotency_keys \
+                   WHERE created_at < now() - interval '{IDEMPOTENCY_TTL_HOURS} hours' \
+                   ORDER BY created_at LIMIT $1))"
+            ))
+            .bind::<BigInt, _>(limit)
+            .execute(&mut **conn)?)
+        })
+        .await
+    }
+}
