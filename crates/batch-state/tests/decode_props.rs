@@ -19,16 +19,22 @@ fn json_bytes() -> impl Strategy<Value = Vec<u8>> {
 fn outcome() -> impl Strategy<Value = Option<job_event::Outcome>> {
     prop_oneof![
         Just(None),
-        (json_bytes(), prop::option::of(any::<(i64, i64, i64)>())).prop_map(|(r, u)| Some(
-            job_event::Outcome::Succeeded(Succeeded {
-                result_json: r,
-                usage: u.map(|(p, c, t)| Usage {
-                    prompt_tokens: p,
-                    completion_tokens: c,
-                    total_tokens: t,
-                }),
-            })
-        )),
+        (
+            json_bytes(),
+            prop::option::of(any::<(i64, i64, i64)>()),
+            prop::collection::vec("\\PC{0,40}", 0..4),
+        )
+            .prop_map(|(r, u, media_keys)| Some(job_event::Outcome::Succeeded(
+                Succeeded {
+                    result_json: r,
+                    usage: u.map(|(p, c, t)| Usage {
+                        prompt_tokens: p,
+                        completion_tokens: c,
+                        total_tokens: t,
+                    }),
+                    media_keys,
+                }
+            ))),
         ("\\PC{0,12}", "\\PC{0,40}").prop_map(|(error_type, message)| Some(
             job_event::Outcome::Failed(Failed {
                 error_type,

@@ -178,12 +178,15 @@ async fn create_batch(
         gw.max_body_bytes,
         std::time::Duration::from_millis(gw.body_timeout_ms),
     )
-    .await?;
+    .await?
+    .freeze();
     let batch = if body.len() <= PARSE_INLINE_BYTES {
         parse_batch(&body, &state.settings, &state.limits)?
     } else {
-        let (settings, limits) = (state.settings.clone(), state.limits.clone());
-        web::block(move || parse_batch(&body, &settings, &limits))
+        // `Bytes` clones share the buffer: the idempotency check below hashes the same body.
+        let (settings, limits, shared) =
+            (state.settings.clone(), state.limits.clone(), body.clone());
+        web::block(move || parse_batch(&shared, &settings, &limits))
             .await
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("parsing off the event loop: {e}")))??
     };
