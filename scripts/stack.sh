@@ -44,6 +44,12 @@ if [ ! -s "$state/media-signing-key" ]; then
 fi
 VOLLEY_MEDIA_SIGNING_KEY=$(cat "$state/media-signing-key")
 export VOLLEY_MEDIA_SIGNING_KEY
+# Workers present it to batch-state's internal API.
+if [ ! -s "$state/internal-token" ]; then
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$state/internal-token"
+fi
+VOLLEY_INTERNAL_TOKEN=$(cat "$state/internal-token")
+export VOLLEY_INTERNAL_TOKEN
 
 # The dev database: created once, migrated every time.
 db=$(sed -n 's|^database_url *= *"postgres://[^/]*/\([A-Za-z0-9_]*\)".*|\1|p' "$VOLLEY_CONFIG")

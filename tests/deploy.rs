@@ -40,6 +40,7 @@ const SECRET_ENV: &[&str] = &[
     "VOLLEY_DATABASE_URL",
     "VOLLEY_AMQP_URL",
     "VOLLEY_MEDIA_SIGNING_KEY",
+    "VOLLEY_INTERNAL_TOKEN",
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -212,6 +213,7 @@ fn required_env(bin: &str) -> Vec<&'static str> {
             "VOLLEY_STATE_ADDR",
             "VOLLEY_PUBLIC_URL",
             "VOLLEY_MEDIA_SIGNING_KEY",
+            "VOLLEY_INTERNAL_TOKEN",
         ],
         CLI => vec!["VOLLEY_DATABASE_URL"],
         SIM => vec!["VOLLEY_SIM_ADDR"],
@@ -224,6 +226,7 @@ fn required_env(bin: &str) -> Vec<&'static str> {
             "VOLLEY_PUBLIC_URL",
             "VOLLEY_MEDIA_DIR",
             "VOLLEY_MEDIA_SIGNING_KEY",
+            "VOLLEY_INTERNAL_TOKEN",
         ],
         _ => vec![],
     }
@@ -2097,6 +2100,145 @@ fn video_workers_get_the_longest_grace_period() {
         }
     }
     report("grace periods", errors);
+}
+
+/// batch-state's port hands out jobs (`/internal/*`): in every layer a NetworkPolicy selects
+/// its pods and admits the workers, and no pod of the layer that is not a worker (gateway,
+/// simulator, migrations) nor the world at large; batch-state and the workers share one token.
+#[test]
+fn batch_state_admits_only_workers() {
+    let mut errors = Vec::new();
+    for l in layers() {
+        let Some(state) = l.find("Deployment", "batch-state") else {
+            continue;
+        };
+        let pod_labels = |r: &Res| labels(at(&r.doc, &["spec", "template", "metadata", "labels"]));
+        let state_labels = pod_labels(state);
+        let selects = |sel: Option<&Value>, l: &BTreeMap<String, String>| -> bool {
+            let want = labels(sel.and_then(|s| s.get("matchLabels")));
+            at_least_one_key(sel) && want.iter().all(|(k, v)| l.get(k) == Some(v))
+        };
+        let policies: Vec<&Res> = l
+            .of_kind("NetworkPolicy")
+            .into_iter()
+            .filter(|p| selects(at(&p.doc, &["spec", "podSelector"]), &state_labels))
+            .collect();
+        if policies.is_empty() {
+            errors.push(format!(
+                "[{}] no NetworkPolicy selects the batch-state pods",
+                l.name
+            ));
+            continue;
+        }
+        // Peers of every ingress rule: (podSelector, namespaceSelector).
+        let mut pod_peers = Vec::new();
+        for p in &policies {
+            let types = list_strings(at(&p.doc, &["spec", "policyTypes"]));
+            if !types.iter().any(|t| t == "Ingress") {
+                errors.push(format!("{}: policyTypes must include Ingress", p.at()));
+            }
+            for rule in seq(at(&p.doc, &["spec", "ingress"])) {
+                let from = seq(rule.get("from"));
+                if from.is_empty() {
+                    errors.push(format!(
+                        "{}: an ingress rule without `from` admits anyone",
+                        p.at()
+                    ));
+                }
+                if seq(rule.get("ports")).is_empty() {
+                    errors.push(format!("{}: an ingress rule without `ports`", p.at()));
+                }
+                for peer in from {
+                    if peer.get("ipBlock").is_some() {
+                        errors.push(format!("{}: an ipBlock peer", p.at()));
+                    }
+                    match (peer.get("podSelector"), peer.get("namespaceSelector")) {
+                        (Some(ps), None) => {
+                            if !at_least_one_key(Some(ps)) {
+                                errors.push(format!(
+                                    "{}: an empty podSelector admits every pod",
+                                    p.at()
+                                ));
+                            }
+                            pod_peers.push(ps.clone());
+                        }
+                        (_, Some(ns)) if !at_least_one_key(Some(ns)) => errors.push(format!(
+                            "{}: an empty namespaceSelector admits every namespace",
+                            p.at()
+                        )),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        for d in l.of_kind("Deployment").into_iter().chain(l.of_kind("Job")) {
+            let name = d.name();
+            if name == "batch-state" {
+                continue;
+            }
+            let admitted = pod_peers.iter().any(|ps| selects(Some(ps), &pod_labels(d)));
+            let is_worker = worker_key(&name).is_some();
+            if is_worker && !admitted {
+                errors.push(format!(
+                    "[{}] {}: workers cannot reach batch-state",
+                    l.name,
+                    d.at()
+                ));
+            }
+            if !is_worker && admitted {
+                errors.push(format!(
+                    "[{}] {}: admitted to batch-state, which only workers need",
+                    l.name,
+                    d.at()
+                ));
+            }
+        }
+        if let Some(svc) = l.find("Service", "batch-state")
+            && let Some(t) = text(&svc.doc, &["spec", "type"])
+            && t != "ClusterIP"
+        {
+            errors.push(format!("{}: type {t} exposes batch-state", svc.at()));
+        }
+        // One token for batch-state and every worker.
+        let token_of = |r: &Res| match r.env(0).get("VOLLEY_INTERNAL_TOKEN") {
+            Some(EnvSrc::Secret { name, key }) => Some(format!("{name}/{key}")),
+            _ => None,
+        };
+        let want = token_of(state);
+        if want.is_none() {
+            errors.push(format!(
+                "{}: VOLLEY_INTERNAL_TOKEN must come from a Secret",
+                state.at()
+            ));
+        }
+        for w in workers() {
+            if let Some(d) = l.find("Deployment", &w)
+                && token_of(d) != want
+            {
+                errors.push(format!(
+                    "{}: VOLLEY_INTERNAL_TOKEN must be batch-state's ({want:?})",
+                    d.at()
+                ));
+            }
+        }
+    }
+    // Compose: batch-state is reached on the project network only.
+    let c = compose();
+    if let Some(svc) = at(&c, &["services", "batch-state"])
+        && !seq(svc.get("ports")).is_empty()
+    {
+        errors.push("docker-compose.yml: batch-state publishes ports to the host".into());
+    }
+    report("batch-state's network exposure", errors);
+}
+
+fn at_least_one_key(sel: Option<&Value>) -> bool {
+    sel.is_some_and(|s| {
+        s.get("matchLabels")
+            .and_then(|m| m.as_mapping())
+            .is_some_and(|m| !m.is_empty())
+            || !seq(s.get("matchExpressions")).is_empty()
+    })
 }
 
 #[test]

@@ -106,6 +106,9 @@ impl Stack {
         s.worker.addr = "127.0.0.1:0".into();
         s.media.dir = media.path().to_string_lossy().into_owned();
         s.media.signing_key = volley_config::Secret::new(uuid::Uuid::new_v4().to_string());
+        // Workers authenticate to batch-state as in production.
+        s.state.internal_token =
+            volley_config::Secret::new(uuid::Uuid::new_v4().simple().to_string());
         // HTTP providers go to this stack's simulator; local ones (espeak-ng) stay local.
         for p in s.providers.iter_mut().filter(|p| p.kind.is_http()) {
             p.base_url = format!("{}/v1", sim.url());

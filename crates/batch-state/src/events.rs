@@ -10,10 +10,21 @@ use tokio_util::sync::CancellationToken;
 use volley_amqp::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
 use volley_amqp::lapin::types::FieldTable;
 use volley_amqp::{Names, connect, consumer_channel, declare_topology};
-use volley_db::{Db, Event, Outcome, Usage};
+use volley_db::{Db, EachResult, Event, Outcome, Refusal, Usage};
 use volley_proto::{JobEvent, Message, job_event};
 
 use crate::Shared;
+
+/// The longest a retry may wait before its job is available again, whatever the event says.
+pub const MAX_RETRY_DELAY_MS: i64 = 3_600_000;
+
+/// How a job whose outcome the database refused is failed.
+fn refusal() -> Refusal {
+    Refusal {
+        error_type: "invalid_output".into(),
+        message: "the job's outcome could not be stored".into(),
+    }
+}
 
 /// Converts a wire event to a domain event; `Err` names why it cannot be applied.
 pub fn decode(payload: &[u8]) -> Result<Event, String> {
@@ -39,25 +50,32 @@ pub fn decode_with_context(payload: &[u8]) -> Result<(Event, EventContext), Stri
     if e.job_id <= 0 || e.attempt <= 0 {
         return Err(format!("bad job id {} or attempt {}", e.job_id, e.attempt));
     }
+    // Defence in depth: workers clean outcomes already, but one U+0000 that reached SQL
+    // would fail a whole batch of other tenants' outcomes.
+    use volley_domain::text::{clean_for_pg, clean_json};
     let outcome = match e.outcome {
         None => return Err("event without an outcome".into()),
         Some(job_event::Outcome::Succeeded(s)) => Outcome::Succeeded {
-            result: serde_json::from_slice(&s.result_json)
-                .map_err(|e| format!("result is not JSON: {e}"))?,
+            result: {
+                let mut v: serde_json::Value = serde_json::from_slice(&s.result_json)
+                    .map_err(|e| format!("result is not JSON: {e}"))?;
+                clean_json(&mut v);
+                v
+            },
             usage: s.usage.map(|u| Usage {
                 prompt_tokens: u.prompt_tokens,
                 completion_tokens: u.completion_tokens,
                 total_tokens: u.total_tokens,
             }),
-            media_keys: s.media_keys,
+            media_keys: s.media_keys.iter().map(|k| clean_for_pg(k)).collect(),
         },
         Some(job_event::Outcome::Failed(f)) => Outcome::Failed {
-            error_type: f.error_type,
-            message: f.message,
+            error_type: clean_for_pg(&f.error_type),
+            message: clean_for_pg(&f.message),
         },
         Some(job_event::Outcome::Retry(r)) => Outcome::Retry {
-            error: r.error,
-            delay_ms: r.delay_ms,
+            error: clean_for_pg(&r.error),
+            delay_ms: r.delay_ms.clamp(0, MAX_RETRY_DELAY_MS),
         },
     };
     Ok((
@@ -128,6 +146,7 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
         }
         let mut events = Vec::with_capacity(deliveries.len());
         let mut received = Vec::with_capacity(deliveries.len());
+        let mut tags = Vec::with_capacity(deliveries.len());
         let mut last_good = None;
         for d in &deliveries {
             match decode_with_context(&d.data) {
@@ -141,6 +160,7 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
                         span.record("inference_type", context.inference_type.as_str());
                     }
                     received.push((e.job_id, e.attempt, context, span));
+                    tags.push(d.delivery_tag);
                     events.push(e);
                     last_good = Some(d.delivery_tag);
                 }
@@ -156,7 +176,20 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
             }
         }
         let Some(tag) = last_good else { continue };
-        let applied = apply_with_retry(&shared.db, events, stop).await?;
+        let Applied { applied, refused } = apply_with_retry(&shared.db, events, stop).await?;
+        // An event that can never apply leaves the queue (dead-lettered, kept for a look)
+        // rather than wedging every later outcome; settled before the multiple ack below.
+        for i in refused {
+            shared.metrics.amqp.dead_lettered(&queue);
+            ch.basic_nack(
+                tags[i],
+                BasicNackOptions {
+                    requeue: false,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        }
         record_applied(shared, received, applied);
         ch.basic_ack(tag, BasicAckOptions { multiple: true })
             .await?;
@@ -199,26 +232,71 @@ fn record_applied(
     shared.metrics.state.events(n_applied, ignored);
 }
 
-/// A database outage holds the events (unacked, so nothing is lost) and retries.
+/// What became of a batch of events: `(job id, new status)` of those that changed their job,
+/// and the indexes of those that can never apply.
+struct Applied {
+    applied: Vec<(i64, String)>,
+    refused: Vec<usize>,
+}
+
+/// A database outage holds the events (unacked, so nothing is lost) and retries, the delay
+/// capped. A statement the database refuses is not retried as is: the events are applied one
+/// by one, so one bad event fails only its own job ([`Db::apply_each`]).
 async fn apply_with_retry(
     db: &Db,
     events: Vec<Event>,
     stop: &CancellationToken,
-) -> anyhow::Result<Vec<(i64, String)>> {
+) -> anyhow::Result<Applied> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match db.apply_events(events.clone()).await {
-            Ok(applied) => return Ok(applied),
-            Err(e) => {
-                tracing::warn!(error = %e, events = events.len(), "applying events failed; retrying");
-                if stop.is_cancelled() {
-                    anyhow::bail!("stopping with events unapplied; they stay on the queue");
+        let err = match db.apply_events(events.clone()).await {
+            Ok(applied) => {
+                return Ok(Applied {
+                    applied,
+                    refused: Vec::new(),
+                });
+            }
+            Err(e) if e.is_refusal() => {
+                tracing::warn!(error = %e, events = events.len(), "the database refused a batch of events; applying them one by one");
+                match db.apply_each(events.clone(), refusal()).await {
+                    Ok(each) => return Ok(sort_each(&events, each)),
+                    Err(e) => e,
                 }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => e,
+        };
+        tracing::warn!(error = %err, events = events.len(), "applying events failed; retrying");
+        if stop.is_cancelled() {
+            anyhow::bail!("stopping with events unapplied; they stay on the queue");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn sort_each(events: &[Event], each: Vec<EachResult>) -> Applied {
+    let mut out = Applied {
+        applied: Vec::new(),
+        refused: Vec::new(),
+    };
+    for (i, (e, r)) in events.iter().zip(each).enumerate() {
+        match r {
+            EachResult::Applied(status) => out.applied.push((e.job_id, status)),
+            EachResult::Ignored => {}
+            EachResult::FailedInstead(why) => {
+                tracing::error!(job.id = e.job_id, attempt = e.attempt, reason = %why, "an outcome could not be stored; the job failed as invalid_output");
+                out.applied.push((e.job_id, "FAILED".into()));
+            }
+            EachResult::Refused(why) => {
+                tracing::error!(job.id = e.job_id, attempt = e.attempt, reason = %why, "an outcome can never be stored; dead-lettering it");
+                out.refused.push(i);
             }
         }
     }
+    out
 }
 
 #[cfg(test)]
@@ -259,5 +337,51 @@ mod tests {
         bad.outcome = Some(job_event::Outcome::Failed(Failed::default()));
         assert!(decode(&bad.encode_to_vec()).is_err());
         assert!(decode(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn cleans_what_postgresql_cannot_store_and_caps_delays() {
+        let nul = JobEvent {
+            job_id: 1,
+            attempt: 1,
+            outcome: Some(job_event::Outcome::Succeeded(Succeeded {
+                result_json: br#"{"text":"a\u0000b","k\u0000":1}"#.to_vec(),
+                usage: None,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let Outcome::Succeeded { result, .. } = decode(&nul.encode_to_vec()).unwrap().outcome
+        else {
+            panic!("not a success")
+        };
+        assert_eq!(
+            result,
+            serde_json::json!({"text": "a\u{FFFD}b", "k\u{FFFD}": 1})
+        );
+        let mut failed = nul.clone();
+        failed.outcome = Some(job_event::Outcome::Failed(Failed {
+            error_type: "x\0".into(),
+            message: "m\0".into(),
+        }));
+        assert_eq!(
+            decode(&failed.encode_to_vec()).unwrap().outcome,
+            Outcome::Failed {
+                error_type: "x\u{FFFD}".into(),
+                message: "m\u{FFFD}".into()
+            }
+        );
+        let mut retry = nul.clone();
+        retry.outcome = Some(job_event::Outcome::Retry(volley_proto::Retry {
+            error: "e\0".into(),
+            delay_ms: i64::MAX,
+        }));
+        assert_eq!(
+            decode(&retry.encode_to_vec()).unwrap().outcome,
+            Outcome::Retry {
+                error: "e\u{FFFD}".into(),
+                delay_ms: MAX_RETRY_DELAY_MS
+            }
+        );
     }
 }

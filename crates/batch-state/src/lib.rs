@@ -2,6 +2,7 @@
 //! attempt number that fences outcomes), renews leases, applies outcome events from RabbitMQ in
 //! batches, and sweeps for work that was committed but not published or whose worker was lost.
 
+pub mod auth;
 pub mod events;
 pub mod sweeper;
 
@@ -33,6 +34,8 @@ pub struct Shared {
     consuming: AtomicBool,
     draining: AtomicBool,
     claims: mpsc::Sender<ClaimRequest>,
+    /// Who may use `/internal/*` (workers holding the shared token).
+    internal: auth::InternalToken,
 }
 
 impl Shared {
@@ -105,6 +108,13 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 
 /// [`start`] on a listener the caller bound.
 pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Running> {
+    settings.check_internal_token()?;
+    let internal = auth::InternalToken::new(settings.state.internal_token.expose());
+    if internal.is_open() {
+        tracing::warn!(
+            "no internal token (VOLLEY_INTERNAL_TOKEN): /internal/* is open to anyone who can reach it (dev mode)"
+        );
+    }
     let port = listener.local_addr()?.port();
     let db = Db::new(&settings.database_url, settings.database_pool_size)?;
     let metrics = Metrics::new()?;
@@ -123,6 +133,7 @@ pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Run
         consuming: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         claims: tx,
+        internal,
     });
     let stop = CancellationToken::new();
     let tasks = vec![
@@ -149,8 +160,12 @@ pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Run
             .service(volley_telemetry::http::metrics_resource(metrics.clone()))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
-            .route("/internal/claims", web::post().to(claim))
-            .route("/internal/leases", web::post().to(renew))
+            .service(
+                web::scope("/internal")
+                    .wrap(actix_web::middleware::from_fn(auth::require_token))
+                    .route("/claims", web::post().to(claim))
+                    .route("/leases", web::post().to(renew)),
+            )
     })
     .workers(1)
     .disable_signals()

@@ -21,6 +21,8 @@
 //! - `sim_echo`: `true` makes chat and completions reply with the prompt
 //!   verbatim, as an instruction-following model told "reply with exactly ..."
 //!   does (tests of hostile provider text).
+//! - `sim_nul`: `true` puts U+0000 in chat/completion reply text and in
+//!   error messages (a provider's output PostgreSQL cannot store).
 //!
 //! Hostile ones, for what a worker fetches (each only when asked):
 //! - `sim_media_url`: media links in the answer (image `url`, prediction

@@ -169,7 +169,10 @@ pub(crate) async fn chat(
     } else {
         reply_for(&last, max_tokens)
     };
-    let text = padded(text, &sim);
+    let mut text = padded(text, &sim);
+    if sim.nul {
+        text.push('\0');
+    }
     Ok(answer(
         &sim,
         &json!({
@@ -209,7 +212,10 @@ pub(crate) async fn completions(
     } else {
         reply_for(&prompt, max_tokens)
     };
-    let text = padded(text, &sim);
+    let mut text = padded(text, &sim);
+    if sim.nul {
+        text.push('\0');
+    }
     Ok(answer(
         &sim,
         &json!({

@@ -75,6 +75,9 @@ pub(crate) struct SimOpts {
     pub slow_body_ms: Option<u64>,
     /// `sim_poll_url`: a prediction's `urls.get` (off the provider's origin, say).
     pub poll_url: Option<String>,
+    /// `sim_nul`: put U+0000 in the reply text and in error messages (what PostgreSQL
+    /// cannot store).
+    pub nul: bool,
 }
 
 impl SimOpts {
@@ -128,6 +131,10 @@ impl SimOpts {
             answer_bytes: u("sim_answer_bytes")?.unwrap_or(0).min(MAX_ANSWER_BYTES),
             slow_body_ms: u("sim_slow_body_ms")?,
             poll_url: s("sim_poll_url")?,
+            nul: match pick("sim_nul") {
+                Some(obj) => opt_bool(obj, "sim_nul")?.unwrap_or(false),
+                None => false,
+            },
         })
     }
 
@@ -223,12 +230,18 @@ impl State {
             return Err(ApiError::timed_out());
         }
         tokio::time::sleep(self.latency(sim)).await;
+        let err = |mut e: ApiError| {
+            if sim.nul {
+                e.message.push_str(" \u{0}");
+            }
+            Err(e)
+        };
         match fail {
             None | Some(FailMode::Timeout) => Ok((Outcome::Succeed, guard)),
             Some(FailMode::Malformed) => Ok((Outcome::Malformed, guard)),
-            Some(FailMode::Retryable) => Err(ApiError::upstream()),
-            Some(FailMode::Fatal) => Err(ApiError::fatal()),
-            Some(FailMode::RateLimit) => Err(ApiError::rate_limited(sim.retry_after.unwrap_or(1))),
+            Some(FailMode::Retryable) => err(ApiError::upstream()),
+            Some(FailMode::Fatal) => err(ApiError::fatal()),
+            Some(FailMode::RateLimit) => err(ApiError::rate_limited(sim.retry_after.unwrap_or(1))),
         }
     }
 

@@ -1002,3 +1002,33 @@ async fn hostile_behaviours_only_when_asked_and_sim_fields_are_counted() {
     assert!(sim.stats().sim_fields.is_empty());
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn sim_nul_puts_u0000_in_replies_and_errors() {
+    let sim = fast().await;
+    let (status, body) = post_json(
+        &sim,
+        "/v1/chat/completions",
+        json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "sim_nul": true}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains('\0'), "{text:?}");
+    let (status, body) = post_json(
+        &sim,
+        "/v1/completions",
+        json!({"model": "m", "prompt": "hi", "sim_nul": true, "sim_fail": "fatal"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"].as_str().unwrap().contains('\0'));
+    let (_, body) = post_json(
+        &sim,
+        "/v1/completions",
+        json!({"model": "m", "prompt": "hi"}),
+    )
+    .await;
+    assert!(!body["choices"][0]["text"].as_str().unwrap().contains('\0'));
+    sim.stop().await;
+}

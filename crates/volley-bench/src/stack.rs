@@ -100,6 +100,11 @@ impl Stack {
         common.insert("VOLLEY_STATE_URL", format!("http://127.0.0.1:{st_port}"));
         common.insert("VOLLEY_MEDIA_DIR", media_dir.display().to_string());
         common.insert("VOLLEY_MEDIA_SIGNING_KEY", uuid::Uuid::new_v4().to_string());
+        // Workers present it to batch-state's internal API (32+ characters).
+        common.insert(
+            "VOLLEY_INTERNAL_TOKEN",
+            uuid::Uuid::new_v4().simple().to_string(),
+        );
         common.insert(
             "VOLLEY_WORKER_CONCURRENCY",
             o.worker_concurrency.to_string(),

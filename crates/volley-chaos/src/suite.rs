@@ -414,6 +414,8 @@ dispatch_grace_ms = 2000
 lease_ms = 10000
 redispatch_after_ms = 30000
 expire_after_ms = 3600000
+# Workers present it to batch-state's internal API (32+ characters outside dev mode).
+internal_token = "chaos-internal-token-0123456789abcdef"
 
 [worker]
 concurrency = {conc}

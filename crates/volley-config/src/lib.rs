@@ -124,7 +124,17 @@ pub struct StateSettings {
     /// A job not started this long after it was accepted fails with type `expired`
     /// (0: never).
     pub expire_after_ms: u64,
+    /// The shared secret workers present to batch-state's internal API (`Authorization:
+    /// Bearer`). At least [`MIN_INTERNAL_TOKEN_CHARS`] characters outside `dev_mode`; empty
+    /// (dev mode only) leaves the internal API open.
+    pub internal_token: Secret,
 }
+
+/// The shortest internal token batch-state and workers accept outside `dev_mode`.
+pub const MIN_INTERNAL_TOKEN_CHARS: usize = 32;
+
+/// The development token of the shipped Compose file: refused outside `dev_mode`.
+pub const DEV_INTERNAL_TOKEN: &str = "compose-dev-internal-token-change-me";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -346,6 +356,7 @@ impl Default for StateSettings {
             redispatch_after_ms: 600_000,
             event_batch: 256,
             expire_after_ms: 86_400_000,
+            internal_token: Secret::default(),
         }
     }
 }
@@ -423,6 +434,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     (
         "VOLLEY_EXPIRE_AFTER_MS",
         "a job not started this long after acceptance fails as expired (0: never)",
+    ),
+    (
+        "VOLLEY_INTERNAL_TOKEN",
+        "shared secret of workers and batch-state's internal API (32+ characters)",
     ),
     ("VOLLEY_WORKER_ADDR", "worker health listen address"),
     ("VOLLEY_WORKER_CONCURRENCY", "jobs a worker runs at once"),
@@ -527,6 +542,7 @@ impl Settings {
                 "VOLLEY_STATE_URL" => self.state.url = v.into(),
                 "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
                 "VOLLEY_EXPIRE_AFTER_MS" => self.state.expire_after_ms = parse(key, v)?,
+                "VOLLEY_INTERNAL_TOKEN" => self.state.internal_token = Secret::new(v),
                 "VOLLEY_WORKER_ADDR" => self.worker.addr = v.into(),
                 "VOLLEY_WORKER_CONCURRENCY" => self.worker.concurrency = parse(key, v)?,
                 "VOLLEY_MAX_ATTEMPTS" => self.worker.max_attempts = parse(key, v)?,
@@ -692,6 +708,28 @@ impl Settings {
              forged: set at least 32 random bytes (e.g. `openssl rand -hex 32`), or \
              VOLLEY_DEV_MODE=true on a development machine"
         )))
+    }
+
+    /// For batch-state and workers at start-up: outside `dev_mode`, the internal token must
+    /// be set, long enough, and not the shipped development one. Anyone who can reach
+    /// batch-state could otherwise claim and hold other tenants' jobs.
+    pub fn check_internal_token(&self) -> Result<(), ConfigError> {
+        let t = self.state.internal_token.expose();
+        if self.dev_mode {
+            return Ok(());
+        }
+        if t.chars().count() < MIN_INTERNAL_TOKEN_CHARS
+            || t.starts_with(DEV_INTERNAL_TOKEN)
+            || t.contains("CHANGE-ME")
+        {
+            return Err(ConfigError::Invalid(format!(
+                "state.internal_token (VOLLEY_INTERNAL_TOKEN) must be a random secret of at \
+                 least {MIN_INTERNAL_TOKEN_CHARS} characters shared by batch-state and the \
+                 workers (empty, short or development tokens are allowed only with \
+                 VOLLEY_DEV_MODE=true)"
+            )));
+        }
+        Ok(())
     }
 
     fn validate_media(&self) -> Result<(), ConfigError> {
@@ -949,6 +987,38 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
         let s = Settings::from_toml(FILE).unwrap();
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("sk-secret"), "{dbg}");
+    }
+
+    #[test]
+    fn the_internal_token_must_be_a_real_secret_outside_dev_mode() {
+        let mut s = Settings::from_toml(FILE).unwrap();
+        s.dev_mode = false;
+        for bad in [
+            "",
+            "x7Kq2",
+            DEV_INTERNAL_TOKEN,
+            &format!("{DEV_INTERNAL_TOKEN}-0000"),
+        ] {
+            s.apply_env(&env(&[("VOLLEY_INTERNAL_TOKEN", bad)]))
+                .unwrap();
+            let e = s.check_internal_token().unwrap_err();
+            assert!(e.to_string().contains("VOLLEY_INTERNAL_TOKEN"), "{e}");
+            assert!(!e.to_string().contains(bad) || bad.is_empty(), "{e}");
+        }
+        s.dev_mode = true;
+        assert!(
+            s.check_internal_token().is_ok(),
+            "development stacks may use anything"
+        );
+        s.dev_mode = false;
+        let good = "f3b1c9d2e8a74c6b9e0d1a2b3c4d5e6f";
+        s.apply_env(&env(&[("VOLLEY_INTERNAL_TOKEN", good)]))
+            .unwrap();
+        assert!(s.check_internal_token().is_ok());
+        assert!(
+            !format!("{s:?}").contains(good),
+            "the token never shows in Debug"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use r2d2::ManageConnection;
 pub use batches::{BatchView, JobDispatch, JobSummary, JobView, NewJob};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
-pub use state::{Claim, Event, Outcome, SweepReport, Usage};
+pub use state::{Claim, EachResult, Event, Outcome, Refusal, SweepReport, Usage};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -78,6 +78,26 @@ pub enum DbError {
     Migration(String),
     #[error("database task: {0}")]
     Task(String),
+}
+
+impl DbError {
+    /// Whether the database answered and refused the statement (a value it cannot store, a
+    /// constraint): retrying the same statement cannot succeed. Connection and transaction
+    /// failures (an outage, a restart) are not refusals.
+    pub fn is_refusal(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind as K, Error as E};
+        match self {
+            DbError::Query(E::DatabaseError(
+                K::ClosedConnection
+                | K::UnableToSendCommand
+                | K::SerializationFailure
+                | K::ReadOnlyTransaction,
+                _,
+            )) => false,
+            DbError::Query(E::DatabaseError(..) | E::SerializationError(_)) => true,
+            _ => false,
+        }
+    }
 }
 
 /// A handle on the pool; cheap to clone.

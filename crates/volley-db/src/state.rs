@@ -10,7 +10,8 @@ use serde_json::Value;
 
 use crate::batches::JobDispatch;
 use crate::schema::jobs;
-use crate::{Db, DbError, millis};
+use crate::{Db, DbError, Manager, millis};
+use diesel::r2d2::PooledConnection;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -57,6 +58,26 @@ pub struct Event {
     pub job_id: i64,
     pub attempt: i32,
     pub outcome: Outcome,
+}
+
+/// How [`Db::apply_each`] fails a job whose event the database refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub error_type: String,
+    pub message: String,
+}
+
+/// What became of one event in [`Db::apply_each`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EachResult {
+    /// Applied: the job's new status.
+    Applied(String),
+    /// Duplicate, stale or late: nothing to change.
+    Ignored,
+    /// Refused (why); the job was failed with the [`Refusal`] instead.
+    FailedInstead(String),
+    /// Refused, and failing the job was refused too (why): the event can never apply.
+    Refused(String),
 }
 
 #[derive(Debug, Default, Clone)]
@@ -195,105 +216,58 @@ impl Db {
     /// Applies outcome events in one statement. Returns `(job id, new status)` for each event
     /// that changed something; the others were duplicates, stale or late (job cancelled).
     pub async fn apply_events(&self, events: Vec<Event>) -> Result<Vec<(i64, String)>, DbError> {
-        let mut seen = HashSet::new();
-        let mut ids = Vec::new();
-        let mut attempts = Vec::new();
-        let mut statuses = Vec::new();
-        let mut results: Vec<Option<Value>> = Vec::new();
-        let mut error_types: Vec<Option<String>> = Vec::new();
-        let mut error_messages: Vec<Option<String>> = Vec::new();
-        let mut last_errors: Vec<Option<String>> = Vec::new();
-        let mut tokens: [Vec<Option<i64>>; 3] = Default::default();
-        let mut delays = Vec::new();
-        // One JSON array per event: PostgreSQL has no arrays of differently sized arrays.
-        let mut media_keys: Vec<Option<Value>> = Vec::new();
-        for e in events {
-            // UPDATE ... FROM applies one arbitrary row per job; keep the first per attempt.
-            if !seen.insert(e.job_id) {
-                continue;
-            }
-            ids.push(e.job_id);
-            attempts.push(e.attempt);
-            let mut keys = None;
-            let (status, result, et, em, le, usage, delay) = match e.outcome {
-                Outcome::Succeeded {
-                    result,
-                    usage,
-                    media_keys,
-                } => {
-                    keys = (!media_keys.is_empty()).then(|| Value::from(media_keys));
-                    ("PROCESSED", Some(result), None, None, None, usage, 0)
-                }
-                Outcome::Failed {
-                    error_type,
-                    message,
-                } => (
-                    "FAILED",
-                    None,
-                    Some(error_type),
-                    Some(message.clone()),
-                    Some(message),
-                    None,
-                    0,
-                ),
-                Outcome::Retry { error, delay_ms } => {
-                    ("QUEUED", None, None, None, Some(error), None, delay_ms)
-                }
-            };
-            statuses.push(status.to_owned());
-            results.push(result);
-            error_types.push(et);
-            error_messages.push(em);
-            last_errors.push(le);
-            tokens[0].push(usage.map(|u| u.prompt_tokens));
-            tokens[1].push(usage.map(|u| u.completion_tokens));
-            tokens[2].push(usage.map(|u| u.total_tokens));
-            delays.push(delay.max(0));
-            media_keys.push(keys);
-        }
-        if ids.is_empty() {
+        if events.is_empty() {
             return Ok(Vec::new());
         }
+        self.run(move |conn| Ok(apply_on(conn, events)?)).await
+    }
+
+    /// [`Db::apply_events`] one statement per event, for a batch whose one statement the
+    /// database refused: a value it cannot store in one event fails only that event. An
+    /// event refused on its own fails its job as `refusal` says (the job must not wait for an
+    /// outcome that can never be stored); if even that is refused, the event is answered
+    /// [`EachResult::Refused`] for the caller to dead-letter. An error of the connection
+    /// itself (an outage, not the event) is returned as `Err`, to retry the whole batch.
+    pub async fn apply_each(
+        &self,
+        events: Vec<Event>,
+        refusal: Refusal,
+    ) -> Result<Vec<EachResult>, DbError> {
         self.run(move |conn| {
-            let rows: Vec<IdStatus> = diesel::sql_query(
-                "UPDATE jobs AS j SET \
-                   status = v.status, \
-                   result = v.result, \
-                   error_type = v.error_type, \
-                   error_message = v.error_message, \
-                   last_error = COALESCE(v.last_error, j.last_error), \
-                   prompt_tokens = v.pt, completion_tokens = v.ct, total_tokens = v.tt, \
-                   finished_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE now() END, \
-                   available_at = CASE WHEN v.status = 'QUEUED' \
-                     THEN now() + v.delay_ms * interval '1 millisecond' ELSE j.available_at END, \
-                   dispatched_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE j.dispatched_at END, \
-                   lease_until = NULL, \
-                   outcomes = j.outcomes + CASE WHEN v.status = 'QUEUED' THEN 0 ELSE 1 END, \
-                   media_keys = CASE WHEN v.media_keys IS NULL THEN NULL \
-                     ELSE ARRAY(SELECT jsonb_array_elements_text(v.media_keys)) END, \
-                   updated_at = now() \
-                 FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], \
-                             $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
-                             $11::bigint[], $12::jsonb[]) \
-                   AS v(id, attempt, status, result, error_type, error_message, last_error, \
-                        pt, ct, tt, delay_ms, media_keys) \
-                 WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
-                 RETURNING j.id, j.status",
-            )
-            .bind::<Array<BigInt>, _>(&ids)
-            .bind::<Array<Int4>, _>(&attempts)
-            .bind::<Array<Text>, _>(&statuses)
-            .bind::<Array<Nullable<Jsonb>>, _>(&results)
-            .bind::<Array<Nullable<Text>>, _>(&error_types)
-            .bind::<Array<Nullable<Text>>, _>(&error_messages)
-            .bind::<Array<Nullable<Text>>, _>(&last_errors)
-            .bind::<Array<Nullable<BigInt>>, _>(&tokens[0])
-            .bind::<Array<Nullable<BigInt>>, _>(&tokens[1])
-            .bind::<Array<Nullable<BigInt>>, _>(&tokens[2])
-            .bind::<Array<BigInt>, _>(&delays)
-            .bind::<Array<Nullable<Jsonb>>, _>(&media_keys)
-            .load(&mut **conn)?;
-            Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
+            let mut out = Vec::with_capacity(events.len());
+            for e in events {
+                let (job_id, attempt) = (e.job_id, e.attempt);
+                let refused = match apply_on(conn, vec![e]) {
+                    Ok(rows) => {
+                        out.push(match rows.into_iter().next() {
+                            Some((_, status)) => EachResult::Applied(status),
+                            None => EachResult::Ignored,
+                        });
+                        continue;
+                    }
+                    Err(err) => event_error(conn, err)?,
+                };
+                let failed: Result<Vec<IdStatus>, diesel::result::Error> = diesel::sql_query(
+                    "UPDATE jobs SET status = 'FAILED', result = NULL, error_type = $3, \
+                     error_message = $4, last_error = $4, finished_at = now(), \
+                     lease_until = NULL, outcomes = outcomes + 1, updated_at = now() \
+                     WHERE id = $1 AND attempt = $2 AND status = 'PROCESSING' \
+                     RETURNING id, status",
+                )
+                .bind::<BigInt, _>(job_id)
+                .bind::<Int4, _>(attempt)
+                .bind::<Text, _>(&refusal.error_type)
+                .bind::<Text, _>(&refusal.message)
+                .load(&mut **conn);
+                out.push(match failed {
+                    Ok(rows) if rows.is_empty() => EachResult::Ignored,
+                    Ok(_) => EachResult::FailedInstead(refused),
+                    Err(err) => EachResult::Refused(format!("{refused}; failing the job: {}", {
+                        event_error(conn, err)?
+                    })),
+                });
+            }
+            Ok(out)
         })
         .await
     }
@@ -372,4 +346,124 @@ impl Db {
         })
         .await
     }
+}
+
+/// The statement of [`Db::apply_events`], on a connection.
+fn apply_on(
+    conn: &mut PooledConnection<Manager>,
+    events: Vec<Event>,
+) -> Result<Vec<(i64, String)>, diesel::result::Error> {
+    let mut seen = HashSet::new();
+    let mut ids = Vec::new();
+    let mut attempts = Vec::new();
+    let mut statuses = Vec::new();
+    let mut results: Vec<Option<Value>> = Vec::new();
+    let mut error_types: Vec<Option<String>> = Vec::new();
+    let mut error_messages: Vec<Option<String>> = Vec::new();
+    let mut last_errors: Vec<Option<String>> = Vec::new();
+    let mut tokens: [Vec<Option<i64>>; 3] = Default::default();
+    let mut delays = Vec::new();
+    // One JSON array per event: PostgreSQL has no arrays of differently sized arrays.
+    let mut media_keys: Vec<Option<Value>> = Vec::new();
+    for e in events {
+        // UPDATE ... FROM applies one arbitrary row per job; keep the first per attempt.
+        if !seen.insert(e.job_id) {
+            continue;
+        }
+        ids.push(e.job_id);
+        attempts.push(e.attempt);
+        let mut keys = None;
+        let (status, result, et, em, le, usage, delay) = match e.outcome {
+            Outcome::Succeeded {
+                result,
+                usage,
+                media_keys,
+            } => {
+                keys = (!media_keys.is_empty()).then(|| Value::from(media_keys));
+                ("PROCESSED", Some(result), None, None, None, usage, 0)
+            }
+            Outcome::Failed {
+                error_type,
+                message,
+            } => (
+                "FAILED",
+                None,
+                Some(error_type),
+                Some(message.clone()),
+                Some(message),
+                None,
+                0,
+            ),
+            Outcome::Retry { error, delay_ms } => {
+                ("QUEUED", None, None, None, Some(error), None, delay_ms)
+            }
+        };
+        statuses.push(status.to_owned());
+        results.push(result);
+        error_types.push(et);
+        error_messages.push(em);
+        last_errors.push(le);
+        tokens[0].push(usage.map(|u| u.prompt_tokens));
+        tokens[1].push(usage.map(|u| u.completion_tokens));
+        tokens[2].push(usage.map(|u| u.total_tokens));
+        delays.push(delay.max(0));
+        media_keys.push(keys);
+    }
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<IdStatus> = diesel::sql_query(
+                "UPDATE jobs AS j SET \
+                   status = v.status, \
+                   result = v.result, \
+                   error_type = v.error_type, \
+                   error_message = v.error_message, \
+                   last_error = COALESCE(v.last_error, j.last_error), \
+                   prompt_tokens = v.pt, completion_tokens = v.ct, total_tokens = v.tt, \
+                   finished_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE now() END, \
+                   available_at = CASE WHEN v.status = 'QUEUED' \
+                     THEN now() + v.delay_ms * interval '1 millisecond' ELSE j.available_at END, \
+                   dispatched_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE j.dispatched_at END, \
+                   lease_until = NULL, \
+                   outcomes = j.outcomes + CASE WHEN v.status = 'QUEUED' THEN 0 ELSE 1 END, \
+                   media_keys = CASE WHEN v.media_keys IS NULL THEN NULL \
+                     ELSE ARRAY(SELECT jsonb_array_elements_text(v.media_keys)) END, \
+                   updated_at = now() \
+                 FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], \
+                             $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
+                             $11::bigint[], $12::jsonb[]) \
+                   AS v(id, attempt, status, result, error_type, error_message, last_error, \
+                        pt, ct, tt, delay_ms, media_keys) \
+                 WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
+                 RETURNING j.id, j.status",
+            )
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Array<Int4>, _>(&attempts)
+            .bind::<Array<Text>, _>(&statuses)
+            .bind::<Array<Nullable<Jsonb>>, _>(&results)
+            .bind::<Array<Nullable<Text>>, _>(&error_types)
+            .bind::<Array<Nullable<Text>>, _>(&error_messages)
+            .bind::<Array<Nullable<Text>>, _>(&last_errors)
+            .bind::<Array<Nullable<BigInt>>, _>(&tokens[0])
+            .bind::<Array<Nullable<BigInt>>, _>(&tokens[1])
+            .bind::<Array<Nullable<BigInt>>, _>(&tokens[2])
+            .bind::<Array<BigInt>, _>(&delays)
+            .bind::<Array<Nullable<Jsonb>>, _>(&media_keys)
+            .load(&mut **conn)?;
+    Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
+}
+
+/// Why an event's statement failed, when the event is at fault rather than the connection
+/// ([`DbError::is_refusal`]). The connection is checked then, so that an outage showing as a
+/// plain error (a server shutting down) is not blamed on the event; otherwise `Err`.
+fn event_error(
+    conn: &mut PooledConnection<Manager>,
+    err: diesel::result::Error,
+) -> Result<String, DbError> {
+    let err = DbError::from(err);
+    if !err.is_refusal() {
+        return Err(err);
+    }
+    diesel::sql_query("SELECT 1").execute(&mut **conn)?;
+    Ok(err.to_string())
 }

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 use volley_db::testing::TestDatabase;
-use volley_db::{Claim, Db, Event, NewJob, Outcome, Usage};
+use volley_db::{Claim, Db, EachResult, Event, NewJob, Outcome, Refusal, Usage};
 use volley_domain::BatchStatus;
 
 fn jobs(n: usize) -> Vec<NewJob> {
@@ -510,4 +510,76 @@ async fn idempotency_keys_replay_refuse_and_expire() {
         Idempotent::Replayed(v) => assert_eq!(v.id, again.id),
         other => panic!("the fresh k1 replays, got {other:?}"),
     }
+}
+
+/// One event PostgreSQL cannot store (U+0000 in a jsonb string and in a text column) fails
+/// the batched statement; applied one by one, the others still apply and the bad event's job
+/// fails cleanly instead of wedging every outcome behind it.
+#[tokio::test]
+async fn an_unstorable_event_fails_only_its_own_job() {
+    let (_t, db) = setup().await;
+    let (_, d) = db.create_batch("o", None, jobs(4), 0).await.unwrap();
+    let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
+    db.claim(ids.clone(), 60_000).await.unwrap();
+    let nul_result = Event {
+        job_id: ids[1],
+        attempt: 1,
+        outcome: Outcome::Succeeded {
+            result: json!({"text": "a\u{0}b"}),
+            usage: None,
+            media_keys: vec![],
+        },
+    };
+    let nul_error = Event {
+        job_id: ids[2],
+        attempt: 1,
+        outcome: Outcome::Failed {
+            error_type: "provider_error".into(),
+            message: "bad\u{0}".into(),
+        },
+    };
+    let events = vec![
+        ok(ids[0], 1),
+        nul_result,
+        nul_error,
+        ok(ids[3], 1),
+        ok(ids[3], 9),
+    ];
+    assert!(
+        db.apply_events(events.clone()).await.is_err(),
+        "PostgreSQL refuses the whole statement"
+    );
+    let refusal = Refusal {
+        error_type: "invalid_output".into(),
+        message: "the outcome could not be stored".into(),
+    };
+    let each = db
+        .apply_each(events.clone(), refusal.clone())
+        .await
+        .unwrap();
+    assert_eq!(each.len(), 5);
+    assert_eq!(each[0], EachResult::Applied("PROCESSED".into()));
+    assert!(matches!(each[1], EachResult::FailedInstead(_)), "{each:?}");
+    assert!(matches!(each[2], EachResult::FailedInstead(_)), "{each:?}");
+    assert_eq!(each[3], EachResult::Applied("PROCESSED".into()));
+    assert_eq!(
+        each[4],
+        EachResult::Ignored,
+        "a stale attempt stays fenced off"
+    );
+    for (i, want) in [
+        (0, "PROCESSED"),
+        (1, "FAILED"),
+        (2, "FAILED"),
+        (3, "PROCESSED"),
+    ] {
+        let job = db.get_job("o", ids[i]).await.unwrap().unwrap();
+        assert_eq!(job.status, want, "job {i}");
+        if want == "FAILED" {
+            assert_eq!(job.error_type.as_deref(), Some("invalid_output"));
+        }
+    }
+    // Applying the same events again (a redelivery) changes nothing and refuses nothing.
+    let again = db.apply_each(events, refusal).await.unwrap();
+    assert!(again.iter().all(|r| *r == EachResult::Ignored), "{again:?}");
 }

@@ -4,6 +4,7 @@
 //! converted to these types at the edges (gateway, queue boundary, database layer).
 
 mod state;
+pub mod text;
 mod types;
 pub mod validate;
 

@@ -112,6 +112,7 @@ impl Running {
 
 /// Builds the worker for `kind` and starts consuming on the current runtime.
 pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running> {
+    settings.check_internal_token()?;
     let listener = TcpListener::bind(&settings.worker.addr)
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.worker.addr))?;
     let port = listener.local_addr()?.port();
@@ -123,7 +124,7 @@ pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running>
     let worker = Arc::new(Worker {
         kind,
         providers: Providers::new(settings.clone(), media)?.with_metrics(&metrics),
-        state: StateClient::new(&settings.state.url)?,
+        state: StateClient::new(&settings.state.url, settings.state.internal_token.expose())?,
         broker: Broker::new(
             &settings.amqp_url,
             &format!("volley-worker-{}", kind.key()),

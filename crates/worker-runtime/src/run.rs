@@ -296,7 +296,23 @@ async fn run_job(
     );
     tracing::info!(job.id = job.id, batch.id = job.batch_id, attempt, inference_type = %w.kind, "job started");
     let started = Instant::now();
-    let result = w.providers.run(&job, &cancel).await;
+    // A panic in the job's run (a provider adapter's bug, hostile output) fails this job: it
+    // must not end the task with the job still PROCESSING and its lease renewed for ever.
+    let result = std::panic::AssertUnwindSafe(w.providers.run(&job, &cancel))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(job.id = job.id, panic = %why, "the job's run panicked; failing it");
+            Err(ProviderError::Fatal {
+                error_type: "internal_error",
+                message: "the worker failed while running this job".to_owned(),
+            })
+        });
     w.meters.stopped();
     let duration_ms = started.elapsed().as_millis() as u64;
     // The run slot goes to the next job now; the report holds a reporting slot instead.
@@ -326,10 +342,14 @@ async fn report(
     duration_ms: u64,
 ) {
     let max = w.settings.worker.max_attempts as i32;
-    let (outcome, label) = match result {
-        Ok(out) => (
+    let (mut outcome, label) = match result {
+        Ok(mut out) => (
             job_event::Outcome::Succeeded(Succeeded {
-                result_json: serde_json::to_vec(&out.result).unwrap_or_default(),
+                result_json: {
+                    // What PostgreSQL cannot store (U+0000) is replaced here, at the edge.
+                    volley_domain::text::clean_json(&mut out.result);
+                    serde_json::to_vec(&out.result).unwrap_or_default()
+                },
                 usage: out.usage.map(|u| volley_proto::Usage {
                     prompt_tokens: u.prompt_tokens,
                     completion_tokens: u.completion_tokens,
@@ -385,6 +405,14 @@ async fn report(
             "failed",
         ),
     };
+    match &mut outcome {
+        job_event::Outcome::Failed(f) => {
+            volley_domain::text::clean_string(&mut f.error_type);
+            volley_domain::text::clean_string(&mut f.message);
+        }
+        job_event::Outcome::Retry(r) => volley_domain::text::clean_string(&mut r.error),
+        job_event::Outcome::Succeeded(_) => {}
+    }
     let event = JobEvent {
         job_id: job.id,
         attempt: job.attempt,

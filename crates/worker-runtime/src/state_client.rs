@@ -21,6 +21,8 @@ pub enum ClaimResult {
 #[derive(Clone)]
 pub struct StateClient {
     base: String,
+    /// The shared secret batch-state's internal API asks for (empty: none, dev mode).
+    token: String,
     http: reqwest::Client,
 }
 
@@ -44,15 +46,24 @@ struct Alive {
 }
 
 impl StateClient {
-    pub fn new(base: &str) -> anyhow::Result<StateClient> {
+    pub fn new(base: &str, token: &str) -> anyhow::Result<StateClient> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .pool_max_idle_per_host(64)
             .build()?;
         Ok(StateClient {
             base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
             http,
         })
+    }
+
+    fn authorized(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if self.token.is_empty() {
+            rb
+        } else {
+            rb.bearer_auth(&self.token)
+        }
     }
 
     /// Claims many jobs in one request; one answer per id asked, in the order asked. `span`
@@ -67,7 +78,7 @@ impl StateClient {
         let rb = volley_telemetry::trace::context_headers(&span)
             .into_iter()
             .fold(
-                self.http.post(format!("{}/internal/claims", self.base)),
+                self.authorized(self.http.post(format!("{}/internal/claims", self.base))),
                 |rb, (k, v)| rb.header(k, v),
             );
         let resp = rb
@@ -83,8 +94,7 @@ impl StateClient {
     /// Renews claims; returns the ids still held.
     pub async fn renew(&self, held: &[(i64, i32)]) -> anyhow::Result<Vec<i64>> {
         let r = self
-            .http
-            .post(format!("{}/internal/leases", self.base))
+            .authorized(self.http.post(format!("{}/internal/leases", self.base)))
             .json(&json!({"held": held}))
             .send()
             .await?

@@ -198,7 +198,11 @@ impl Provider {
         }
         if let Some(mut b) = self.bucket() {
             let used = used.filter(|u| *u > 0).unwrap_or(0);
-            b.adjust(reserved as i64 - used);
+            b.adjust(
+                i64::try_from(reserved)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(used),
+            );
         }
     }
 
@@ -444,7 +448,7 @@ pub fn estimate_tokens(body: &Value) -> u64 {
     if let Some(messages) = body.get("messages").and_then(Value::as_array) {
         for m in messages {
             prompt_chars += m.get("content").map_or(0, chars);
-            framing += 4;
+            framing = framing.saturating_add(4);
         }
     }
     if let Some(p) = body.get("prompt") {
@@ -455,7 +459,11 @@ pub fn estimate_tokens(body: &Value) -> u64 {
         .or_else(|| body.get("max_completion_tokens"))
         .and_then(Value::as_u64)
         .unwrap_or(DEFAULT_COMPLETION_ESTIMATE);
-    (prompt_chars as u64).div_ceil(4) + framing + completion
+    // Saturating: `max_tokens` is the tenant's number, up to u64::MAX.
+    (prompt_chars as u64)
+        .div_ceil(4)
+        .saturating_add(framing)
+        .saturating_add(completion)
 }
 
 /// Completion tokens assumed for a request that sets no `max_tokens`.
@@ -678,6 +686,9 @@ mod tests {
             estimate_tokens(&json!({"prompt": 5, "max_tokens": "many"})),
             DEFAULT_COMPLETION_ESTIMATE
         );
+        // A tenant's huge max_tokens saturates instead of overflowing (a debug-build panic).
+        let huge = json!({"prompt": "abcd", "max_tokens": u64::MAX});
+        assert_eq!(estimate_tokens(&huge), u64::MAX);
     }
 
     fn provider(extra: serde_json::Value) -> Provider {

@@ -1,0 +1,291 @@
+//! Hostile input against batch-state and the job pipeline (issue 14, items 2, 3 and 12):
+//! U+0000 in provider output does not stop other tenants' outcomes, the internal API refuses
+//! callers without the token, and a huge `max_tokens` cannot strand a job.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use volley::{Options, Stack};
+use volley_amqp::Broker;
+use volley_domain::InferenceType;
+use volley_proto::{Failed, JobEvent, Succeeded, job_event};
+
+const WAIT: Duration = Duration::from_secs(40);
+
+fn llm_only() -> Options {
+    Options {
+        workers: vec![InferenceType::Llm],
+        ..Options::default()
+    }
+}
+
+fn chat(extra: Value) -> Value {
+    let mut body = json!({"model": "qwen3-8b", "messages": [{"role": "user", "content": "hi"}]});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    json!({"endpoint": "/v1/chat/completions", "body": body})
+}
+
+async fn submit_as(s: &Stack, key: &str, items: Vec<Value>) -> String {
+    let r = s
+        .http
+        .post(format!("{}/v1/batches", s.url))
+        .bearer_auth(key)
+        .json(&json!({"requests": items}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let b: Value = r.json().await.unwrap();
+    b["id"].as_str().unwrap().to_owned()
+}
+
+async fn jobs_of(s: &Stack, key: &str, batch: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for j in batch["jobs"].as_array().unwrap() {
+        let (status, job) = s
+            .get_as(&format!("/v1/jobs/{}", j["id"].as_str().unwrap()), key)
+            .await;
+        assert_eq!(status, 200, "{job}");
+        out.push(job);
+    }
+    out
+}
+
+async fn wait_done_as(s: &Stack, key: &str, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, b) = s.get_as(&format!("/v1/batches/{id}"), key).await;
+        assert_eq!(status, 200, "{b}");
+        if b["status"] == "DONE" {
+            return b;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch {id} not done: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A provider reply or error with U+0000 (which PostgreSQL refuses in text and jsonb) used to
+/// fail the whole batched event update for ever: every tenant's outcomes queued behind it.
+/// Now the text is cleaned, the job ends, and another tenant's batch finishes meanwhile. Raw
+/// events carrying U+0000 (as an old or hostile worker could publish) are cleaned by
+/// batch-state too.
+#[tokio::test]
+async fn nul_in_provider_output_stops_no_ones_outcomes() {
+    let s = Stack::start_with(llm_only(), |_| {}).await;
+    let bob = s.db.create_key("bob", None).await.unwrap().secret;
+
+    // Jobs claimed "by hand" (no worker will run them), then given outcomes with U+0000
+    // published straight to the events queue.
+    let (_, raw) =
+        s.db.create_batch(
+            "alice",
+            None,
+            (0..2)
+                .map(|i| volley_db::NewJob {
+                    inference_type: "LLM".into(),
+                    endpoint: "/v1/completions".into(),
+                    model: "qwen3-8b".into(),
+                    body: json!({"model": "qwen3-8b", "prompt": format!("raw {i}")}),
+                })
+                .collect(),
+            0,
+        )
+        .await
+        .unwrap();
+    let raw_ids: Vec<i64> = raw.iter().map(|j| j.id).collect();
+    s.db.claim(raw_ids.clone(), 600_000).await.unwrap();
+    let broker = Broker::new(&s.settings.amqp_url, "hostile-test", s.names());
+    let events = vec![
+        JobEvent {
+            job_id: raw_ids[0],
+            attempt: 1,
+            outcome: Some(job_event::Outcome::Succeeded(Succeeded {
+                result_json: br#"{"text":"raw\u0000reply","k\u0000":1}"#.to_vec(),
+                usage: None,
+                ..Default::default()
+            })),
+            ..Default::default()
+        },
+        JobEvent {
+            job_id: raw_ids[1],
+            attempt: 1,
+            outcome: Some(job_event::Outcome::Failed(Failed {
+                error_type: "provider_error".into(),
+                message: "raw\0error".into(),
+            })),
+            ..Default::default()
+        },
+    ];
+    let confirmed = broker.publish_events(&events).await.unwrap();
+    assert!(confirmed.iter().all(Result::is_ok));
+    broker.close().await;
+
+    let alice = submit_as(
+        &s,
+        &s.key,
+        vec![
+            chat(json!({"sim_nul": true})),
+            chat(json!({"sim_nul": true, "sim_fail": "fatal"})),
+            chat(json!({"sim_nul": true, "sim_fail": "retryable", "sim_fail_times": 1})),
+        ],
+    )
+    .await;
+    let bobs = submit_as(&s, &bob, vec![chat(json!({})), chat(json!({}))]).await;
+
+    let b = wait_done_as(&s, &bob, &bobs).await;
+    assert_eq!(b["processed"], 2, "{b}");
+    let a = wait_done_as(&s, &s.key, &alice).await;
+    let jobs = jobs_of(&s, &s.key, &a).await;
+    assert_eq!(jobs[0]["status"], "PROCESSED", "{}", jobs[0]);
+    let content = jobs[0]["result"]["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    assert!(content.ends_with('\u{FFFD}'), "{content:?}");
+    assert_eq!(jobs[1]["status"], "FAILED", "{}", jobs[1]);
+    assert_eq!(jobs[1]["error"]["type"], "invalid_request", "{}", jobs[1]);
+    let msg = jobs[1]["error"]["message"].as_str().unwrap();
+    assert!(msg.contains('\u{FFFD}') && !msg.contains('\0'), "{msg:?}");
+    assert_eq!(jobs[2]["status"], "PROCESSED", "{}", jobs[2]);
+    assert_eq!(
+        jobs[2]["attempts"], 2,
+        "the retry's event (U+0000 in its error) applied"
+    );
+
+    // The raw events applied, cleaned.
+    let deadline = std::time::Instant::now() + WAIT;
+    let (ok, failed) = loop {
+        let ok = s.db.get_job("alice", raw_ids[0]).await.unwrap().unwrap();
+        let failed = s.db.get_job("alice", raw_ids[1]).await.unwrap().unwrap();
+        if ok.status != "PROCESSING" && failed.status != "PROCESSING" {
+            break (ok, failed);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "raw events never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ok.status, "PROCESSED");
+    assert_eq!(
+        ok.result,
+        Some(json!({"text": "raw\u{FFFD}reply", "k\u{FFFD}": 1}))
+    );
+    assert_eq!(failed.status, "FAILED");
+    assert_eq!(failed.error_message.as_deref(), Some("raw\u{FFFD}error"));
+    // Nothing was left behind on the events queue nor dead-lettered.
+    assert_eq!(s.worker_in_flight().await, 0);
+    s.stop().await;
+}
+
+/// `/internal/claims` and `/internal/leases` without the token (or with a wrong one) answer
+/// 401 before reading the body, and change nothing; the workers' token works.
+#[tokio::test]
+async fn internal_api_refuses_callers_without_the_token() {
+    let s = Stack::start_with(
+        Options {
+            workers: vec![],
+            ..Options::default()
+        },
+        |_| {},
+    )
+    .await;
+    let id = submit_as(&s, &s.key, vec![chat(json!({}))]).await;
+    let (_, b) = s.get(&format!("/v1/batches/{id}")).await;
+    let job_id: i64 = b["jobs"][0]["id"].as_str().unwrap().parse().unwrap();
+    let base = &s.settings.state.url;
+    let token = s.settings.state.internal_token.expose().to_owned();
+    let claim = json!({"job_ids": [job_id]});
+    let leases = json!({"held": [[job_id, 1]]});
+    let wrong = format!("{}x", &token[..token.len() - 1]);
+    for (path, body) in [("/internal/claims", &claim), ("/internal/leases", &leases)] {
+        let url = format!("{base}{path}");
+        let attempts = [
+            s.http.post(&url).json(body),
+            s.http.post(&url).bearer_auth(&wrong).json(body),
+            s.http.post(&url).bearer_auth("").json(body),
+            s.http.post(&url).header("authorization", &token).json(body),
+            // Unauthenticated garbage is refused as unauthenticated, not parsed.
+            s.http.post(&url).body("{not json"),
+        ];
+        for rb in attempts {
+            let r = rb.send().await.unwrap();
+            assert_eq!(r.status(), 401, "{path}");
+            let v: Value = r.json().await.unwrap();
+            assert!(v["error"].as_str().unwrap().contains("token"), "{v}");
+        }
+    }
+    let job = s.db.get_job("alice", job_id).await.unwrap().unwrap();
+    assert_eq!(
+        job.status, "QUEUED",
+        "an unauthenticated claim changed the job"
+    );
+    assert_eq!(job.attempt, 0);
+
+    // The workers' token is admitted.
+    let r = s
+        .http
+        .post(format!("{base}/internal/claims"))
+        .bearer_auth(&token)
+        .json(&claim)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["claims"][0]["result"], "claimed", "{v}");
+    // Health and metrics stay open (probes, the scraper).
+    let r = s.http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    s.stop().await;
+}
+
+/// Outside dev mode batch-state and workers refuse to start with an empty, short or shipped
+/// development token.
+#[tokio::test]
+async fn services_refuse_weak_internal_tokens_outside_dev_mode() {
+    for token in ["", "short", volley_config::DEV_INTERNAL_TOKEN] {
+        let mut s = volley::base_settings();
+        s.dev_mode = false;
+        s.state.internal_token = volley_config::Secret::new(token);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = batch_state::start_on(s.clone(), listener)
+            .err()
+            .expect("batch-state started with a weak token");
+        assert!(err.to_string().contains("VOLLEY_INTERNAL_TOKEN"), "{err}");
+        s.worker.addr = "127.0.0.1:0".into();
+        let err = worker_runtime::start(InferenceType::Llm, s)
+            .err()
+            .expect("a worker started with a weak token");
+        assert!(err.to_string().contains("VOLLEY_INTERNAL_TOKEN"), "{err}");
+    }
+}
+
+/// A `max_tokens` near u64::MAX overflowed the token estimate of a provider with a token
+/// rate: a panic in debug builds that left the job PROCESSING for ever. It now runs.
+#[tokio::test]
+async fn a_huge_max_tokens_does_not_strand_the_job() {
+    let s = Stack::start_with(llm_only(), |s| {
+        for p in s.providers.iter_mut().filter(|p| p.name == "sim-openai") {
+            p.tokens_per_minute = Some(1_000_000);
+        }
+    })
+    .await;
+    // One at a time: a request this large reserves the provider's whole minute of tokens
+    // (the estimate is capped by the bucket), so a second one would wait out that minute.
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let id = submit_as(&s, &s.key, vec![chat(json!({field: u64::MAX}))]).await;
+        let b = wait_done_as(&s, &s.key, &id).await;
+        // Saturated, the estimate lets it run. (Were it to overflow again, the panic would
+        // fail the job as internal_error rather than strand it: still not PROCESSED.)
+        assert_eq!(b["processed"], 1, "{field}: {b}");
+    }
+    assert_eq!(s.worker_in_flight().await, 0, "no job left running");
+    s.stop().await;
+}
