@@ -19,9 +19,9 @@ test: services
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast
 
+# rustfmt, clippy, rustdoc, unused dependencies and deny.toml's dependency policy.
 lint: setup
-	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@scripts/lint.sh
 
 run: setup
 	@scripts/stack.sh run

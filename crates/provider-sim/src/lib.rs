@@ -96,7 +96,7 @@ pub struct SimStats {
     pub in_flight: u64,
     pub max_in_flight: u64,
     /// Requests per route template, e.g. "/v1/predictions/{id}"; unrouted
-    /// paths count under "<unmatched>".
+    /// paths count under `"<unmatched>"`.
     pub by_path: BTreeMap<String, u64>,
     /// `sim_*` request fields received, by name.
     #[serde(default)]

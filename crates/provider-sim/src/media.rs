@@ -280,7 +280,7 @@ pub(crate) fn render_png(width: u32, height: u32, seed: u64) -> Result<Vec<u8>, 
     for y in 0..height {
         for x in 0..width {
             let t = (x + y) * 255 / span;
-            let dark = ((x / period) + (y / period)) % 2 == 0;
+            let dark = ((x / period) + (y / period)).is_multiple_of(2);
             for c in 0..3 {
                 let v = (u32::from(c1[c]) * (255 - t) + u32::from(c2[c]) * t) / 255;
                 pixels.push(if dark { (v * 3 / 4) as u8 } else { v as u8 });

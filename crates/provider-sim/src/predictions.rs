@@ -76,7 +76,7 @@ impl Predictions {
     /// Makes room for one more prediction; false if every slot is running.
     fn make_room(&mut self) -> bool {
         self.inserts += 1;
-        if self.map.len() >= MAX_PREDICTIONS || self.inserts % SWEEP_EVERY == 0 {
+        if self.map.len() >= MAX_PREDICTIONS || self.inserts.is_multiple_of(SWEEP_EVERY) {
             self.map.retain(|_, p| {
                 matches!(p.status, Status::Running) || p.created.elapsed() < FINISHED_TTL
             });

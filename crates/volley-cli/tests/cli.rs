@@ -362,10 +362,10 @@ async fn watch_in_a_terminal_shows_progress_bars_that_move() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let screen = loop {
         let screen = tmux.run(&["capture-pane", "-p", "-t", "w"]);
-        if let Some(bar) = screen.lines().find(|l| l.trim_start().starts_with("ALL [")) {
-            if frames.last().map(String::as_str) != Some(bar) {
-                frames.push(bar.to_owned());
-            }
+        if let Some(bar) = screen.lines().find(|l| l.trim_start().starts_with("ALL ["))
+            && frames.last().map(String::as_str) != Some(bar)
+        {
+            frames.push(bar.to_owned());
         }
         if screen.contains("EXIT=") {
             break screen;
