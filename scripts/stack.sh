@@ -33,7 +33,9 @@ fi
 [ -f "$state/pids" ] && down
 
 scripts/services.sh
-cargo build --workspace --bins -q
+# The same targets as `make test`, so both unify features alike and neither rebuilds the
+# other's binaries.
+cargo build --workspace --all-targets -q
 
 export VOLLEY_CONFIG=${VOLLEY_CONFIG:-config/volley.toml}
 export RUST_LOG=${RUST_LOG:-info}
