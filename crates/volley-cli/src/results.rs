@@ -224,7 +224,9 @@ async fn download(api: &Api, dir: &Path, name: &str, url: &str) -> Result<u64, F
     Ok(written)
 }
 
-async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Fail> {
+/// Writes to a temporary file beside `path` and renames it over `path`, so an interruption
+/// leaves either the old file or the new one.
+pub(crate) async fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Fail> {
     let tmp = path.with_extension("tmp");
     tokio::fs::write(&tmp, bytes)
         .await

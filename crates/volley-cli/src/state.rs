@@ -54,13 +54,7 @@ impl State {
     pub async fn save(&self, path: &Path) -> Result<(), Fail> {
         let bytes = serde_json::to_vec_pretty(self)
             .map_err(|e| Fail::local(format!("encoding the state: {e}")))?;
-        let tmp = path.with_extension("json.tmp");
-        tokio::fs::write(&tmp, bytes)
-            .await
-            .map_err(|e| Fail::local(format!("writing {}: {e}", tmp.display())))?;
-        tokio::fs::rename(&tmp, path)
-            .await
-            .map_err(|e| Fail::local(format!("writing {}: {e}", path.display())))
+        crate::results::write_atomic(path, &bytes).await
     }
 
     pub fn batch_ids(&self) -> Vec<String> {
