@@ -87,40 +87,6 @@ fn item(endpoint: &str, body: Value) -> Value {
     json!({"endpoint": endpoint, "body": body})
 }
 
-/// Submits a batch as `key` and waits until it is DONE; returns each job's view in order.
-async fn run_batch_as(s: &Stack, key: &str, items: &[Value]) -> Vec<Value> {
-    let r = s
-        .http
-        .post(format!("{}/v1/batches", s.url))
-        .bearer_auth(key)
-        .json(&json!({"requests": items}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let b: Value = r.json().await.unwrap();
-    let id = b["id"].as_str().unwrap();
-    let deadline = Instant::now() + WAIT;
-    let done = loop {
-        let (status, b) = s.get_as(&format!("/v1/batches/{id}"), key).await;
-        assert_eq!(status, 200, "{b}");
-        if b["status"] == "DONE" {
-            break b;
-        }
-        assert!(Instant::now() < deadline, "batch {id} not done: {b}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut jobs = Vec::new();
-    for j in done["jobs"].as_array().unwrap() {
-        let (status, job) = s
-            .get_as(&format!("/v1/jobs/{}", j["id"].as_str().unwrap()), key)
-            .await;
-        assert_eq!(status, 200, "{job}");
-        jobs.push(job);
-    }
-    jobs
-}
-
 fn assert_failed(label: &str, job: &Value, kind: &str, text: &str) {
     assert_eq!(job["status"], "FAILED", "{label}: {job}");
     assert_eq!(job["error"]["type"], kind, "{label}: {job}");
@@ -304,7 +270,7 @@ async fn links_to_internal_addresses_are_refused_and_nothing_is_read_back() {
         .map(|c| c.1.clone())
         .chain(controls.iter().cloned())
         .collect();
-    let jobs = run_batch_as(&s, &s.key, &items).await;
+    let jobs = s.run_batch_as(&s.key, &items, WAIT).await;
     for ((label, _, kind, text), job) in cases.iter().zip(&jobs) {
         assert_failed(label, job, kind, text);
     }
@@ -336,35 +302,37 @@ async fn oversized_answers_fail_and_sim_fields_reach_only_the_simulator() {
 
     // A provider that is not the simulator never sees sim_* fields: this would fail (400).
     s.sim().reset_stats();
-    let jobs = run_batch_as(
-        &s,
-        &s.key,
-        &[completion(
-            "plain",
-            json!({"sim_fail": "fatal", "sim_answer_bytes": 10_000_000}),
-        )],
-    )
-    .await;
+    let jobs = s
+        .run_batch_as(
+            &s.key,
+            &[completion(
+                "plain",
+                json!({"sim_fail": "fatal", "sim_answer_bytes": 10_000_000}),
+            )],
+            WAIT,
+        )
+        .await;
     assert_eq!(jobs[0]["status"], "PROCESSED", "{}", jobs[0]);
     let stats = s.sim().stats();
     assert_eq!(stats.by_path.get("/v1/completions"), Some(&1), "{stats:?}");
     assert!(stats.sim_fields.is_empty(), "{stats:?}");
 
     let big = 5 * 1024 * 1024;
-    let jobs = run_batch_as(
-        &s,
-        &s.key,
-        &[
-            completion("qwen3-8b", json!({"sim_answer_bytes": big})),
-            // No declared length: the cap stops the read while streaming.
-            completion(
-                "qwen3-8b",
-                json!({"sim_answer_bytes": big, "sim_slow_body_ms": 10}),
-            ),
-            completion("qwen3-8b", json!({"sim_answer_bytes": 1024 * 1024})),
-        ],
-    )
-    .await;
+    let jobs = s
+        .run_batch_as(
+            &s.key,
+            &[
+                completion("qwen3-8b", json!({"sim_answer_bytes": big})),
+                // No declared length: the cap stops the read while streaming.
+                completion(
+                    "qwen3-8b",
+                    json!({"sim_answer_bytes": big, "sim_slow_body_ms": 10}),
+                ),
+                completion("qwen3-8b", json!({"sim_answer_bytes": 1024 * 1024})),
+            ],
+            WAIT,
+        )
+        .await;
     for (label, job) in ["declared", "streamed"].iter().zip(&jobs) {
         assert_failed(
             label,
@@ -412,7 +380,7 @@ async fn one_tenants_429_does_not_pause_the_provider_for_another() {
             )
         })
         .collect();
-    let jobs = run_batch_as(&s, &bob, &items).await;
+    let jobs = s.run_batch_as(&bob, &items, WAIT).await;
     assert!(jobs.iter().all(|j| j["status"] == "PROCESSED"), "{jobs:?}");
     assert!(
         started.elapsed() < Duration::from_secs(10),

@@ -29,48 +29,6 @@ fn chat(extra: Value) -> Value {
     json!({"endpoint": "/v1/chat/completions", "body": body})
 }
 
-async fn submit_as(s: &Stack, key: &str, items: Vec<Value>) -> String {
-    let r = s
-        .http
-        .post(format!("{}/v1/batches", s.url))
-        .bearer_auth(key)
-        .json(&json!({"requests": items}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    let b: Value = r.json().await.unwrap();
-    b["id"].as_str().unwrap().to_owned()
-}
-
-async fn jobs_of(s: &Stack, key: &str, batch: &Value) -> Vec<Value> {
-    let mut out = Vec::new();
-    for j in batch["jobs"].as_array().unwrap() {
-        let (status, job) = s
-            .get_as(&format!("/v1/jobs/{}", j["id"].as_str().unwrap()), key)
-            .await;
-        assert_eq!(status, 200, "{job}");
-        out.push(job);
-    }
-    out
-}
-
-async fn wait_done_as(s: &Stack, key: &str, id: &str) -> Value {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let (status, b) = s.get_as(&format!("/v1/batches/{id}"), key).await;
-        assert_eq!(status, 200, "{b}");
-        if b["status"] == "DONE" {
-            return b;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "batch {id} not done: {b}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A provider reply or error with U+0000 (which PostgreSQL refuses in text and jsonb) used to
 /// fail the whole batched event update for ever: every tenant's outcomes queued behind it.
 /// Now the text is cleaned, the job ends, and another tenant's batch finishes meanwhile. Raw
@@ -127,22 +85,22 @@ async fn nul_in_provider_output_stops_no_ones_outcomes() {
     assert!(confirmed.iter().all(Result::is_ok));
     broker.close().await;
 
-    let alice = submit_as(
-        &s,
-        &s.key,
-        vec![
-            chat(json!({"sim_nul": true})),
-            chat(json!({"sim_nul": true, "sim_fail": "fatal"})),
-            chat(json!({"sim_nul": true, "sim_fail": "retryable", "sim_fail_times": 1})),
-        ],
-    )
-    .await;
-    let bobs = submit_as(&s, &bob, vec![chat(json!({})), chat(json!({}))]).await;
+    let alice = s
+        .submit_as(
+            &s.key,
+            &[
+                chat(json!({"sim_nul": true})),
+                chat(json!({"sim_nul": true, "sim_fail": "fatal"})),
+                chat(json!({"sim_nul": true, "sim_fail": "retryable", "sim_fail_times": 1})),
+            ],
+        )
+        .await;
+    let bobs = s.submit_as(&bob, &[chat(json!({})), chat(json!({}))]).await;
 
-    let b = wait_done_as(&s, &bob, &bobs).await;
+    let b = s.wait_done_as(&bob, &bobs, WAIT).await;
     assert_eq!(b["processed"], 2, "{b}");
-    let a = wait_done_as(&s, &s.key, &alice).await;
-    let jobs = jobs_of(&s, &s.key, &a).await;
+    let a = s.wait_done_as(&s.key, &alice, WAIT).await;
+    let jobs = s.jobs_as(&s.key, &a).await;
     assert_eq!(jobs[0]["status"], "PROCESSED", "{}", jobs[0]);
     let content = jobs[0]["result"]["choices"][0]["message"]["content"]
         .as_str()
@@ -196,7 +154,7 @@ async fn internal_api_refuses_callers_without_the_token() {
         |_| {},
     )
     .await;
-    let id = submit_as(&s, &s.key, vec![chat(json!({}))]).await;
+    let id = s.submit_as(&s.key, &[chat(json!({}))]).await;
     let (_, b) = s.get(&format!("/v1/batches/{id}")).await;
     let job_id: i64 = b["jobs"][0]["id"].as_str().unwrap().parse().unwrap();
     let base = &s.settings.state.url;
@@ -280,8 +238,8 @@ async fn a_huge_max_tokens_does_not_strand_the_job() {
     // One at a time: a request this large reserves the provider's whole minute of tokens
     // (the estimate is capped by the bucket), so a second one would wait out that minute.
     for field in ["max_tokens", "max_completion_tokens"] {
-        let id = submit_as(&s, &s.key, vec![chat(json!({field: u64::MAX}))]).await;
-        let b = wait_done_as(&s, &s.key, &id).await;
+        let id = s.submit_as(&s.key, &[chat(json!({field: u64::MAX}))]).await;
+        let b = s.wait_done_as(&s.key, &id, WAIT).await;
         // Saturated, the estimate lets it run. (Were it to overflow again, the panic would
         // fail the job as internal_error rather than strand it: still not PROCESSED.)
         assert_eq!(b["processed"], 1, "{field}: {b}");

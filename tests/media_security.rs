@@ -18,42 +18,6 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// Submits one batch as `key` and returns its finished jobs, read as their owner.
-async fn run_batch(s: &Stack, key: &str, requests: Vec<Value>) -> Vec<Value> {
-    let r = s
-        .http
-        .post(format!("{}/v1/batches", s.url))
-        .bearer_auth(key)
-        .json(&json!({ "requests": requests }))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let b: Value = r.json().await.unwrap();
-    assert_eq!(status, 202, "{b}");
-    let id = b["id"].as_str().unwrap().to_owned();
-    let deadline = std::time::Instant::now() + LONG;
-    let batch = loop {
-        let (status, b) = s.get_as(&format!("/v1/batches/{id}"), key).await;
-        assert_eq!(status, 200, "{b}");
-        if b["status"] == "DONE" {
-            break b;
-        }
-        assert!(std::time::Instant::now() < deadline, "batch {id}: {b}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut jobs = Vec::new();
-    for j in batch["jobs"].as_array().unwrap() {
-        let (status, job) = s
-            .get_as(&format!("/v1/jobs/{}", j["id"].as_str().unwrap()), key)
-            .await;
-        assert_eq!(status, 200, "{job}");
-        assert_eq!(job["status"], "PROCESSED", "{job}");
-        jobs.push(job);
-    }
-    jobs
-}
-
 fn image() -> Value {
     json!({"endpoint": "/v1/images/generations", "body": {"model": "flux-dev", "prompt": "a cat"}})
 }
@@ -118,7 +82,7 @@ async fn provider_text_never_becomes_a_link() {
     let alice = s.key.clone();
     let mallory = s.db.create_key("mallory", None).await.unwrap().secret;
 
-    let victim = run_batch(&s, &alice, vec![image()]).await;
+    let victim = s.run_batch_as(&alice, &[image()], LONG).await;
     let link = victim[0]["result"]["data"][0]["url"].as_str().unwrap();
     assert_eq!(fetch(&s, link).await.0, 200, "the owner's own link works");
     let (key, job_id, _, _) = parse_link(link);
@@ -144,7 +108,7 @@ async fn provider_text_never_becomes_a_link() {
         requests.push(json!({"endpoint": "/v1/completions", "body": {
             "model": "qwen3-8b", "sim_echo": true, "prompt": said}}));
     }
-    let jobs = run_batch(&s, &mallory, requests).await;
+    let jobs = s.run_batch_as(&mallory, &requests, LONG).await;
     for (i, job) in jobs.iter().enumerate() {
         let said = if i < 2 { &stolen } else { &guessed };
         let text = job["result"]["choices"][0]["message"]["content"]
@@ -177,7 +141,7 @@ async fn provider_text_never_becomes_a_link() {
 async fn links_are_bound_to_their_job_and_refusals_are_json() {
     let s = Stack::start().await;
     let key = s.key.clone();
-    let jobs = run_batch(&s, &key, vec![image(), image()]).await;
+    let jobs = s.run_batch_as(&key, &[image(), image()], LONG).await;
     let link_a = jobs[0]["result"]["data"][0]["url"].as_str().unwrap();
     let link_b = jobs[1]["result"]["data"][0]["url"].as_str().unwrap();
     let (key_a, job_a, exp_a, sig_a) = parse_link(link_a);

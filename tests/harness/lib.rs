@@ -232,6 +232,45 @@ impl Stack {
         (status, v)
     }
 
+    /// Submits a batch as `key`, expects 202 and returns the batch id.
+    pub async fn submit_as(&self, key: &str, requests: &[Value]) -> String {
+        let (status, b) = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/batches", self.url))
+                    .json(&serde_json::json!({ "requests": requests })),
+                key,
+            )
+            .await;
+        assert_eq!(status, 202, "{b}");
+        b["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Each job of `batch` as its owner `key` reads it, in the batch's order.
+    pub async fn jobs_as(&self, key: &str, batch: &Value) -> Vec<Value> {
+        let mut jobs = Vec::new();
+        for j in batch["jobs"].as_array().unwrap() {
+            let (status, job) = self
+                .get_as(&format!("/v1/jobs/{}", j["id"].as_str().unwrap()), key)
+                .await;
+            assert_eq!(status, 200, "{job}");
+            jobs.push(job);
+        }
+        jobs
+    }
+
+    /// Submits a batch as `key`, waits until it is DONE and returns its jobs in order.
+    pub async fn run_batch_as(
+        &self,
+        key: &str,
+        requests: &[Value],
+        timeout: Duration,
+    ) -> Vec<Value> {
+        let id = self.submit_as(key, requests).await;
+        let batch = self.wait_done_as(key, &id, timeout).await;
+        self.jobs_as(key, &batch).await
+    }
+
     /// Polls a batch until `done(batch)` or the timeout.
     pub async fn wait_batch(
         &self,
@@ -239,9 +278,20 @@ impl Stack {
         timeout: Duration,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_batch_as(&self.key, id, timeout, done).await
+    }
+
+    /// Polls a batch as its owner `key` until `done(batch)` or the timeout.
+    pub async fn wait_batch_as(
+        &self,
+        key: &str,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let (status, b) = self.get(&format!("/v1/batches/{id}")).await;
+            let (status, b) = self.get_as(&format!("/v1/batches/{id}"), key).await;
             assert_eq!(status, 200, "{b}");
             if done(&b) {
                 return b;
@@ -260,6 +310,11 @@ impl Stack {
 
     pub async fn wait_done(&self, id: &str, timeout: Duration) -> Value {
         self.wait_batch(id, timeout, |b| b["status"] == "DONE")
+            .await
+    }
+
+    pub async fn wait_done_as(&self, key: &str, id: &str, timeout: Duration) -> Value {
+        self.wait_batch_as(key, id, timeout, |b| b["status"] == "DONE")
             .await
     }
 
