@@ -136,10 +136,14 @@ impl PageQuery {
 pub(crate) fn job_status(raw: Option<&str>) -> Result<Option<JobStatus>, ApiError> {
     match raw {
         None | Some("") => Ok(None),
-        Some(s) => s.to_ascii_uppercase().parse::<JobStatus>().map(Some).map_err(|_| {
-            let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
-            bad("status", format!("must be one of {}", all.join(", ")))
-        }),
+        Some(s) => s
+            .to_ascii_uppercase()
+            .parse::<JobStatus>()
+            .map(Some)
+            .map_err(|_| {
+                let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                bad("status", format!("must be one of {}", all.join(", ")))
+            }),
     }
 }
 

@@ -235,9 +235,17 @@ mod tests {
         let reads = Arc::new(AtomicUsize::new(0));
         let s = source(10, 3, reads.clone());
         futures::pin_mut!(s);
-        assert_eq!(reads.load(Ordering::SeqCst), 0, "nothing read before polling");
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            0,
+            "nothing read before polling"
+        );
         assert_eq!(s.next().await, Some(Ok(0)));
-        assert_eq!(reads.load(Ordering::SeqCst), 1, "the first row needs one page");
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            1,
+            "the first row needs one page"
+        );
         assert_eq!(s.next().await, Some(Ok(1)));
         assert_eq!(s.next().await, Some(Ok(2)));
         assert_eq!(reads.load(Ordering::SeqCst), 1);
@@ -266,12 +274,16 @@ mod tests {
 
     #[tokio::test]
     async fn an_error_ends_the_stream() {
-        let s = paged(2, |x: &i64| *x, |after: Option<i64>| async move {
-            match after {
-                None => Ok(vec![1, 2]),
-                Some(_) => Err("database gone"),
-            }
-        });
+        let s = paged(
+            2,
+            |x: &i64| *x,
+            |after: Option<i64>| async move {
+                match after {
+                    None => Ok(vec![1, 2]),
+                    Some(_) => Err("database gone"),
+                }
+            },
+        );
         let got: Vec<Result<i64, &str>> = s.collect().await;
         assert_eq!(got, [Ok(1), Ok(2), Err("database gone")]);
     }

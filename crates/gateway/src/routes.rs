@@ -216,16 +216,7 @@ async fn create_batch(
         }
         Some(k) => match state
             .db
-            .create_batch_idempotent(
-                key_id,
-                k,
-                &body,
-                &owner,
-                batch.label,
-                metadata,
-                jobs,
-                grace,
-            )
+            .create_batch_idempotent(key_id, k, &body, &owner, batch.label, metadata, jobs, grace)
             .await?
         {
             Idempotent::Created(view, dispatch) => (view, dispatch),

@@ -263,14 +263,7 @@ impl Db {
         let owner = owner.to_owned();
         self.run(move |conn| {
             conn.transaction(|conn| {
-                insert_batch(
-                    conn,
-                    &owner,
-                    label,
-                    &metadata,
-                    &new_jobs,
-                    dispatch_grace_ms,
-                )
+                insert_batch(conn, &owner, label, &metadata, &new_jobs, dispatch_grace_ms)
             })
         })
         .await

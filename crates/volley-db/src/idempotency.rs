@@ -125,14 +125,7 @@ impl Db {
                     }));
                 }
                 let (view, dispatch) =
-                    insert_batch(
-                    conn,
-                    &owner,
-                    label,
-                    &metadata,
-                    &new_jobs,
-                    dispatch_grace_ms,
-                )?;
+                    insert_batch(conn, &owner, label, &metadata, &new_jobs, dispatch_grace_ms)?;
                 // An expired row not purged yet is taken over.
                 diesel::insert_into(idempotency_keys::table)
                     .values((

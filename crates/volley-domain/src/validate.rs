@@ -226,7 +226,11 @@ const NUL_MESSAGE: &str = "must not contain the NUL character (U+0000)";
 /// A batch's `metadata`: an object of at most `max_metadata_pairs` string values, keys of
 /// 1-`max_metadata_key_chars` characters, values of at most `max_metadata_value_chars`, no
 /// U+0000 anywhere (stored as `jsonb`). Problems are pushed to `errors`.
-fn metadata(v: Option<&Value>, limits: &Limits, errors: &mut Vec<FieldError>) -> Map<String, Value> {
+fn metadata(
+    v: Option<&Value>,
+    limits: &Limits,
+    errors: &mut Vec<FieldError>,
+) -> Map<String, Value> {
     let mut err = |field: String, message: String| {
         errors.push(FieldError {
             index: None,
@@ -824,23 +828,41 @@ mod tests {
 
     #[test]
     fn metadata_is_string_pairs_within_limits() {
-        let b = check(json!({"metadata": {"team": "ads", "k": ""}, "requests": [one(json!(null))]}))
-            .unwrap();
+        let b =
+            check(json!({"metadata": {"team": "ads", "k": ""}, "requests": [one(json!(null))]}))
+                .unwrap();
         assert_eq!(b.metadata.len(), 2);
         assert_eq!(b.metadata["team"], "ads");
-        assert!(check(json!({"requests": [one(json!(null))]})).unwrap().metadata.is_empty());
-        assert!(check(json!({"metadata": null, "requests": [one(json!(null))]})).unwrap().metadata.is_empty());
+        assert!(
+            check(json!({"requests": [one(json!(null))]}))
+                .unwrap()
+                .metadata
+                .is_empty()
+        );
+        assert!(
+            check(json!({"metadata": null, "requests": [one(json!(null))]}))
+                .unwrap()
+                .metadata
+                .is_empty()
+        );
 
         let pairs = |n: usize| -> Value {
             Value::Object((0..n).map(|i| (format!("k{i}"), json!("v"))).collect())
         };
         assert!(check(json!({"metadata": pairs(16), "requests": [one(json!(null))]})).is_ok());
-        let bad = |m: Value| fields(check(json!({"metadata": m, "requests": [one(json!(null))]})));
+        let bad = |m: Value| {
+            fields(check(
+                json!({"metadata": m, "requests": [one(json!(null))]}),
+            ))
+        };
         assert_eq!(bad(pairs(17)), ["metadata"]);
         assert_eq!(bad(json!([["a", "b"]])), ["metadata"]);
         assert_eq!(bad(json!("a=b")), ["metadata"]);
         assert_eq!(bad(json!({"a": {"nested": "x"}})), ["metadata.a"]);
-        assert_eq!(bad(json!({"a": 1, "b": true, "c": null, "d": ["x"]})), ["metadata.a", "metadata.b", "metadata.c", "metadata.d"]);
+        assert_eq!(
+            bad(json!({"a": 1, "b": true, "c": null, "d": ["x"]})),
+            ["metadata.a", "metadata.b", "metadata.c", "metadata.d"]
+        );
         assert_eq!(bad(json!({"a": "x\u{0}"})), ["metadata.a"]);
         assert_eq!(bad(json!({"k\u{0}": "x"})), ["metadata"]);
         assert_eq!(bad(json!({"": "x"})), ["metadata"]);
@@ -850,10 +872,14 @@ mod tests {
         // Characters, not bytes.
         assert!(check(json!({"metadata": {"é".repeat(64): "é".repeat(512)}, "requests": [one(json!(null))]})).is_ok());
         // Metadata problems are reported with the items' problems, all at once.
-        let f = fields(check(json!({"metadata": 5, "requests": [one(json!("a b"))]})));
+        let f = fields(check(
+            json!({"metadata": 5, "requests": [one(json!("a b"))]}),
+        ));
         assert_eq!(f, ["metadata", "requests[0].custom_id"]);
         // A huge key is not echoed back whole.
-        let r = check(json!({"metadata": {"k".repeat(10_000): "x"}, "requests": [one(json!(null))]})).unwrap_err();
+        let r =
+            check(json!({"metadata": {"k".repeat(10_000): "x"}, "requests": [one(json!(null))]}))
+                .unwrap_err();
         assert!(r.message().len() < 300, "{}", r.message());
     }
 }
