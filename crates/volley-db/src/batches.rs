@@ -114,7 +114,7 @@ type KeyedJob = (
     Option<String>,
     Option<i32>,
     Option<DateTime<Utc>>,
-    Option<Value>,
+    Option<bool>,
     Option<i64>,
     Option<String>,
     Option<String>,
@@ -363,7 +363,13 @@ impl Db {
                     batches::label.nullable(),
                     batches::total.nullable(),
                     batches::created_at.nullable(),
-                    batches::metadata.nullable(),
+                    // Whether the batch has metadata, not the metadata: this row repeats once
+                    // per job, and up to 16 pairs of 512 characters 256 times over would make
+                    // every poll megabytes. A batch that has some reads it with a second
+                    // statement below.
+                    batches::metadata
+                        .nullable()
+                        .eq(Value::Object(Default::default())),
                     jobs::id.nullable(),
                     jobs::status.nullable(),
                     jobs::inference_type.nullable(),
@@ -373,14 +379,20 @@ impl Db {
                     jobs::total_tokens.nullable(),
                 ))
                 .load(&mut **conn)?;
-            let Some(&(batch_id, ref label, total, created_at, ref metadata, ..)) = rows.first()
+            let Some(&(batch_id, ref label, total, created_at, no_metadata, ..)) = rows.first()
             else {
                 return Ok(None);
             };
-            let (Some(id), Some(total), Some(created_at), Some(metadata)) =
-                (batch_id, total, created_at, metadata.clone())
-            else {
+            let (Some(id), Some(total), Some(created_at)) = (batch_id, total, created_at) else {
                 return Ok(Some(None));
+            };
+            let metadata = if no_metadata == Some(false) {
+                batches::table
+                    .filter(batches::id.eq(id))
+                    .select(batches::metadata)
+                    .first(&mut **conn)?
+            } else {
+                Value::Object(Default::default())
             };
             let label = label.clone();
             let mut counts = BatchCounts::default();
