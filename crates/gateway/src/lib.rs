@@ -5,6 +5,7 @@ mod browse;
 mod console;
 mod error;
 mod limits;
+mod results;
 mod routes;
 mod views;
 

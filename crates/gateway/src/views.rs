@@ -18,6 +18,7 @@ pub fn batch(b: &BatchView) -> Value {
         "failed": c.failed,
         "cancelled": c.cancelled,
         "created": b.created_at.timestamp(),
+        "metadata": b.metadata,
     })
 }
 
@@ -30,6 +31,7 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
                 "id": j.id.to_string(),
                 "status": j.status,
                 "inference_type": j.inference_type,
+                "custom_id": j.custom_id,
                 "url": format!("{public_url}/v1/jobs/{}", j.id),
             })
         })
@@ -54,11 +56,32 @@ pub struct MediaLinks<'a> {
     pub now: i64,
 }
 
+/// The job's result with its media as freshly signed links (every view of a result goes
+/// through here: the job object, the listing and the bulk results).
+pub fn signed_result(j: &JobView, links: &MediaLinks<'_>) -> Option<Value> {
+    let mut r = j.result.clone()?;
+    // Signed afresh on every read: links never outlive their expiry, results do. Only
+    // media this job's worker stored, in this job's part of the store, becomes a link.
+    let expires = links.now.saturating_add(links.ttl_secs);
+    let own: Vec<String> = j
+        .media_keys
+        .iter()
+        .flatten()
+        .filter(|k| volley_media::key_belongs_to_job(k, j.id))
+        .cloned()
+        .collect();
+    volley_media::rewrite_refs(&mut r, &own, &|key| {
+        links.signer.url(links.public_url, j.id, key, expires)
+    });
+    Some(r)
+}
+
 pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Value {
     let mut v = json!({
         "id": j.id.to_string(),
         "object": "job",
         "batch_id": j.batch_id.to_string(),
+        "custom_id": j.custom_id,
         "status": j.status,
         "inference_type": j.inference_type,
         "endpoint": j.endpoint,
@@ -69,21 +92,7 @@ pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Value {
         "finished": j.finished_at.map(|t| t.timestamp()),
         "updated": j.updated_at.timestamp(),
     });
-    if let Some(result) = &j.result {
-        let mut r = result.clone();
-        // Signed afresh on every read: links never outlive their expiry, results do. Only
-        // media this job's worker stored, in this job's part of the store, becomes a link.
-        let expires = links.now.saturating_add(links.ttl_secs);
-        let own: Vec<String> = j
-            .media_keys
-            .iter()
-            .flatten()
-            .filter(|k| volley_media::key_belongs_to_job(k, j.id))
-            .cloned()
-            .collect();
-        volley_media::rewrite_refs(&mut r, &own, &|key| {
-            links.signer.url(links.public_url, j.id, key, expires)
-        });
+    if let Some(r) = signed_result(j, links) {
         v["result"] = r;
     }
     if j.status == "FAILED" {
