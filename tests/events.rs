@@ -132,7 +132,13 @@ async fn streams_follow_a_batch_to_done_on_either_replica() {
     let id = s.submit_as(&s.key, &jobs(6, |i| 300 + 250 * i as u64)).await;
     let mut on_a = Sse::open(&s.url, &s.key, &id, None).await;
     let mut on_b = Sse::open(&b.url, &s.key, &id, None).await;
-    let (a, bb) = tokio::join!(on_a.rest(), on_b.rest());
+    // The jobs take under 2 s; without notifications the streams would wait a minute.
+    let (a, bb) = tokio::time::timeout(
+        Duration::from_secs(30),
+        async { tokio::join!(on_a.rest(), on_b.rest()) },
+    )
+    .await
+    .expect("the streams were not woken by batch-state's notifications");
     let expected = batch_job_ids(&s, &id).await;
     for events in [&a, &bb] {
         let got: HashSet<String> = job_ids(events).into_iter().collect();
@@ -215,6 +221,27 @@ async fn resuming_with_last_event_id_skips_nothing_and_repeats_nothing() {
     let all_again = Sse::open(&s.url, &s.key, &id, Some("")).await.rest().await;
     assert_eq!(job_ids(&all_again).len(), 8);
     b.stop().await;
+    s.stop().await;
+}
+
+/// A cancel (which the gateway writes) notifies too: the stream reports every job
+/// CANCELLED and ends, with re-checks set to a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_ends_the_stream_at_once() {
+    let s = Stack::start_with(Default::default(), |s| s.gateway.sse_recheck_ms = 60_000).await;
+    let id = s.submit_as(&s.key, &jobs(3, |_| 30_000)).await;
+    let mut stream = Sse::open(&s.url, &s.key, &id, None).await;
+    let first = stream.next().await.unwrap();
+    assert_eq!(first.event, "progress");
+    let (status, _) = s.post_empty(&format!("/v1/batches/{id}/cancel")).await;
+    assert_eq!(status, 200);
+    let rest = tokio::time::timeout(Duration::from_secs(20), stream.rest())
+        .await
+        .expect("the cancel did not wake the stream");
+    assert_eq!(job_ids(&rest).len(), 3);
+    assert!(rest.iter().filter(|e| e.event == "job").all(|e| e.data["status"] == "CANCELLED"));
+    let done = rest.last().unwrap();
+    assert_eq!((done.event.as_str(), &done.data["cancelled"]), ("done", &json!(3)));
     s.stop().await;
 }
 

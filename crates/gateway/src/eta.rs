@@ -5,11 +5,11 @@
 //! [`SAMPLE`]) within `eta_window_secs`, divided by the time since the oldest of them; the work
 //! ahead of a batch is every unfinished job of that type in an older batch, plus the batch's
 //! own unfinished jobs. The estimate is the slowest type's `(ahead + own) / throughput`. Both
-//! aggregates are read by one query each, at most every [`TTL`] per gateway process, never per
-//! request.
+//! aggregates are read by one query each, at most every [`TTL`] per gateway process, in the
+//! background, never per request.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -99,43 +99,55 @@ impl Model {
 /// The aggregates, cached per gateway process.
 pub struct EtaCache {
     window_secs: u64,
-    cached: tokio::sync::Mutex<Option<(Instant, Option<Arc<Model>>)>>,
+    cached: Arc<Mutex<Cached>>,
+}
+
+#[derive(Default)]
+struct Cached {
+    /// When `model` was read; `None` before the first read.
+    at: Option<Instant>,
+    /// `None` before the first read and after a failed one.
+    model: Option<Arc<Model>>,
+    refreshing: bool,
 }
 
 impl EtaCache {
     pub fn new(window_secs: u64) -> EtaCache {
         EtaCache {
             window_secs,
-            cached: tokio::sync::Mutex::new(None),
+            cached: Arc::new(Mutex::new(Cached::default())),
         }
     }
 
-    /// The model, read again when older than [`TTL`]: one request reads while the others of
-    /// this process wait for it (no stampede). A failed read is no estimate, not an error.
-    async fn model(&self, db: &volley_db::Db) -> Option<Arc<Model>> {
-        let mut cached = self.cached.lock().await;
-        if let Some((at, m)) = cached.as_ref()
-            && at.elapsed() < TTL
-        {
-            return m.clone();
+    /// The model as last read. When it is older than [`TTL`], one read starts in the
+    /// background and requests go on with the old one meanwhile: no request waits for the
+    /// aggregates (the very first ones get no estimate).
+    fn model(&self, db: &volley_db::Db) -> Option<Arc<Model>> {
+        let mut c = lock(&self.cached);
+        let fresh = c.at.is_some_and(|at| at.elapsed() < TTL);
+        if !fresh && !c.refreshing {
+            c.refreshing = true;
+            let (cached, db, window_secs) = (self.cached.clone(), db.clone(), self.window_secs);
+            tokio::spawn(async move {
+                let model = match db.eta_inputs(window_secs, SAMPLE, MAX_BACKLOG_ROWS).await {
+                    Ok(i) => Some(Arc::new(Model::from_inputs(&i, window_secs))),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not read completion estimates' inputs");
+                        None
+                    }
+                };
+                let mut c = lock(&cached);
+                c.at = Some(Instant::now());
+                c.model = model;
+                c.refreshing = false;
+            });
         }
-        let m = match db
-            .eta_inputs(self.window_secs, SAMPLE, MAX_BACKLOG_ROWS)
-            .await
-        {
-            Ok(i) => Some(Arc::new(Model::from_inputs(&i, self.window_secs))),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read completion estimates' inputs");
-                None
-            }
-        };
-        *cached = Some((Instant::now(), m.clone()));
-        m
+        c.model.clone()
     }
 
     /// The estimate for a batch whose unfinished jobs are `own` (inference type, count);
     /// none when every job has finished or a type has no recent throughput.
-    pub async fn estimate<'a>(
+    pub fn estimate<'a>(
         &self,
         db: &volley_db::Db,
         batch_id: i64,
@@ -148,7 +160,7 @@ impl EtaCache {
         if counts.is_empty() {
             return Estimate::default();
         }
-        let Some(model) = self.model(db).await else {
+        let Some(model) = self.model(db) else {
             return Estimate::default();
         };
         let Some(secs) = model.seconds(batch_id, &counts) else {
@@ -161,6 +173,11 @@ impl EtaCache {
             estimated_seconds_remaining: Some(secs),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves a cache, not broken invariants.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -316,7 +316,7 @@ async fn get_batch(
                 .is_ok_and(|s| !s.is_terminal())
         })
         .map(|j| j.inference_type.as_str());
-    let estimate = state.eta.estimate(&state.db, id, unfinished).await;
+    let estimate = state.eta.estimate(&state.db, id, unfinished);
     if let (Value::Object(v), Ok(Value::Object(e))) = (&mut v, serde_json::to_value(&estimate)) {
         v.extend(e);
     }
