@@ -107,7 +107,11 @@ fn job_ids(events: &[Event]) -> Vec<String> {
         .map(|e| e.data["id"].as_str().unwrap().to_owned())
         .collect();
     let unique: HashSet<&String> = ids.iter().collect();
-    assert_eq!(unique.len(), ids.len(), "a job event was sent twice: {ids:?}");
+    assert_eq!(
+        unique.len(),
+        ids.len(),
+        "a job event was sent twice: {ids:?}"
+    );
     ids
 }
 
@@ -129,14 +133,15 @@ async fn batch_job_ids(s: &Stack, id: &str) -> HashSet<String> {
 async fn streams_follow_a_batch_to_done_on_either_replica() {
     let s = Stack::start_with(Default::default(), |s| s.gateway.sse_recheck_ms = 60_000).await;
     let b = s.replica(|_| {}).await;
-    let id = s.submit_as(&s.key, &jobs(6, |i| 300 + 250 * i as u64)).await;
+    let id = s
+        .submit_as(&s.key, &jobs(6, |i| 300 + 250 * i as u64))
+        .await;
     let mut on_a = Sse::open(&s.url, &s.key, &id, None).await;
     let mut on_b = Sse::open(&b.url, &s.key, &id, None).await;
     // The jobs take under 2 s; without notifications the streams would wait a minute.
-    let (a, bb) = tokio::time::timeout(
-        Duration::from_secs(30),
-        async { tokio::join!(on_a.rest(), on_b.rest()) },
-    )
+    let (a, bb) = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::join!(on_a.rest(), on_b.rest())
+    })
     .await
     .expect("the streams were not woken by batch-state's notifications");
     let expected = batch_job_ids(&s, &id).await;
@@ -145,7 +150,9 @@ async fn streams_follow_a_batch_to_done_on_either_replica() {
         assert_eq!(got, expected);
         for e in events.iter().filter(|e| e.event == "job") {
             assert!(e.data.get("custom_id").is_some(), "{:?}", e.data);
-            let (_, job) = s.get(&format!("/v1/jobs/{}", e.data["id"].as_str().unwrap())).await;
+            let (_, job) = s
+                .get(&format!("/v1/jobs/{}", e.data["id"].as_str().unwrap()))
+                .await;
             assert_eq!(e.data["status"], job["status"]);
             assert!(e.id.as_deref().unwrap().starts_with("1."));
         }
@@ -172,7 +179,9 @@ async fn streams_follow_a_batch_to_done_on_either_replica() {
 async fn resuming_with_last_event_id_skips_nothing_and_repeats_nothing() {
     let s = Stack::start().await;
     let b = s.replica(|_| {}).await;
-    let id = s.submit_as(&s.key, &jobs(8, |i| 200 + 300 * i as u64)).await;
+    let id = s
+        .submit_as(&s.key, &jobs(8, |i| 200 + 300 * i as u64))
+        .await;
     let mut first = Sse::open(&s.url, &s.key, &id, None).await;
     let mut seen = Vec::new();
     let mut last_id = None;
@@ -239,9 +248,16 @@ async fn a_cancel_ends_the_stream_at_once() {
         .await
         .expect("the cancel did not wake the stream");
     assert_eq!(job_ids(&rest).len(), 3);
-    assert!(rest.iter().filter(|e| e.event == "job").all(|e| e.data["status"] == "CANCELLED"));
+    assert!(
+        rest.iter()
+            .filter(|e| e.event == "job")
+            .all(|e| e.data["status"] == "CANCELLED")
+    );
     let done = rest.last().unwrap();
-    assert_eq!((done.event.as_str(), &done.data["cancelled"]), ("done", &json!(3)));
+    assert_eq!(
+        (done.event.as_str(), &done.data["cancelled"]),
+        ("done", &json!(3))
+    );
     s.stop().await;
 }
 
@@ -367,7 +383,10 @@ async fn streams_per_key_are_capped_and_heartbeats_flow() {
     drop(three);
     let deadline = Instant::now() + Duration::from_secs(10);
     while open_streams_gauge(&s.url).await != 1 {
-        assert!(Instant::now() < deadline, "closed streams were not released");
+        assert!(
+            Instant::now() < deadline,
+            "closed streams were not released"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _again = Sse::open(&s.url, &s.key, &id, None).await;
@@ -388,7 +407,10 @@ async fn batches_carry_a_completion_estimate_while_running() {
     let deadline = Instant::now() + Duration::from_secs(12);
     let b = loop {
         let (_, b) = s.get(&format!("/v1/batches/{id}")).await;
-        assert_ne!(b["status"], "DONE", "finished before an estimate showed: {b}");
+        assert_ne!(
+            b["status"], "DONE",
+            "finished before an estimate showed: {b}"
+        );
         if !b["estimated_seconds_remaining"].is_null() {
             break b;
         }
@@ -407,6 +429,10 @@ async fn batches_carry_a_completion_estimate_while_running() {
     let done = s.wait_done(&id, Duration::from_secs(60)).await;
     assert!(done["estimated_completion_at"].is_null(), "{done}");
     assert!(done["estimated_seconds_remaining"].is_null(), "{done}");
-    assert!(done.as_object().unwrap().contains_key("estimated_completion_at"));
+    assert!(
+        done.as_object()
+            .unwrap()
+            .contains_key("estimated_completion_at")
+    );
     s.stop().await;
 }

@@ -231,7 +231,10 @@ mod tests {
         assert_eq!(m.seconds(9, &own), Some(18.0));
         assert_eq!(m.seconds(3, &HashMap::from([("LLM", 10)])), Some(5.0));
         // A type with no recent finishes: no estimate.
-        assert_eq!(m.seconds(9, &HashMap::from([("LLM", 6), ("IMAGE", 1)])), None);
+        assert_eq!(
+            m.seconds(9, &HashMap::from([("LLM", 6), ("IMAGE", 1)])),
+            None
+        );
         // Finished: nothing to wait for.
         assert_eq!(m.seconds(9, &HashMap::new()), None);
     }

@@ -43,9 +43,12 @@ const CHANNEL_CHUNKS: usize = 4;
 /// The longest `Last-Event-ID` this server sends: "1." and 64 hex digits (256 jobs).
 const MAX_EVENT_ID: usize = 2 + 64;
 
+/// The wake-ups of the streams open on each batch, by stream number.
+type Watchers = HashMap<i64, Vec<(u64, Arc<Notify>)>>;
+
 /// Open streams per gateway process: who waits on which batch, and how many each key holds.
 pub struct Hub {
-    watchers: Mutex<HashMap<i64, Vec<(u64, Arc<Notify>)>>>,
+    watchers: Mutex<Watchers>,
     per_key: Mutex<HashMap<Vec<u8>, u32>>,
     next: AtomicU64,
     max_per_key: u32,
@@ -292,7 +295,9 @@ fn last_event_id(req: &HttpRequest, total: usize) -> Result<Option<Cursor>, ApiE
             "Last-Event-ID is longer than {MAX_EVENT_ID} characters"
         )));
     }
-    Cursor::parse(raw, total).map(Some).map_err(ApiError::invalid)
+    Cursor::parse(raw, total)
+        .map(Some)
+        .map_err(ApiError::invalid)
 }
 
 pub async fn batch_events(
@@ -396,10 +401,8 @@ enum Next {
 impl Stream {
     async fn run(mut self) {
         let mut last: Option<BatchCounts> = None;
-        let mut heartbeat = tokio::time::interval_at(
-            tokio::time::Instant::now() + self.heartbeat,
-            self.heartbeat,
-        );
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let read_at = tokio::time::Instant::now();
@@ -540,9 +543,8 @@ mod tests {
             Err(ApiError::RateLimited { .. })
         ));
         hub.changed(Changed::Batches(vec![7]));
-        let woken = |r: &Registration| {
-            futures::FutureExt::now_or_never(r.notify.notified()).is_some()
-        };
+        let woken =
+            |r: &Registration| futures::FutureExt::now_or_never(r.notify.notified()).is_some();
         assert!(woken(&a) && !woken(&b));
         hub.changed(Changed::All);
         assert!(woken(&a) && woken(&b));

@@ -158,11 +158,7 @@ pub struct EtaInputs {
 /// `NOTIFY` the batch channel about `ids`, on a connection (inside the caller's transaction,
 /// it is delivered at commit).
 pub(crate) fn notify_on(conn: &mut PgConnection, ids: &[i64]) -> Result<(), DbError> {
-    let mut payload = ids
-        .iter()
-        .map(i64::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
+    let mut payload = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     if payload.len() > MAX_PAYLOAD as usize {
         payload = ALL_BATCHES.to_owned();
     }
