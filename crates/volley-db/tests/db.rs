@@ -619,7 +619,12 @@ async fn applying_outcomes_notifies_the_changed_batches_once() {
     named.sort();
     assert_eq!(named, vec![a.id, b.id]);
     // Nothing changed: no notification.
-    assert!(db.apply_events(vec![ok(da[0].id, 1)]).await.unwrap().is_empty());
+    assert!(
+        db.apply_events(vec![ok(da[0].id, 1)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
     db.cancel_batch("alice", c.id).await.unwrap();
     assert_eq!(next(), Changed::Batches(vec![c.id]));
     assert!(rx.try_recv().is_err());
