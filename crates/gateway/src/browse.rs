@@ -91,16 +91,10 @@ pub async fn list_jobs(
     let limit = query.limit(JOBS_DEFAULT, JOBS_MAX)?;
     let status = match query.status.as_deref() {
         None | Some("") => None,
-        Some(s) => Some(
-            s.to_ascii_uppercase()
-                .parse::<JobStatus>()
-                .map_err(|_| {
-                    let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
-                    bad("status", format!("must be one of {}", all.join(", ")))
-                })?
-                .as_str()
-                .to_owned(),
-        ),
+        Some(s) => Some(s.to_ascii_uppercase().parse::<JobStatus>().map_err(|_| {
+            let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+            bad("status", format!("must be one of {}", all.join(", ")))
+        })?),
     };
     let page = state
         .db

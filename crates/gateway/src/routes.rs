@@ -229,10 +229,7 @@ async fn create_batch(
     // Committed: from here on the batch is durable, so the client gets its 202 without waiting
     // for the broker's confirms. Publishing is best effort; whatever is not confirmed is
     // published by batch-state's sweeper once the grace period passes.
-    let messages: Vec<JobMessage> = dispatch
-        .iter()
-        .map(volley_db::JobDispatch::to_message)
-        .collect();
+    let messages: Vec<JobMessage> = dispatch.iter().map(JobMessage::from).collect();
     let publish =
         publish_batch(state.clone(), view.id, messages).instrument(tracing::Span::current());
     match state.publishing.clone().try_acquire_owned() {
@@ -333,12 +330,9 @@ async fn cancel_batch(
 }
 
 /// Jobs accepted per inference type: one counter update per type present, not per job.
-fn count_accepted(state: &AppState, jobs: &[volley_db::JobDispatch]) {
+fn count_accepted(state: &AppState, jobs: &[volley_domain::Dispatch]) {
     for t in volley_domain::InferenceType::ALL {
-        let n = jobs
-            .iter()
-            .filter(|j| j.inference_type == t.as_str())
-            .count();
+        let n = jobs.iter().filter(|j| j.inference_type == t).count();
         if n > 0 {
             state
                 .metrics

@@ -67,7 +67,7 @@ impl Db {
         &self,
         owner: &str,
         batch_id: i64,
-        status: Option<String>,
+        status: Option<volley_domain::JobStatus>,
         after: Option<i64>,
         limit: i64,
     ) -> Result<Option<Page<JobView>>, DbError> {
@@ -92,7 +92,7 @@ impl Db {
                 q = q.filter(jobs::id.gt(after));
             }
             if let Some(status) = status {
-                q = q.filter(jobs::status.eq(status));
+                q = q.filter(jobs::status.eq(status.as_str()));
             }
             Ok(Some(page(q.load(&mut **conn)?, limit)))
         })
