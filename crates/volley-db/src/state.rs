@@ -401,28 +401,21 @@ fn apply_on(
         ids.push(e.job_id);
         attempts.push(e.attempt);
         let mut keys = None;
-        let (status, result, et, em, le, usage, delay) = match e.outcome {
+        // The state the outcome's transition leads to: `v.status` in the statement.
+        statuses.push(e.outcome.transition().target().as_str());
+        let (result, et, em, le, usage, delay) = match e.outcome {
             Outcome::Succeeded {
                 result,
                 usage,
                 media_keys,
             } => {
                 keys = (!media_keys.is_empty()).then(|| Value::from(media_keys));
-                (
-                    Transition::Succeed,
-                    Some(result),
-                    None,
-                    None,
-                    None,
-                    usage,
-                    0,
-                )
+                (Some(result), None, None, None, usage, 0)
             }
             Outcome::Failed {
                 error_type,
                 message,
             } => (
-                Transition::Fail,
                 None,
                 Some(error_type),
                 Some(message.clone()),
@@ -430,17 +423,8 @@ fn apply_on(
                 None,
                 0,
             ),
-            Outcome::Retry { error, delay_ms } => (
-                Transition::Requeue,
-                None,
-                None,
-                None,
-                Some(error),
-                None,
-                delay_ms,
-            ),
+            Outcome::Retry { error, delay_ms } => (None, None, None, Some(error), None, delay_ms),
         };
-        statuses.push(status.target().as_str());
         results.push(result);
         error_types.push(et);
         error_messages.push(em);
