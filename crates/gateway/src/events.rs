@@ -500,6 +500,7 @@ mod tests {
             endpoint: "/v1/completions".into(),
             model: "m".into(),
             body: serde_json::json!({"model": "m", "prompt": "p"}),
+            custom_id: None,
         };
         let (batch, _) = db.create_batch("alice", None, vec![job], 0).await.unwrap();
         let metrics = volley_telemetry::Metrics::new().unwrap();

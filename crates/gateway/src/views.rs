@@ -29,7 +29,7 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
         .map(|j| {
             json!({
                 "id": j.id.to_string(),
-                "status": j.status,
+                "status": j.status.as_str(),
                 "inference_type": j.inference_type,
                 "custom_id": j.custom_id,
                 "url": format!("{public_url}/v1/jobs/{}", j.id),
@@ -40,11 +40,11 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
 }
 
 /// Tokens the batch's jobs used so far (chat and completions report usage), summed.
-pub fn usage(u: &volley_db::usage::BatchUsage) -> Value {
+pub fn usage(u: &volley_domain::BatchUsage) -> Value {
     json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
+        "prompt_tokens": u.tokens.prompt_tokens,
+        "completion_tokens": u.tokens.completion_tokens,
+        "total_tokens": u.tokens.total_tokens,
         "jobs": u.jobs,
     })
 }
@@ -82,7 +82,7 @@ pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Value {
         "object": "job",
         "batch_id": j.batch_id.to_string(),
         "custom_id": j.custom_id,
-        "status": j.status,
+        "status": j.status.as_str(),
         "inference_type": j.inference_type,
         "endpoint": j.endpoint,
         "model": j.model,
@@ -95,7 +95,7 @@ pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Value {
     if let Some(r) = signed_result(j, links) {
         v["result"] = r;
     }
-    if j.status == "FAILED" {
+    if j.status == volley_domain::JobStatus::Failed {
         v["error"] = json!({
             "type": j.error_type.as_deref().unwrap_or("provider_error"),
             "message": j.error_message.as_deref().unwrap_or(""),
