@@ -1,5 +1,6 @@
 //! The crate graph ARCHITECTURE.md describes, checked against `cargo metadata`: the domain
-//! crate stays free of frameworks, and no worker can reach the database.
+//! crate stays free of frameworks, no worker can reach the database, and services speak to
+//! RabbitMQ only through volley-amqp.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -96,5 +97,23 @@ fn no_worker_reaches_the_database() {
         for forbidden in ["volley-db", "diesel", "gateway", "batch-state"] {
             assert!(!reached.contains(forbidden), "{w} reaches {forbidden}");
         }
+    }
+}
+
+#[test]
+fn services_reach_the_broker_only_through_volley_amqp() {
+    let g = graph();
+    // The walk sees lapin where it is: under volley-amqp.
+    assert!(g["volley-amqp"].contains("lapin"));
+    let services: Vec<&String> = g
+        .keys()
+        .filter(|n| ["gateway", "batch-state"].contains(&n.as_str()) || n.starts_with("worker-"))
+        .collect();
+    assert!(services.len() >= 8, "service crates: {services:?}");
+    for s in services {
+        assert!(
+            !g[s].contains("lapin"),
+            "{s} depends on lapin directly: consume and publish through volley-amqp"
+        );
     }
 }

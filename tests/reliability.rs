@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::{Value, json};
-use volley::{Options, Stack};
-use volley_amqp::lapin::BasicProperties;
-use volley_amqp::lapin::options::{
+use lapin::BasicProperties;
+use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
-use volley_amqp::lapin::types::FieldTable;
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use volley::{Options, Stack};
 use volley_chaos::infra::{RabbitNode, RabbitOptions};
 use volley_db::testing::TestDatabase;
 use volley_db::{Claim, NewJob};

@@ -9,6 +9,7 @@
 //!   the delivery limit) and routes it, by the source queue's name, to `<queue>.dlq`.
 //! - `P.control` (fanout) broadcasts cancellations to every worker.
 
+pub mod consumer;
 pub mod depths;
 pub mod trace;
 
@@ -30,7 +31,7 @@ use volley_domain::InferenceType;
 use volley_proto::{Control, JobEvent, JobMessage};
 use volley_telemetry::Metrics;
 
-pub use lapin;
+pub use consumer::{Consumer, ConsumerConfig, Delivery, Source};
 
 /// How many times a message may be delivered before its queue dead-letters it. Quorum queues
 /// count redeliveries themselves, so a message that kills its consumer cannot loop forever.

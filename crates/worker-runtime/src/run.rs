@@ -8,13 +8,7 @@ use futures::{FutureExt, StreamExt};
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use volley_amqp::lapin::Channel;
-use volley_amqp::lapin::message::Delivery;
-use volley_amqp::lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use volley_amqp::lapin::types::FieldTable;
-use volley_amqp::{connect, consumer_channel, declare_topology};
+use volley_amqp::{Consumer, ConsumerConfig, Delivery, Source};
 use volley_domain::{Endpoint, InferenceType};
 use volley_proto::{
     Control, Failed, JobEvent, JobMessage, Message, Retry, Succeeded, control, job_event,
@@ -31,48 +25,31 @@ const CLAIM_BATCH: usize = 128;
 
 pub async fn consume_forever(w: Arc<Worker>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(usize::from(w.settings.worker.concurrency)));
-    let mut backoff = Duration::from_millis(200);
-    while !stop.is_cancelled() {
-        match consume(&w, &stop, &slots).await {
-            Ok(()) => break,
-            Err(e) => {
-                w.consuming.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %e, "job consumer lost; reconnecting");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-    w.consuming.store(false, Ordering::Relaxed);
+    let names = w.broker.names().clone();
+    let config = ConsumerConfig {
+        url: w.settings.amqp_url.clone(),
+        connection_name: format!("volley-worker-{}-jobs", w.kind.key()),
+        source: Source::Queue(names.job_queue(w.kind)),
+        names,
+        prefetch: Some(w.settings.worker.concurrency),
+        tag: String::new(),
+    };
+    volley_amqp::consumer::run(
+        config,
+        stop.clone(),
+        |up| w.consuming.store(up, Ordering::Relaxed),
+        |consumer| consume(&w, &stop, &slots, consumer),
+    )
+    .await;
 }
 
 async fn consume(
     w: &Arc<Worker>,
     stop: &CancellationToken,
     slots: &Arc<Semaphore>,
+    mut consumer: Consumer,
 ) -> anyhow::Result<()> {
-    let names = w.broker.names().clone();
-    let queue = names.job_queue(w.kind);
-    let conn = connect(
-        &w.settings.amqp_url,
-        &format!("volley-worker-{}-jobs", w.kind.key()),
-    )
-    .await?;
-    let ch = consumer_channel(&conn, w.settings.worker.concurrency).await?;
-    declare_topology(&ch, &names).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    w.consuming.store(true, Ordering::Relaxed);
-    tracing::info!(queue = %queue, "consuming");
+    let queue = consumer.queue().to_owned();
     loop {
         // A free slot first, then a message: prefetch never outruns what we can run.
         let permit = tokio::select! {
@@ -99,11 +76,11 @@ async fn consume(
                 None => break,
             }
         }
-        claim_and_start(w, &ch, &queue, batch, stop).await?;
+        claim_and_start(w, &consumer, &queue, batch, stop).await?;
     }
     // Claims run in this loop, so none is in progress: the prefetched messages not yet
     // claimed go back to the queue as the channel closes.
-    let _ = conn.close(200, "worker stopping".into()).await;
+    consumer.close("worker stopping").await;
     Ok(())
 }
 
@@ -153,7 +130,7 @@ struct Pending {
 /// multiple ack covers exactly this batch.
 async fn claim_and_start(
     w: &Arc<Worker>,
-    ch: &Channel,
+    consumer: &Consumer,
     queue: &str,
     batch: Vec<(Delivery, OwnedSemaphorePermit)>,
     stop: &CancellationToken,
@@ -182,30 +159,19 @@ async fn claim_and_start(
                 );
                 w.metrics.amqp.dead_lettered(queue);
                 // Settled before the multiple ack below, which would otherwise cover it.
-                d.nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                })
-                .await?;
+                consumer.dead_letter(d.delivery_tag).await?;
             }
         }
     }
     let Some(tag) = last_tag else { return Ok(()) };
     let ids: Vec<i64> = pending.iter().map(|p| p.job.id).collect();
     let Some(claims) = claim_with_retry(w, &ids, &pending, stop).await else {
-        ch.basic_nack(
-            tag,
-            BasicNackOptions {
-                multiple: true,
-                requeue: true,
-            },
-        )
-        .await?;
+        consumer.requeue_through(tag).await?;
         return Ok(());
     };
     // The claims are durable in PostgreSQL: the messages have done their work. A redelivery
     // after a failed ack is refused by the claim.
-    if let Err(e) = ch.basic_ack(tag, BasicAckOptions { multiple: true }).await {
+    if let Err(e) = consumer.ack_through(tag).await {
         tracing::debug!(jobs = ids.len(), error = %e, "ack after claim failed");
     }
     for (p, claim) in pending.into_iter().zip(claims) {
@@ -590,62 +556,33 @@ pub async fn renew_leases(w: Arc<Worker>, stop: CancellationToken) {
 
 /// Listens on the control fanout for cancellations.
 pub async fn control_forever(w: Arc<Worker>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
-    while !stop.is_cancelled() {
-        if let Err(e) = control(&w, &stop).await {
-            tracing::warn!(error = %e, "control consumer lost; reconnecting");
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
+    let names = w.broker.names().clone();
+    let config = ConsumerConfig {
+        url: w.settings.amqp_url.clone(),
+        connection_name: format!("volley-worker-{}-control", w.kind.key()),
+        source: Source::Fanout(names.control_exchange()),
+        names,
+        prefetch: None,
+        tag: String::new(),
+    };
+    volley_amqp::consumer::run(
+        config,
+        stop.clone(),
+        |_| {},
+        |consumer| control(&w, &stop, consumer),
+    )
+    .await;
 }
 
-async fn control(w: &Worker, stop: &CancellationToken) -> anyhow::Result<()> {
-    let names = w.broker.names().clone();
-    let conn = connect(
-        &w.settings.amqp_url,
-        &format!("volley-worker-{}-control", w.kind.key()),
-    )
-    .await?;
-    let ch = conn.create_channel().await?;
-    declare_topology(&ch, &names).await?;
-    let q = ch
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    ch.queue_bind(
-        q.name().clone(),
-        names.control_exchange().as_str().into(),
-        "".into(),
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await?;
-    let mut consumer = ch
-        .basic_consume(
-            q.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+async fn control(
+    w: &Worker,
+    stop: &CancellationToken,
+    mut consumer: Consumer,
+) -> anyhow::Result<()> {
     loop {
         let d = tokio::select! {
             _ = stop.cancelled() => {
-                let _ = conn.close(200, "worker stopping".into()).await;
+                consumer.close("worker stopping").await;
                 return Ok(());
             }
             d = consumer.next() => d,
