@@ -1,5 +1,5 @@
-//! volley-amqp against the real RabbitMQ: the consumer loop's reconnects and broadcasts.
-//! Each test uses a queue prefix of its own.
+//! volley-amqp against the real RabbitMQ: the consumer loop's reconnects and what a control
+//! broadcast does with a broker's nack. Each test uses a queue prefix of its own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use tokio_util::sync::CancellationToken;
 use volley_amqp::{AmqpError, Broker, ConsumerConfig, Names, Source, connect, delete_topology};
 use volley_proto::{CancelJobs, Control, JobEvent, control};
@@ -40,6 +42,52 @@ fn cancel(batch_id: i64) -> Control {
             job_ids: vec![],
         })),
     }
+}
+
+#[tokio::test]
+async fn a_control_message_the_broker_refuses_is_an_error() {
+    let names = names("nack");
+    let broker = Broker::new(&amqp_url(), "volley-amqp-test", names.clone());
+    // No worker listens: nothing to abort, and that is no error.
+    broker.publish_control(&cancel(1)).await.unwrap();
+
+    // A queue that refuses every message makes the broker nack the publish.
+    let conn = connect(&amqp_url(), "volley-amqp-test-full").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        q.name().clone(),
+        names.control_exchange().as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let e = broker.publish_control(&cancel(2)).await.unwrap_err();
+    assert!(matches!(e, AmqpError::Nacked), "{e}");
+    // The channel is still good: the next broadcast goes through once nothing refuses it.
+    let _ = conn.close(200, "done".into()).await;
+    broker.publish_control(&cancel(3)).await.unwrap();
+    broker.close().await;
+    cleanup(&names).await;
 }
 
 #[tokio::test]
