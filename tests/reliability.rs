@@ -179,7 +179,12 @@ async fn jobs_not_started_in_time_expire_and_are_never_claimed() {
         assert_eq!(job["attempts"], 0, "{job}");
     }
     // A worker arriving later finds their messages and is refused: they stay expired.
-    let w = worker_runtime::start(InferenceType::Llm, s.settings.clone()).unwrap();
+    let w = worker_runtime::start(
+        InferenceType::Llm,
+        s.settings.clone(),
+        volley::local_listener(),
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for j in &jobs {
         let (_, job) = s.get(&format!("/v1/jobs/{j}")).await;
@@ -188,7 +193,7 @@ async fn jobs_not_started_in_time_expire_and_are_never_claimed() {
             (Some("FAILED"), Some(0))
         );
     }
-    w.stop(Duration::from_millis(200)).await;
+    w.stop().await.unwrap();
     s.stop().await;
 }
 
@@ -260,7 +265,12 @@ async fn redispatch_recovers_lost_messages_and_leaves_running_jobs_alone() {
         .unwrap();
     assert_eq!(purged, 3);
     let _ = conn.close(200, "".into()).await;
-    let w = worker_runtime::start(InferenceType::Llm, s.settings.clone()).unwrap();
+    let w = worker_runtime::start(
+        InferenceType::Llm,
+        s.settings.clone(),
+        volley::local_listener(),
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, b) = s.get(&format!("/v1/batches/{lost}")).await;
     assert_eq!(b["queued"], 3, "nothing to consume: {b}");
@@ -295,7 +305,7 @@ async fn redispatch_recovers_lost_messages_and_leaves_running_jobs_alone() {
         (Some("PROCESSED"), Some(1))
     );
     assert_eq!(s.sim().stats().by_path.get("/v1/completions"), Some(&4));
-    w.stop(Duration::from_millis(200)).await;
+    w.stop().await.unwrap();
     s.stop().await;
 }
 

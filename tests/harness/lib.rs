@@ -40,6 +40,11 @@ pub fn base_settings() -> Settings {
     s
 }
 
+/// A listener on a free loopback port, for a service to serve on.
+pub fn local_listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
 pub struct Stack {
     pub url: String,
     pub key: String,
@@ -47,16 +52,11 @@ pub struct Stack {
     pub settings: Settings,
     pub sim: Option<SimHandle>,
     pub http: reqwest::Client,
-    gateway: Option<GatewayTask>,
+    gateway: Option<gateway::Running>,
     state: Option<batch_state::Running>,
     workers: Vec<worker_runtime::Running>,
     _media: tempfile::TempDir,
     _database: TestDatabase,
-}
-
-struct GatewayTask {
-    handle: gateway::ServerHandle,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 /// What a test may change before the stack starts.
@@ -116,14 +116,12 @@ impl Stack {
         tweak(&mut s);
         s.validate().unwrap();
 
-        let state = batch_state::start_on(s.clone(), st_listener).unwrap();
-        let gw = gateway::Gateway::build_on(s.clone(), gw_listener).unwrap();
-        let handle = gw.handle();
-        let task = tokio::spawn(gw.run());
+        let state = batch_state::start(s.clone(), st_listener).unwrap();
+        let gateway = gateway::start(s.clone(), gw_listener).unwrap();
         let workers = opts
             .workers
             .iter()
-            .map(|k| worker_runtime::start(*k, s.clone()).unwrap())
+            .map(|k| worker_runtime::start(*k, s.clone(), local_listener()).unwrap())
             .collect();
         let key = db.create_key("alice", None).await.unwrap().secret;
         let stack = Stack {
@@ -136,7 +134,7 @@ impl Stack {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
-            gateway: Some(GatewayTask { handle, task }),
+            gateway: Some(gateway),
             state: Some(state),
             workers,
             _media: media,
@@ -325,14 +323,13 @@ impl Stack {
 
     async fn shutdown(&mut self) {
         for w in self.workers.drain(..) {
-            w.stop(Duration::from_millis(500)).await;
+            w.stop().await.unwrap();
         }
         if let Some(g) = self.gateway.take() {
-            g.handle.stop(true).await;
-            let _ = g.task.await;
+            g.stop().await.unwrap();
         }
         if let Some(s) = self.state.take() {
-            s.stop().await;
+            s.stop().await.unwrap();
         }
         if let Some(sim) = self.sim.take() {
             sim.stop().await;
