@@ -343,3 +343,55 @@ pub(crate) fn settings_accept(
     );
     Settings::load_from(&map).map_err(|e| e.to_string())
 }
+
+/// What `kubectl kustomize DIR` renders (the documents a cluster would receive), or `None`
+/// when kubectl is not installed. The in-repo resolver above stays the one every check reads:
+/// kubectl is not in Debian's packages at a version that has `kustomize` v5 (scripts/setup.sh
+/// cannot install it), so the checks must run without it; where it is there, the resolver is
+/// checked against it (`the_resolver_agrees_with_kubectl_kustomize`).
+pub(crate) fn kubectl_render(dir: &Path) -> Option<Result<Vec<Value>, String>> {
+    let out = match std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => return Some(Err(format!("kubectl: {e}"))),
+    };
+    if !out.status.success() {
+        return Some(Err(format!(
+            "kubectl kustomize {}: {}",
+            rel(dir),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut docs = Vec::new();
+    // kubectl separates documents with a `---` line.
+    for d in text.split("\n---\n") {
+        match serde_yaml::from_str::<Value>(d) {
+            Ok(Value::Null) => {}
+            Ok(v) => docs.push(v),
+            Err(e) => return Some(Err(format!("kubectl kustomize {}: {e}", rel(dir)))),
+        }
+    }
+    Some(Ok(docs))
+}
+
+/// What the resolver and kubectl are compared on: every resource but the generated ones
+/// (kubectl names ConfigMaps and Secrets with a content hash), and the names of the first
+/// container's environment variables of each workload.
+pub(crate) fn comparable(
+    kind: &str,
+    name: &str,
+    env_names: Vec<String>,
+) -> Option<(String, String, BTreeSet<String>)> {
+    (kind != "ConfigMap" && kind != "Secret").then(|| {
+        (
+            kind.to_owned(),
+            name.to_owned(),
+            env_names.into_iter().collect(),
+        )
+    })
+}

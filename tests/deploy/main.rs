@@ -1568,3 +1568,71 @@ fn deploy_files_hold_no_machine_specific_paths() {
     }
     report("machine-specific paths", errors);
 }
+
+/// Where kubectl is installed, the overlays it renders hold the same resources as the in-repo
+/// resolver finds, with the same environment variables in each workload's first container
+/// (JSON patches applied). Without kubectl there is nothing to compare with: every other
+/// check reads the resolver alone.
+#[test]
+fn the_resolver_agrees_with_kubectl_kustomize() {
+    let mut errors = Vec::new();
+    for l in layers() {
+        let rendered = match kubectl_render(&l.dir) {
+            None => {
+                eprintln!("kubectl is not installed: the resolver is not compared with it");
+                return;
+            }
+            Some(Err(e)) => {
+                errors.push(e);
+                continue;
+            }
+            Some(Ok(docs)) => docs,
+        };
+        let env_names = |containers: &[Value]| -> Vec<String> {
+            containers
+                .first()
+                .map(|c| {
+                    seq(c.get("env"))
+                        .iter()
+                        .filter_map(|e| text(e, &["name"]))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let theirs: BTreeSet<_> = rendered
+            .iter()
+            .filter_map(|d| {
+                let kind = text(d, &["kind"]).unwrap_or_default();
+                let containers = seq(at(d, &["spec", "template", "spec", "containers"]));
+                comparable(
+                    &kind,
+                    &text(d, &["metadata", "name"]).unwrap_or_default(),
+                    if kind == "Job" || kind == "Deployment" {
+                        env_names(containers)
+                    } else {
+                        Vec::new()
+                    },
+                )
+            })
+            .collect();
+        let ours: BTreeSet<_> = l
+            .res
+            .iter()
+            .filter_map(|r| comparable(&r.kind(), &r.name(), r.env(0).into_keys().collect()))
+            .collect();
+        for missing in theirs.difference(&ours) {
+            errors.push(format!(
+                "{}: kubectl renders {missing:?}, the resolver does not",
+                l.name
+            ));
+        }
+        for extra in ours.difference(&theirs) {
+            errors.push(format!(
+                "{}: the resolver finds {extra:?}, kubectl does not render it",
+                l.name
+            ));
+        }
+        assert!(!theirs.is_empty(), "{}: kubectl rendered nothing", l.name);
+    }
+    report("the in-repo kustomize resolver against kubectl", errors);
+}
