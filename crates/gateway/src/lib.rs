@@ -7,6 +7,7 @@ mod error;
 mod limits;
 mod routes;
 mod views;
+mod webhooks;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Bounds the batches being published in the background after their 202.
     pub publishing: Arc<tokio::sync::Semaphore>,
+    /// Where a batch's webhook may point (checked again, by address, at delivery).
+    pub webhook_policy: volley_egress::WebhookPolicy,
 }
 
 /// Batches published in the background at once; past this, a request publishes its own batch
@@ -92,6 +95,7 @@ impl Gateway {
         let media = MediaStore::from_settings(&settings.media)?;
         let signer = Signer::new(settings.media.signing_key.expose().as_bytes());
         let workers = settings.gateway.workers.max(1);
+        let webhook_policy = webhooks::policy(&settings)?;
         let state = web::Data::new(AppState {
             settings: Arc::new(settings),
             limits: Limits::default(),
@@ -102,6 +106,7 @@ impl Gateway {
             metrics: metrics.clone(),
             draining: draining.clone(),
             publishing: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_PUBLISHES)),
+            webhook_policy,
         });
         let server = HttpServer::new(move || {
             let limiter = limiter.clone();

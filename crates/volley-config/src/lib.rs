@@ -11,6 +11,9 @@ use std::path::Path;
 use serde::Deserialize;
 use volley_domain::{Endpoint, ModelCatalog, ModelCheck};
 
+mod webhooks;
+pub use webhooks::WebhookSettings;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read configuration file {path}: {source}")]
@@ -82,6 +85,7 @@ pub struct Settings {
     pub media: MediaSettings,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
+    pub webhooks: WebhookSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -324,6 +328,7 @@ impl Default for Settings {
             media: MediaSettings::default(),
             providers: Vec::new(),
             models: Vec::new(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -637,6 +642,12 @@ impl Settings {
             return bad("gateway.key_burst must be at least 1 when key_rate_per_sec is set".into());
         }
         self.validate_media()?;
+        let w = &self.webhooks;
+        if w.concurrency == 0 || w.timeout_ms == 0 || w.schedule_ms.is_empty() {
+            return bad(
+                "webhooks: concurrency, timeout_ms and schedule_ms must not be 0 or empty".into(),
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for p in &self.providers {
             if !names.insert(p.name.as_str()) {

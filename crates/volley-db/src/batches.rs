@@ -156,6 +156,7 @@ pub(crate) fn insert_batch(
     label: Option<String>,
     new_jobs: &[NewJob],
     dispatch_grace_ms: u64,
+    webhook: Option<&crate::NewWebhook>,
 ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
     let total = new_jobs.len() as i32;
     let row: BatchRow = diesel::insert_into(batches::table)
@@ -163,6 +164,10 @@ pub(crate) fn insert_batch(
             batches::owner.eq(owner),
             batches::label.eq(&label),
             batches::total.eq(total),
+            batches::webhook_url.eq(webhook.map(|w| w.url.as_str())),
+            batches::webhook_types.eq(webhook.map(|w| w.types.clone())),
+            batches::webhook_key_id.eq(webhook.map(|w| w.key_id)),
+            batches::webhook_pending.eq(webhook.map(|_| total)),
         ))
         .returning(BATCH_COLUMNS)
         .get_result(conn)?;
@@ -181,6 +186,8 @@ pub(crate) fn insert_batch(
                 // Out of the outbox from the start: the batch's `published_at`
                 // stands for the confirms, so they cost no update per job.
                 jobs::dispatched_at.eq(Some(row.created_at)),
+                // Lets the webhook trigger skip jobs of batches without one at no cost.
+                jobs::webhook.eq(webhook.is_some()),
             )
         })
         .collect();
@@ -225,9 +232,32 @@ impl Db {
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
     ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+        self.create_batch_webhook(owner, label, new_jobs, dispatch_grace_ms, None)
+            .await
+    }
+
+    /// [`Db::create_batch`] with a webhook: its events are recorded as the batch's jobs
+    /// finish (see the `webhooks` migration).
+    pub async fn create_batch_webhook(
+        &self,
+        owner: &str,
+        label: Option<String>,
+        new_jobs: Vec<NewJob>,
+        dispatch_grace_ms: u64,
+        webhook: Option<crate::NewWebhook>,
+    ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
-            conn.transaction(|conn| insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms))
+            conn.transaction(|conn| {
+                insert_batch(
+                    conn,
+                    &owner,
+                    label,
+                    &new_jobs,
+                    dispatch_grace_ms,
+                    webhook.as_ref(),
+                )
+            })
         })
         .await
     }

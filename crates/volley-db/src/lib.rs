@@ -13,6 +13,7 @@ mod state;
 pub mod status;
 pub mod testing;
 pub mod usage;
+pub mod webhooks;
 
 use diesel::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
@@ -23,6 +24,7 @@ pub use batches::{BatchView, JobDispatch, JobSummary, JobView, NewJob};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
 pub use state::{Claim, EachResult, Event, Outcome, Refusal, SweepReport, Usage};
+pub use webhooks::NewWebhook;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 

@@ -448,7 +448,7 @@ async fn idempotency_keys_replay_refuse_and_expire() {
     let create = |key_id: i64, key: &str, body: &'static [u8]| {
         let (db, key) = (db.clone(), key.to_owned());
         async move {
-            db.create_batch_idempotent(key_id, key, body, "o", None, jobs(2), 0)
+            db.create_batch_idempotent(key_id, key, body, "o", None, jobs(2), 0, None)
                 .await
                 .unwrap()
         }

@@ -14,3 +14,6 @@ pub use validate::{
     BatchRejection, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch, ValidItem,
     validate_batch,
 };
+pub use validate::{
+    DEFAULT_WEBHOOK_EVENTS, MAX_WEBHOOK_URL_CHARS, ValidWebhook, WEBHOOK_EVENT_TYPES,
+};
