@@ -125,6 +125,9 @@ impl Drop for Receiver {
 
 /// Fast retries for tests: 200 ms steps.
 fn fast(s: &mut volley_config::Settings) {
+    // The receiver is on loopback, over plain http: the development allowances.
+    s.webhooks.http_hosts = vec!["127.0.0.1".into(), "localhost".into()];
+    s.webhooks.allow_private_network = true;
     s.webhooks.schedule_ms = vec![200, 200, 200, 200];
     s.webhooks.poll_interval_ms = 50;
     s.webhooks.lease_ms = 5_000;
@@ -181,7 +184,12 @@ async fn deliveries_are_signed_retried_and_deduplicated() {
     assert!(k.webhook_secret.starts_with("whsec_"));
     let dir = tempfile::tempdir().unwrap();
     // The first two deliveries are answered 500: they must come again, same webhook-id.
-    let rx = Receiver::start(&dir.path().join("log"), &[k.webhook_secret.clone()], 2, 0);
+    let rx = Receiver::start(
+        &dir.path().join("log"),
+        std::slice::from_ref(&k.webhook_secret),
+        2,
+        0,
+    );
     let (st, b) = submit(
         &s,
         &k.secret,
@@ -343,7 +351,12 @@ async fn a_receiver_down_for_a_while_gets_its_events_later_and_a_failing_one_is_
     .await;
     let k = s.db.create_key("hooks", Some("alice")).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut rx = Receiver::start(&dir.path().join("log"), &[k.webhook_secret.clone()], 0, 0);
+    let mut rx = Receiver::start(
+        &dir.path().join("log"),
+        std::slice::from_ref(&k.webhook_secret),
+        0,
+        0,
+    );
     rx.kill();
     let (st, b) = submit(
         &s,

@@ -444,6 +444,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "VOLLEY_INTERNAL_TOKEN",
         "shared secret of workers and batch-state's internal API (32+ characters)",
     ),
+    (
+        "VOLLEY_WEBHOOK_HTTP_HOSTS",
+        "comma-separated hosts webhooks may reach over plain http, on any port",
+    ),
+    (
+        "VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK",
+        "true lets webhooks go to loopback and private addresses",
+    ),
     ("VOLLEY_WORKER_ADDR", "worker health listen address"),
     ("VOLLEY_WORKER_CONCURRENCY", "jobs a worker runs at once"),
     ("VOLLEY_MAX_ATTEMPTS", "attempts per job"),
@@ -548,6 +556,17 @@ impl Settings {
                 "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
                 "VOLLEY_EXPIRE_AFTER_MS" => self.state.expire_after_ms = parse(key, v)?,
                 "VOLLEY_INTERNAL_TOKEN" => self.state.internal_token = Secret::new(v),
+                "VOLLEY_WEBHOOK_HTTP_HOSTS" => {
+                    self.webhooks.http_hosts = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|h| !h.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK" => {
+                    self.webhooks.allow_private_network = parse(key, v)?
+                }
                 "VOLLEY_WORKER_ADDR" => self.worker.addr = v.into(),
                 "VOLLEY_WORKER_CONCURRENCY" => self.worker.concurrency = parse(key, v)?,
                 "VOLLEY_MAX_ATTEMPTS" => self.worker.max_attempts = parse(key, v)?,
@@ -975,10 +994,15 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
             ("VOLLEY_WORKER_CONCURRENCY", "3"),
             ("VOLLEY_EXPIRE_AFTER_MS", "0"),
             ("VOLLEY_PROVIDER_LOCAL_SIM_BASE_URL", "http://127.0.0.1:1"),
+            ("VOLLEY_WEBHOOK_HTTP_HOSTS", " 127.0.0.1, localhost:9000,,"),
+            ("VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK", "true"),
             ("UNRELATED", "x"),
         ]))
         .unwrap();
         s.validate().unwrap();
+        assert_eq!(s.webhooks.http_hosts, ["127.0.0.1", "localhost:9000"]);
+        assert!(s.webhooks.allow_private_network);
+        assert_eq!(s.webhooks.allowed_ports, [443]);
         assert_eq!(s.queue_prefix, "t1");
         assert_eq!(s.worker.concurrency, 3);
         assert_eq!(s.state.expire_after_ms, 0);
