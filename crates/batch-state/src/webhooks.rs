@@ -30,6 +30,8 @@ use crate::Shared;
 
 /// How often the backlog gauges are refreshed.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+/// How long a stopping replica waits for attempts in flight.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// The Standard Webhooks signature of one message: `v1,` and the base64 HMAC-SHA256, keyed
 /// with the secret's bytes (the base64 after `whsec_`), of `{id}.{timestamp}.{body}`.
@@ -229,7 +231,12 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
             });
         }
     }
-    while tasks.join_next().await.is_some() {}
+    // Attempts in flight get a moment to finish; the rest are dropped and made again after
+    // their lease (receivers de-duplicate by `webhook-id`), so shutdown stays within its grace.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_WAIT, drain).await.is_err() {
+        tasks.abort_all();
+    }
 }
 
 fn build(shared: &Shared) -> anyhow::Result<Deliverer> {

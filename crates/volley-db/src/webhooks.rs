@@ -453,15 +453,16 @@ impl Db {
         self.run(|conn| {
             Ok(diesel::sql_query(
                 "SELECT \
-                   count(*) FILTER (WHERE status = 'pending') AS pending, \
-                   count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= now()) AS due, \
-                   count(*) FILTER (WHERE status = 'failed') AS failed, \
+                   (SELECT count(*) FROM webhook_events WHERE status = 'pending') AS pending, \
+                   (SELECT count(*) FROM webhook_events \
+                     WHERE status = 'pending' AND next_attempt_at <= now()) AS due, \
+                   (SELECT count(*) FROM webhook_events WHERE status = 'failed') AS failed, \
                    (SELECT count(*) FROM webhook_endpoints WHERE paused_at IS NOT NULL) \
                      AS paused_endpoints, \
-                   COALESCE(EXTRACT(EPOCH FROM now() - min(next_attempt_at) \
-                     FILTER (WHERE status = 'pending' AND next_attempt_at <= now()))::bigint, 0) \
-                     AS oldest_due_secs \
-                 FROM webhook_events WHERE status <> 'delivered'",
+                   COALESCE((SELECT EXTRACT(EPOCH FROM now() - min(next_attempt_at))::bigint \
+                     FROM webhook_events \
+                     WHERE status = 'pending' AND next_attempt_at <= now()), 0) \
+                     AS oldest_due_secs",
             )
             .get_result(&mut **conn)?)
         })

@@ -62,6 +62,9 @@ CREATE TABLE webhook_events (
 );
 CREATE INDEX webhook_events_due ON webhook_events (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX webhook_events_by_batch ON webhook_events (batch_id, id);
+-- The backlog counts (batchctl status, metrics) read pending and failed events only, never
+-- the delivered ones that make up most of the table.
+CREATE INDEX webhook_events_failed ON webhook_events (id) WHERE status = 'failed';
 
 -- An endpoint whose event exhausted its retries is paused: its events wait (nothing is
 -- dropped) until a delivery to it succeeds again (a client's redelivery request).
