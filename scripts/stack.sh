@@ -41,6 +41,10 @@ export VOLLEY_CONFIG=${VOLLEY_CONFIG:-config/volley.toml}
 export RUST_LOG=${RUST_LOG:-info}
 # The local stack is a development stack: its secrets are made here, not by an operator.
 export VOLLEY_DEV_MODE=true
+# Webhooks to a receiver on this machine (plain http on loopback); production allows only
+# https to public addresses.
+export VOLLEY_WEBHOOK_HTTP_HOSTS=${VOLLEY_WEBHOOK_HTTP_HOSTS:-127.0.0.1,localhost}
+export VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK=${VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK:-true}
 if [ ! -s "$state/media-signing-key" ]; then
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$state/media-signing-key"
 fi

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod events;
 pub mod sweeper;
+pub mod webhooks;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -116,6 +117,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
     let tasks = vec![
         tokio::spawn(events::run(shared.clone(), stop.clone())),
         tokio::spawn(sweeper::run(shared.clone(), stop.clone())),
+        tokio::spawn(webhooks::run(shared.clone(), stop.clone())),
         tokio::spawn(claim_batcher(shared.clone(), rx, stop.clone())),
         tokio::spawn(volley_amqp::depths::watch(
             shared.settings.amqp_url.clone(),

@@ -135,6 +135,9 @@ enum KeysCommand {
     List,
     /// Revoke a key by id or name.
     Revoke { id_or_name: String },
+    /// Give a key a new webhook signing secret (printed once). Deliveries are signed with the
+    /// old one too for `webhooks.secret_grace_secs`, so receivers can switch over.
+    RotateWebhookSecret { id_or_name: String },
 }
 
 fn valid_name(s: &str) -> Result<(), String> {
@@ -208,6 +211,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     k.key.name,
                     k.key.owner
                 );
+                println!(
+                    "webhook signing secret (verify deliveries with it): {}",
+                    k.webhook_secret
+                );
                 println!("{}", k.secret);
             }
             KeysCommand::List => {
@@ -237,6 +244,20 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
                 println!("revoked {n} key(s)");
+            }
+            KeysCommand::RotateWebhookSecret { id_or_name } => {
+                let rotated = db.rotate_webhook_secret(&id_or_name).await?;
+                if rotated.is_empty() {
+                    eprintln!("batchctl: no live key with id or name {id_or_name:?}");
+                    return Ok(ExitCode::from(1));
+                }
+                println!(
+                    "new webhook signing secret(s); the old one also signs for {} s:",
+                    settings.webhooks.secret_grace_secs
+                );
+                for (id, secret) in rotated {
+                    println!("key {id}: {secret}");
+                }
             }
         },
         Command::Queues => return queues(&settings).await,

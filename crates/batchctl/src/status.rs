@@ -19,15 +19,18 @@ use volley_domain::InferenceType;
 pub struct Status {
     pub queues: Result<Vec<QueueDepth>, String>,
     pub jobs: Result<Vec<TypeStatus>, String>,
+    /// The webhook delivery backlog (from PostgreSQL).
+    pub webhooks: Result<volley_db::webhooks::Backlog, String>,
 }
 
 pub async fn gather(settings: &Settings, db: &Db) -> Status {
     let names = Names::new(&settings.queue_prefix);
     let queues = read_once(&settings.amqp_url, &names, "batchctl-status");
-    let (queues, jobs) = tokio::join!(queues, db.status_by_type());
+    let (queues, jobs, webhooks) = tokio::join!(queues, db.status_by_type(), db.webhook_backlog());
     Status {
         queues: queues.map_err(|e| e.to_string()),
         jobs: jobs.map_err(|e| e.to_string()),
+        webhooks: webhooks.map_err(|e| e.to_string()),
     }
 }
 
@@ -89,6 +92,27 @@ pub fn render(status: &Status, names: &Names) -> String {
          included).\nPROCESSING: jobs running on a worker. OLDEST WAIT: the longest a runnable \
          job has waited.\nDLQ: dead-lettered messages (`batchctl dlq list`)."
     );
+    match &status.webhooks {
+        Ok(w) => {
+            let _ = writeln!(
+                out,
+                "\nWEBHOOKS: {} pending ({} due now, oldest due {}), {} failed, {} paused \
+                 endpoint(s).",
+                w.pending,
+                w.due,
+                if w.due > 0 {
+                    age(w.oldest_due_secs as f64)
+                } else {
+                    "-".into()
+                },
+                w.failed,
+                w.paused_endpoints
+            );
+        }
+        Err(_) => {
+            let _ = writeln!(out, "\nWEBHOOKS: ?");
+        }
+    }
     if let Err(e) = &status.queues {
         let _ = writeln!(out, "RabbitMQ unreachable: {e}");
     }
@@ -101,11 +125,13 @@ pub fn render(status: &Status, names: &Names) -> String {
 pub async fn run(settings: &Settings, db: &Db) -> anyhow::Result<ExitCode> {
     let status = gather(settings, db).await;
     print!("{}", render(&status, &Names::new(&settings.queue_prefix)));
-    Ok(if status.queues.is_ok() && status.jobs.is_ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if status.queues.is_ok() && status.jobs.is_ok() && status.webhooks.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 #[cfg(test)]
@@ -144,8 +170,21 @@ mod tests {
                 processing: 1,
                 oldest_wait_secs: Some(75.0),
             }]),
+            webhooks: Ok(volley_db::webhooks::Backlog {
+                pending: 4,
+                due: 1,
+                failed: 2,
+                paused_endpoints: 1,
+                oldest_due_secs: 65,
+            }),
         };
         let screen = render(&s, &names);
+        assert!(
+            screen.contains(
+                "WEBHOOKS: 4 pending (1 due now, oldest due 1m05s), 2 failed, 1 paused endpoint(s)."
+            ),
+            "{screen}"
+        );
         assert_eq!(
             row(&screen, "image"),
             ["image", "?", "?", "3", "1", "1m15s", "?"]

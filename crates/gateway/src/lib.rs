@@ -10,6 +10,7 @@ mod limits;
 mod results;
 mod routes;
 mod views;
+mod webhooks;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct AppState {
     pub hub: Arc<events::Hub>,
     /// Completion estimates' aggregates, read at most every few seconds.
     pub eta: eta::EtaCache,
+    /// Where a batch's webhook may point (checked again, by address, at delivery).
+    pub webhook_policy: volley_egress::WebhookPolicy,
 }
 
 /// Batches published in the background at once; past this, a request publishes its own batch
@@ -132,6 +135,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
         volley_db::progress::listen(settings.database_url.clone(), move |c| hub.changed(c))?
     };
     let eta = eta::EtaCache::new(settings.gateway.eta_window_secs);
+    let webhook_policy = webhooks::policy(&settings)?;
     let state = web::Data::new(AppState {
         settings: Arc::new(settings),
         limits: Limits::default(),
@@ -144,6 +148,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
         publishing: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_PUBLISHES)),
         hub: hub.clone(),
         eta,
+        webhook_policy,
     });
     let server = HttpServer::new(move || {
         let limiter = limiter.clone();

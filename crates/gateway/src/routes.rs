@@ -34,7 +34,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs/{id}", web::get().to(get_job))
         .route("/v1/jobs/{id}/cancel", web::post().to(cancel_job))
         .route("/v1/models", web::get().to(list_models))
-        .route("/v1/media/{key:.*}", web::get().to(get_media));
+        .route("/v1/media/{key:.*}", web::get().to(get_media))
+        .route(
+            "/v1/batches/{id}/webhook-deliveries",
+            web::get().to(crate::webhooks::list_deliveries),
+        )
+        .route(
+            "/v1/webhook-deliveries/{id}/retry",
+            web::post().to(crate::webhooks::retry_delivery),
+        );
 }
 
 async fn healthz() -> HttpResponse {
@@ -198,6 +206,7 @@ async fn create_batch(
             .await
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("parsing off the event loop: {e}")))??
     };
+    let webhook = crate::webhooks::accept(&state, batch.webhook.as_ref(), key_id)?;
     let jobs: Vec<NewJob> = batch
         .items
         .into_iter()
@@ -215,12 +224,22 @@ async fn create_batch(
         None => {
             state
                 .db
-                .create_batch_with_metadata(&owner, batch.label, metadata, jobs, grace)
+                .create_batch_with(&owner, batch.label, metadata, webhook, jobs, grace)
                 .await?
         }
         Some(k) => match state
             .db
-            .create_batch_idempotent(key_id, k, &body, &owner, batch.label, metadata, jobs, grace)
+            .create_batch_idempotent(
+                key_id,
+                k,
+                &body,
+                &owner,
+                batch.label,
+                metadata,
+                jobs,
+                grace,
+                webhook,
+            )
             .await?
         {
             Idempotent::Created(view, dispatch) => (view, dispatch),

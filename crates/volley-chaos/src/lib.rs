@@ -3,7 +3,9 @@
 //! [`infra`] runs processes and private servers (a RabbitMQ node and a PostgreSQL cluster of
 //! the suite's own, on spare loopback ports); [`suite`] starts the real service binaries on
 //! them, submits mixed batches while killing and restarting every part of the system, and
-//! checks that every accepted job ended in exactly one consistent terminal state.
+//! checks that every accepted job ended in exactly one consistent terminal state; [`webhooks`]
+//! counts the webhook events of those batches at the suite's receiver.
 
 pub mod infra;
 pub mod suite;
+pub mod webhooks;

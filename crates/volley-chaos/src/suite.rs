@@ -99,6 +99,10 @@ pub struct Summary {
     pub unanswered: usize,
     pub problems: Vec<String>,
     pub seconds: u64,
+    /// Webhook events the accepted batches caused, and how many arrived verified (`lost`
+    /// counts the missing ones too).
+    pub webhooks_expected: usize,
+    pub webhooks_delivered: usize,
 }
 
 impl Summary {
@@ -110,7 +114,7 @@ impl Summary {
         format!(
             "chaos: accepted={} terminal={} lost={} duplicates={} faults={} batches={} \
              processed={} failed={} cancelled={} refused={} unanswered={} dead_letters={} \
-             problems={} seconds={}",
+             problems={} seconds={} webhooks={}/{}",
             self.accepted,
             self.terminal,
             self.lost,
@@ -124,7 +128,9 @@ impl Summary {
             self.unanswered,
             self.dead_letters,
             self.problems.len(),
-            self.seconds
+            self.seconds,
+            self.webhooks_delivered,
+            self.webhooks_expected
         )
     }
 }
@@ -428,6 +434,14 @@ shutdown_grace_secs = 3
 dir = "{media}"
 signing_key = "chaos-signing-key"
 
+# The suite's receiver is on loopback; retries are quick so that the drain sees them through.
+[webhooks]
+http_hosts = ["127.0.0.1"]
+allow_private_network = true
+schedule_ms = [200, 500, 1000, 2000, 3000, 5000, 5000, 5000, 5000, 5000, 5000, 5000]
+poll_interval_ms = 100
+lease_ms = 15000
+
 [[providers]]
 name = "sim-openai"
 kind = "openai"
@@ -612,7 +626,13 @@ fn db_counts(by: &HashMap<String, i64>) -> Value {
 
 /// Submits `plan.batches` batches at a steady pace, cancelling some batches and jobs along
 /// the way. Failed submissions (a service is down) are simply not accepted; the load goes on.
-async fn load(plan: Plan, client: Arc<Client>, ledger: Arc<Mutex<Ledger>>, seed: u64) {
+async fn load(
+    plan: Plan,
+    client: Arc<Client>,
+    ledger: Arc<Mutex<Ledger>>,
+    seed: u64,
+    hook: String,
+) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cancels = Vec::new();
     let mut seq = 0usize;
@@ -633,7 +653,8 @@ async fn load(plan: Plan, client: Arc<Client>, ledger: Arc<Mutex<Ledger>>, seed:
             items.push(it);
             kinds.push((key, kind));
         }
-        let body = json!({"label": format!("chaos {seq}"), "requests": items});
+        let body = json!({"label": format!("chaos {seq}"), "requests": items,
+            "webhook": {"url": hook, "events": crate::webhooks::EVENTS}});
         match client.post("/v1/batches", Some(&body)).await {
             Ok((202, b)) => {
                 let id = b["id"].as_str().and_then(|s| s.parse::<i64>().ok());
@@ -931,6 +952,13 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         .filter(|k| !k.is_empty())
         .context("batchctl printed no key")?
         .to_owned();
+    let whsec = key_out
+        .split_whitespace()
+        .find(|w| w.starts_with("whsec_"))
+        .context("batchctl printed no webhook secret")?;
+    // Answers 500 to the first few deliveries, so retries happen from the start.
+    let mut rx =
+        crate::webhooks::Receiver::start(&w.dir.path().join("webhooks.jsonl"), whsec, 5, 0)?;
     for name in SERVICES {
         w.services.start(name)?;
     }
@@ -971,6 +999,7 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         client.clone(),
         ledger.clone(),
         plan.seed,
+        rx.url(),
     ));
 
     // Faults start once the load has begun.
@@ -994,6 +1023,25 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         }
         summary.faults += 1;
         say(format!("  recovered in {} ms", t.elapsed().as_millis()));
+        // The webhook receiver is down from the second fault to the fourth.
+        if i == 1 {
+            say("webhook receiver down");
+            rx.kill();
+        } else if i == 3 {
+            say("webhook receiver up");
+            if let Err(e) = rx.restart() {
+                summary
+                    .problems
+                    .push(format!("restarting the webhook receiver: {e:#}"));
+            }
+        }
+    }
+    if rx.is_down()
+        && let Err(e) = rx.restart()
+    {
+        summary
+            .problems
+            .push(format!("restarting the webhook receiver: {e:#}"));
     }
     say("faults done; waiting for the load to finish");
     if tokio::time::timeout(Duration::from_secs(600), loader)
@@ -1043,6 +1091,20 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         .context("the load still holds its ledger")?;
     check(&db, &client, &ledger, &mut summary).await?;
     check_dead_letters(w, &mut summary).await;
+    let hooks = crate::webhooks::check(&db, &rx, &ledger.accepted, Duration::from_secs(90)).await?;
+    say(format!(
+        "webhook events: {} expected, {} delivered and verified",
+        hooks.expected, hooks.delivered
+    ));
+    summary.webhooks_expected = hooks.expected;
+    summary.webhooks_delivered = hooks.delivered;
+    summary.lost += hooks.lost;
+    if hooks.lost > 0 {
+        summary
+            .problems
+            .push(format!("{} webhook events never arrived", hooks.lost));
+    }
+    summary.problems.extend(hooks.problems);
 
     // Graceful shutdown of every service: SIGTERM, exit 0 within the grace period.
     for name in [

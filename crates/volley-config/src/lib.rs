@@ -11,6 +11,9 @@ use std::path::Path;
 use serde::Deserialize;
 use volley_domain::{Endpoint, ModelCatalog, ModelCheck};
 
+mod webhooks;
+pub use webhooks::WebhookSettings;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read configuration file {path}: {source}")]
@@ -82,6 +85,7 @@ pub struct Settings {
     pub media: MediaSettings,
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
+    pub webhooks: WebhookSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -337,6 +341,7 @@ impl Default for Settings {
             media: MediaSettings::default(),
             providers: Vec::new(),
             models: Vec::new(),
+            webhooks: WebhookSettings::default(),
         }
     }
 }
@@ -461,6 +466,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
         "VOLLEY_INTERNAL_TOKEN",
         "shared secret of workers and batch-state's internal API (32+ characters)",
     ),
+    (
+        "VOLLEY_WEBHOOK_HTTP_HOSTS",
+        "comma-separated hosts webhooks may reach over plain http, on any port",
+    ),
+    (
+        "VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK",
+        "true lets webhooks go to loopback and private addresses",
+    ),
     ("VOLLEY_WORKER_ADDR", "worker health listen address"),
     ("VOLLEY_WORKER_CONCURRENCY", "jobs a worker runs at once"),
     ("VOLLEY_MAX_ATTEMPTS", "attempts per job"),
@@ -568,6 +581,17 @@ impl Settings {
                 "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
                 "VOLLEY_EXPIRE_AFTER_MS" => self.state.expire_after_ms = parse(key, v)?,
                 "VOLLEY_INTERNAL_TOKEN" => self.state.internal_token = Secret::new(v),
+                "VOLLEY_WEBHOOK_HTTP_HOSTS" => {
+                    self.webhooks.http_hosts = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|h| !h.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                }
+                "VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK" => {
+                    self.webhooks.allow_private_network = parse(key, v)?
+                }
                 "VOLLEY_WORKER_ADDR" => self.worker.addr = v.into(),
                 "VOLLEY_WORKER_CONCURRENCY" => self.worker.concurrency = parse(key, v)?,
                 "VOLLEY_MAX_ATTEMPTS" => self.worker.max_attempts = parse(key, v)?,
@@ -674,6 +698,12 @@ impl Settings {
             );
         }
         self.validate_media()?;
+        let w = &self.webhooks;
+        if w.concurrency == 0 || w.timeout_ms == 0 || w.schedule_ms.is_empty() {
+            return bad(
+                "webhooks: concurrency, timeout_ms and schedule_ms must not be 0 or empty".into(),
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for p in &self.providers {
             if !names.insert(p.name.as_str()) {
@@ -1001,10 +1031,15 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
             ("VOLLEY_WORKER_CONCURRENCY", "3"),
             ("VOLLEY_EXPIRE_AFTER_MS", "0"),
             ("VOLLEY_PROVIDER_LOCAL_SIM_BASE_URL", "http://127.0.0.1:1"),
+            ("VOLLEY_WEBHOOK_HTTP_HOSTS", " 127.0.0.1, localhost:9000,,"),
+            ("VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK", "true"),
             ("UNRELATED", "x"),
         ]))
         .unwrap();
         s.validate().unwrap();
+        assert_eq!(s.webhooks.http_hosts, ["127.0.0.1", "localhost:9000"]);
+        assert!(s.webhooks.allow_private_network);
+        assert_eq!(s.webhooks.allowed_ports, [443]);
         assert_eq!(s.queue_prefix, "t1");
         assert_eq!(s.worker.concurrency, 3);
         assert_eq!(s.state.expire_after_ms, 0);

@@ -170,6 +170,7 @@ pub(crate) fn insert_batch(
     metadata: &Value,
     new_jobs: &[NewJob],
     dispatch_grace_ms: u64,
+    webhook: Option<&crate::NewWebhook>,
 ) -> Result<(BatchView, Vec<Dispatch>), DbError> {
     let total = new_jobs.len() as i32;
     let row: BatchRow = diesel::insert_into(batches::table)
@@ -178,6 +179,10 @@ pub(crate) fn insert_batch(
             batches::label.eq(&label),
             batches::total.eq(total),
             batches::metadata.eq(metadata),
+            batches::webhook_url.eq(webhook.map(|w| w.url.as_str())),
+            batches::webhook_types.eq(webhook.map(|w| w.types.clone())),
+            batches::webhook_key_id.eq(webhook.map(|w| w.key_id)),
+            batches::webhook_pending.eq(webhook.map(|_| total)),
         ))
         .returning(BATCH_COLUMNS)
         .get_result(conn)?;
@@ -197,6 +202,8 @@ pub(crate) fn insert_batch(
                 // Out of the outbox from the start: the batch's `published_at`
                 // stands for the confirms, so they cost no update per job.
                 jobs::dispatched_at.eq(Some(row.created_at)),
+                // Lets the webhook trigger skip jobs of batches without one at no cost.
+                jobs::webhook.eq(webhook.is_some()),
             )
         })
         .collect();
@@ -264,29 +271,41 @@ impl Db {
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
     ) -> Result<(BatchView, Vec<Dispatch>), DbError> {
-        self.create_batch_with_metadata(
+        self.create_batch_with(
             owner,
             label,
             Value::Object(Default::default()),
+            None,
             new_jobs,
             dispatch_grace_ms,
         )
         .await
     }
 
-    /// [`Db::create_batch`] with the client's `metadata` (validated before).
-    pub async fn create_batch_with_metadata(
+    /// [`Db::create_batch`] with the client's `metadata` (validated before) and, when it asked
+    /// for one, a webhook: its events are recorded as the batch's jobs finish (see the
+    /// `webhooks` migration).
+    pub async fn create_batch_with(
         &self,
         owner: &str,
         label: Option<String>,
         metadata: Value,
+        webhook: Option<crate::NewWebhook>,
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
     ) -> Result<(BatchView, Vec<Dispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
             conn.transaction(|conn| {
-                insert_batch(conn, &owner, label, &metadata, &new_jobs, dispatch_grace_ms)
+                insert_batch(
+                    conn,
+                    &owner,
+                    label,
+                    &metadata,
+                    &new_jobs,
+                    dispatch_grace_ms,
+                    webhook.as_ref(),
+                )
             })
         })
         .await

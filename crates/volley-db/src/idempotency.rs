@@ -73,6 +73,7 @@ impl Db {
         metadata: serde_json::Value,
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
+        webhook: Option<crate::NewWebhook>,
     ) -> Result<Idempotent, DbError> {
         let hash = Sha256::digest(body).to_vec();
         let owner = owner.to_owned();
@@ -124,8 +125,15 @@ impl Db {
                         counts,
                     }));
                 }
-                let (view, dispatch) =
-                    insert_batch(conn, &owner, label, &metadata, &new_jobs, dispatch_grace_ms)?;
+                let (view, dispatch) = insert_batch(
+                    conn,
+                    &owner,
+                    label,
+                    &metadata,
+                    &new_jobs,
+                    dispatch_grace_ms,
+                    webhook.as_ref(),
+                )?;
                 // An expired row not purged yet is taken over.
                 diesel::insert_into(idempotency_keys::table)
                     .values((

@@ -25,6 +25,8 @@ pub struct ApiKey {
 pub struct CreatedKey {
     pub key: ApiKey,
     pub secret: String,
+    /// The key's webhook signing secret (`whsec_...`), shown once too.
+    pub webhook_secret: String,
 }
 
 pub fn hash_key(secret: &str) -> Vec<u8> {
@@ -41,6 +43,8 @@ impl Db {
         let prefix: String = secret.chars().take(10).collect();
         let name = name.to_owned();
         let owner = owner.unwrap_or(&name).to_owned();
+        let webhook_secret = crate::webhooks::new_webhook_secret();
+        let whsec = webhook_secret.clone();
         let key = self
             .run(move |conn| {
                 Ok(diesel::insert_into(api_keys::table)
@@ -49,12 +53,17 @@ impl Db {
                         api_keys::owner.eq(&owner),
                         api_keys::key_hash.eq(&hash),
                         api_keys::key_prefix.eq(&prefix),
+                        api_keys::webhook_secret.eq(&whsec),
                     ))
                     .returning(ApiKey::as_returning())
                     .get_result(&mut **conn)?)
             })
             .await?;
-        Ok(CreatedKey { key, secret })
+        Ok(CreatedKey {
+            key,
+            secret,
+            webhook_secret,
+        })
     }
 
     pub async fn list_keys(&self) -> Result<Vec<ApiKey>, DbError> {

@@ -15,6 +15,7 @@ mod schema;
 mod state;
 pub mod status;
 pub mod testing;
+pub mod webhooks;
 
 use diesel::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
@@ -25,6 +26,7 @@ pub use batches::{BatchView, JobSummary, JobView, NewJob};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
 pub use state::{EachResult, Refusal, SweepReport};
+pub use webhooks::NewWebhook;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 

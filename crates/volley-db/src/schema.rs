@@ -10,6 +10,9 @@ diesel::table! {
         created_at -> Timestamptz,
         revoked_at -> Nullable<Timestamptz>,
         admin -> Bool,
+        webhook_secret -> Text,
+        webhook_secret_previous -> Nullable<Text>,
+        webhook_secret_rotated_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -22,6 +25,10 @@ diesel::table! {
         created_at -> Timestamptz,
         published_at -> Nullable<Timestamptz>,
         metadata -> Jsonb,
+        webhook_url -> Nullable<Text>,
+        webhook_types -> Nullable<Array<Text>>,
+        webhook_key_id -> Nullable<Int8>,
+        webhook_pending -> Nullable<Int4>,
     }
 }
 
@@ -55,6 +62,7 @@ diesel::table! {
         operator_retries -> Int4,
         media_keys -> Nullable<Array<Text>>,
         custom_id -> Nullable<Text>,
+        webhook -> Bool,
     }
 }
 
@@ -65,6 +73,39 @@ diesel::table! {
         request_hash -> Bytea,
         batch_id -> Int8,
         created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    webhook_events (id) {
+        id -> Int8,
+        msg_id -> Text,
+        batch_id -> Int8,
+        job_id -> Nullable<Int8>,
+        key_id -> Int8,
+        owner -> Text,
+        #[sql_name = "type"]
+        event_type -> Text,
+        url -> Text,
+        created_at -> Timestamptz,
+        status -> Text,
+        attempts -> Int4,
+        next_attempt_at -> Nullable<Timestamptz>,
+        manual -> Bool,
+        last_attempt_at -> Nullable<Timestamptz>,
+        last_status_code -> Nullable<Int4>,
+        last_error -> Nullable<Text>,
+        last_response -> Nullable<Text>,
+        delivered_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    webhook_endpoints (owner, url) {
+        owner -> Text,
+        url -> Text,
+        paused_at -> Nullable<Timestamptz>,
+        paused_reason -> Nullable<Text>,
     }
 }
 

@@ -449,7 +449,7 @@ async fn idempotency_keys_replay_refuse_and_expire() {
     let create = |key_id: i64, key: &str, body: &'static [u8]| {
         let (db, key) = (db.clone(), key.to_owned());
         async move {
-            db.create_batch_idempotent(key_id, key, body, "o", None, json!({}), jobs(2), 0)
+            db.create_batch_idempotent(key_id, key, body, "o", None, json!({}), jobs(2), 0, None)
                 .await
                 .unwrap()
         }
@@ -595,7 +595,7 @@ async fn finished_jobs_are_read_in_pages_and_custom_ids_kept() {
         j.custom_id = (i != 3).then(|| format!("c{i}"));
     }
     let (b, d) = db
-        .create_batch_with_metadata("o", None, json!({"k": "v"}), new, 0)
+        .create_batch_with("o", None, json!({"k": "v"}), None, new, 0)
         .await
         .unwrap();
     assert_eq!(b.metadata, json!({"k": "v"}));

@@ -68,8 +68,17 @@ fn declared() -> (Tables, Joins) {
     let mut tables = BTreeMap::new();
     let mut joins = BTreeSet::new();
     let mut current: Option<(String, Table)> = None;
+    // `#[sql_name = "type"]` names the next column in the database (a Rust keyword in SQL).
+    let mut sql_name: Option<String> = None;
     for (n, raw) in SCHEMA_RS.lines().enumerate() {
         let line = raw.trim();
+        if let Some(name) = line
+            .strip_prefix("#[sql_name = \"")
+            .and_then(|r| r.strip_suffix("\"]"))
+        {
+            sql_name = Some(name.to_owned());
+            continue;
+        }
         if line.is_empty() || line.starts_with("//") || line.starts_with("#[") {
             continue;
         }
@@ -125,9 +134,8 @@ fn declared() -> (Tables, Joins) {
                         n + 1
                     )
                 });
-                table
-                    .columns
-                    .insert(col.trim().to_owned(), Column { udt, nullable });
+                let col = sql_name.take().unwrap_or_else(|| col.trim().to_owned());
+                table.columns.insert(col, Column { udt, nullable });
             }
         }
     }

@@ -16,3 +16,6 @@ pub use validate::{
     BatchRejection, CUSTOM_ID_RULE, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch,
     ValidItem, is_custom_id, validate_batch,
 };
+pub use validate::{
+    DEFAULT_WEBHOOK_EVENTS, MAX_WEBHOOK_URL_CHARS, ValidWebhook, WEBHOOK_EVENT_TYPES,
+};

@@ -110,6 +110,145 @@ pub struct ValidBatch {
     /// The client's string pairs, kept and returned as given (empty when absent).
     pub metadata: Map<String, Value>,
     pub items: Vec<ValidItem>,
+    /// Where to send the batch's webhook events, if the client asked for them.
+    pub webhook: Option<ValidWebhook>,
+}
+
+/// Webhook event types a batch can subscribe to.
+pub const WEBHOOK_EVENT_TYPES: [&str; 4] = [
+    "batch.completed",
+    "batch.cancelled",
+    "job.completed",
+    "job.failed",
+];
+
+/// The types a webhook gets when `events` is left out.
+pub const DEFAULT_WEBHOOK_EVENTS: [&str; 2] = ["batch.completed", "batch.cancelled"];
+
+/// The longest webhook URL accepted.
+pub const MAX_WEBHOOK_URL_CHARS: usize = 2048;
+
+/// A batch's `webhook`, checked for shape here; whether the URL may be reached is the
+/// operator's policy, which the gateway applies (`volley_egress::WebhookPolicy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidWebhook {
+    pub url: String,
+    /// Distinct, in the order of [`WEBHOOK_EVENT_TYPES`].
+    pub events: Vec<String>,
+}
+
+/// Checks the optional `webhook` field: `{"url": "https://...", "events": [...]}`.
+fn check_webhook(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<ValidWebhook> {
+    let mut err = |field: &str, message: String| {
+        errors.push(FieldError {
+            index: None,
+            field: field.to_owned(),
+            message,
+        })
+    };
+    let obj = match value {
+        None | Some(Value::Null) => return None,
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            err(
+                "webhook",
+                "must be an object with `url` and optional `events`".into(),
+            );
+            return None;
+        }
+    };
+    let mut ok = true;
+    for k in obj.keys() {
+        if k != "url" && k != "events" {
+            err(
+                "webhook",
+                format!(
+                    "unknown field {:?}; allowed: url, events",
+                    k.chars().take(64).collect::<String>()
+                ),
+            );
+            ok = false;
+        }
+    }
+    let url = match obj.get("url") {
+        None | Some(Value::Null) => {
+            err("webhook.url", "required".into());
+            None
+        }
+        Some(Value::String(u)) if u.chars().count() > MAX_WEBHOOK_URL_CHARS => {
+            err(
+                "webhook.url",
+                format!("at most {MAX_WEBHOOK_URL_CHARS} characters"),
+            );
+            None
+        }
+        Some(Value::String(u))
+            if !(u.starts_with("https://") || u.starts_with("http://"))
+                || u.chars().any(|c| c.is_control() || c.is_whitespace()) =>
+        {
+            err(
+                "webhook.url",
+                "must be an absolute https URL without spaces or control characters".into(),
+            );
+            None
+        }
+        Some(Value::String(u)) => Some(u.clone()),
+        Some(_) => {
+            err("webhook.url", "must be a string".into());
+            None
+        }
+    };
+    let events = match obj.get("events") {
+        None | Some(Value::Null) => Some(
+            DEFAULT_WEBHOOK_EVENTS
+                .iter()
+                .map(|e| (*e).to_owned())
+                .collect(),
+        ),
+        Some(Value::Array(items)) if items.is_empty() => {
+            err("webhook.events", "must name at least one event type".into());
+            None
+        }
+        Some(Value::Array(items)) if items.len() > WEBHOOK_EVENT_TYPES.len() * 4 => {
+            err("webhook.events", "too many entries".into());
+            None
+        }
+        Some(Value::Array(items)) => {
+            let mut wanted = [false; WEBHOOK_EVENT_TYPES.len()];
+            let mut good = true;
+            for (i, item) in items.iter().enumerate() {
+                match item
+                    .as_str()
+                    .and_then(|t| WEBHOOK_EVENT_TYPES.iter().position(|k| *k == t))
+                {
+                    Some(p) => wanted[p] = true,
+                    None => {
+                        err(
+                            &format!("webhook.events[{i}]"),
+                            format!("must be one of {}", WEBHOOK_EVENT_TYPES.join(", ")),
+                        );
+                        good = false;
+                    }
+                }
+            }
+            good.then(|| {
+                WEBHOOK_EVENT_TYPES
+                    .iter()
+                    .zip(wanted)
+                    .filter(|(_, w)| *w)
+                    .map(|(t, _)| (*t).to_owned())
+                    .collect()
+            })
+        }
+        Some(_) => {
+            err("webhook.events", "must be an array of event types".into());
+            None
+        }
+    };
+    match (ok, url, events) {
+        (true, Some(url), Some(events)) => Some(ValidWebhook { url, events }),
+        _ => None,
+    }
 }
 
 /// Whether `s` is a valid `custom_id`: 1-64 characters of `A-Z a-z 0-9 _ . : -`. The same
@@ -184,6 +323,7 @@ pub fn validate_batch(
     };
 
     let metadata = metadata(obj.get("metadata"), limits, &mut errors);
+    let webhook = check_webhook(obj.get("webhook"), &mut errors);
 
     let mut items = Vec::with_capacity(requests.len());
     // Where each custom_id was first seen, to name both items of a duplicate.
@@ -215,6 +355,7 @@ pub fn validate_batch(
             label,
             metadata,
             items,
+            webhook,
         })
     } else {
         Err(BatchRejection::Invalid(errors))
@@ -639,6 +780,70 @@ mod tests {
             {"endpoint": "/v1/music/generations", "body": {"model": "tune", "prompt": "jazz"}},
             {"endpoint": "/v1/audio/speech", "body": {"model": "say", "input": "hello", "voice": "alloy", "speed": 1.5}},
         ]})
+    }
+
+    fn with_webhook(w: Value) -> Value {
+        let mut v = all_kinds();
+        v["webhook"] = w;
+        v
+    }
+
+    #[test]
+    fn webhook_is_checked_with_the_batch() {
+        let ok = check(with_webhook(json!({"url": "https://h.example/x"}))).unwrap();
+        let w = ok.webhook.unwrap();
+        assert_eq!(w.url, "https://h.example/x");
+        assert_eq!(w.events, ["batch.completed", "batch.cancelled"]);
+        let ok = check(with_webhook(json!({"url": "https://h.example/x",
+            "events": ["job.failed", "batch.completed", "job.failed"]})))
+        .unwrap();
+        assert_eq!(
+            ok.webhook.unwrap().events,
+            ["batch.completed", "job.failed"]
+        );
+        assert_eq!(check(all_kinds()).unwrap().webhook, None);
+        for (w, want) in [
+            (json!("https://h.example/x"), vec!["webhook"]),
+            (json!({}), vec!["webhook.url"]),
+            (json!({"url": 7}), vec!["webhook.url"]),
+            (json!({"url": "h.example/x"}), vec!["webhook.url"]),
+            (json!({"url": "javascript:alert(1)"}), vec!["webhook.url"]),
+            (json!({"url": "https://h.example/a b"}), vec!["webhook.url"]),
+            (
+                json!({"url": "https://h.example/\u{0000}"}),
+                vec!["webhook.url"],
+            ),
+            (
+                json!({"url": format!("https://h.example/{}", "a".repeat(3000))}),
+                vec!["webhook.url"],
+            ),
+            (
+                json!({"url": "https://h.example/", "events": []}),
+                vec!["webhook.events"],
+            ),
+            (
+                json!({"url": "https://h.example/", "events": "job.failed"}),
+                vec!["webhook.events"],
+            ),
+            (
+                json!({"url": "https://h.example/", "events": ["job.done", 3]}),
+                vec!["webhook.events[0]", "webhook.events[1]"],
+            ),
+            (
+                json!({"url": "https://h.example/", "events": vec!["job.failed"; 100]}),
+                vec!["webhook.events"],
+            ),
+            (
+                json!({"url": "https://h.example/", "secret": "x"}),
+                vec!["webhook"],
+            ),
+        ] {
+            assert_eq!(fields(check(with_webhook(w.clone()))), want, "{w}");
+        }
+        // A bad webhook is reported with every bad item, not instead of them.
+        let mut v = with_webhook(json!({"url": 1}));
+        v["requests"][0]["endpoint"] = json!("/v1/nope");
+        assert_eq!(fields(check(v)), ["webhook.url", "requests[0].endpoint"]);
     }
 
     #[test]

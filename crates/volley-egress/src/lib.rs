@@ -175,6 +175,10 @@ pub enum Refused {
     OffOrigin(String),
     #[error("more than {MAX_REDIRECTS} redirects")]
     TooManyRedirects,
+    #[error("port {0} is not allowed for webhooks")]
+    Port(u16),
+    #[error("plain http is allowed only to hosts the operator allows; use https")]
+    PlainHttp,
 }
 
 fn describe_address(host: &str, addr: &IpAddr, class: &str) -> String {
@@ -334,6 +338,81 @@ impl Policy {
                     Err(e) => attempt.error(e),
                 }
             }))
+            .build()
+    }
+}
+
+/// Where webhook deliveries may go. A tenant names the URL, so it is untrusted like a
+/// provider's link: `https` only (plain `http` only to `http_hosts`), no user info, a port
+/// from `ports` (any port for an `http_hosts` entry without one), and the same address
+/// checks as media fetches, made by the client's resolver on the addresses it then connects
+/// to. Redirects are never followed: a receiver that answers 3xx has not taken the event.
+#[derive(Debug, Clone)]
+pub struct WebhookPolicy {
+    addresses: Policy,
+    http_hosts: Arc<[HostPattern]>,
+    ports: Arc<[u16]>,
+}
+
+impl WebhookPolicy {
+    pub fn new(
+        allow_private_network: bool,
+        http_hosts: &[String],
+        ports: &[u16],
+    ) -> Result<WebhookPolicy, String> {
+        let http_hosts = http_hosts
+            .iter()
+            .map(|h| HostPattern::parse(h))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(WebhookPolicy {
+            addresses: Policy::new(allow_private_network, &[])?,
+            http_hosts: http_hosts.into(),
+            ports: ports.into(),
+        })
+    }
+
+    /// Everything that can be checked before connecting (a literal address included); a
+    /// name's addresses are checked by [`WebhookPolicy::client`]'s resolver.
+    pub fn check_url(&self, url: &Url) -> Result<(), Refused> {
+        let scheme = url.scheme();
+        if !matches!(scheme, "http" | "https") {
+            return Err(Refused::Scheme(scheme.chars().take(20).collect()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(Refused::Userinfo);
+        }
+        let host = url.host_str().ok_or(Refused::Invalid)?.to_ascii_lowercase();
+        let port = url.port_or_known_default().ok_or(Refused::Invalid)?;
+        let operator_host = self.http_hosts.iter().any(|p| p.matches(&host, Some(port)));
+        if scheme == "http" && !operator_host {
+            return Err(Refused::PlainHttp);
+        }
+        if !operator_host && !self.ports.contains(&port) {
+            return Err(Refused::Port(port));
+        }
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => self.addresses.check_addr(&host, IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.addresses.check_addr(&host, IpAddr::V6(ip)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Parses and checks a tenant's webhook URL.
+    pub fn parse_url(&self, link: &str) -> Result<Url, Refused> {
+        let url = Url::parse(link).map_err(|_| Refused::Invalid)?;
+        self.check_url(&url)?;
+        Ok(url)
+    }
+
+    /// A client that connects only to checked addresses (resolved once, by its resolver),
+    /// follows no redirect and ignores proxy variables.
+    pub fn client(&self, builder: reqwest::ClientBuilder) -> reqwest::Result<reqwest::Client> {
+        builder
+            .no_proxy()
+            .dns_resolver(Arc::new(Guarded {
+                policy: self.addresses.clone(),
+            }))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
     }
 }
@@ -729,6 +808,104 @@ mod tests {
         for t in [t1, t2, t3] {
             t.abort();
         }
+    }
+
+    #[test]
+    fn webhook_urls_refused_before_connecting() {
+        let strict = WebhookPolicy::new(false, &[], &[443]).unwrap();
+        let refused = |p: &WebhookPolicy, u: &str| p.parse_url(u).unwrap_err();
+        assert!(strict.parse_url("https://hooks.example.com/volley").is_ok());
+        assert_eq!(
+            refused(&strict, "http://hooks.example.com/"),
+            Refused::PlainHttp
+        );
+        assert_eq!(
+            refused(&strict, "https://hooks.example.com:8443/"),
+            Refused::Port(8443)
+        );
+        assert_eq!(
+            refused(&strict, "https://hooks.example.com:22/"),
+            Refused::Port(22)
+        );
+        assert_eq!(
+            refused(&strict, "https://u:p@hooks.example.com/"),
+            Refused::Userinfo
+        );
+        assert!(matches!(
+            refused(&strict, "ftp://hooks.example.com/"),
+            Refused::Scheme(_)
+        ));
+        assert_eq!(refused(&strict, "/relative"), Refused::Invalid);
+        assert_eq!(refused(&strict, "not a url"), Refused::Invalid);
+        for (url, class) in [
+            ("https://127.0.0.1/", "loopback"),
+            ("https://[::1]/", "loopback"),
+            ("https://10.1.2.3/", "private"),
+            ("https://192.168.0.10/", "private"),
+            ("https://172.16.5.4/", "private"),
+            ("https://169.254.1.1/", "link-local"),
+            (
+                "https://169.254.169.254/latest/meta-data/",
+                "cloud metadata",
+            ),
+            ("https://[fd00:ec2::254]/", "cloud metadata"),
+            ("https://224.0.0.1/", "multicast"),
+            ("https://[ff02::1]/", "multicast"),
+            ("https://0.0.0.0/", "unspecified"),
+            ("https://100.64.0.1/", "shared (CGNAT)"),
+        ] {
+            match refused(&strict, url) {
+                Refused::Address { class: c, .. } => assert_eq!(c, class, "{url}"),
+                other => panic!("{url}: {other}"),
+            }
+        }
+        // The operator's allowances: plain http (any port) to listed hosts, more ports, and
+        // the private network; link-local and metadata stay refused whatever they say.
+        let dev = WebhookPolicy::new(true, &["127.0.0.1".into()], &[443, 8443]).unwrap();
+        assert!(dev.parse_url("http://127.0.0.1:4567/hook").is_ok());
+        assert!(dev.parse_url("https://hooks.example.com:8443/").is_ok());
+        assert_eq!(refused(&dev, "http://localhost:4567/"), Refused::PlainHttp);
+        assert!(dev.parse_url("https://10.0.0.5/").is_ok());
+        assert!(matches!(
+            refused(&dev, "https://169.254.169.254/"),
+            Refused::Address { .. }
+        ));
+        // A listed host with a port allows that port only.
+        let one = WebhookPolicy::new(true, &["127.0.0.1:9000".into()], &[443]).unwrap();
+        assert!(one.parse_url("http://127.0.0.1:9000/").is_ok());
+        assert_eq!(refused(&one, "http://127.0.0.1:9001/"), Refused::PlainHttp);
+        assert!(WebhookPolicy::new(false, &["a/b".into()], &[443]).is_err());
+    }
+
+    #[tokio::test]
+    async fn webhook_client_checks_resolved_addresses_and_follows_no_redirect() {
+        let (port, hits, task) =
+            server("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".into()).await;
+        // `localhost` passes the URL check (a name, plain http allowed for it) but resolves
+        // to loopback, which this policy refuses: nothing is sent.
+        let closed = WebhookPolicy::new(false, &["localhost".into()], &[443]).unwrap();
+        let url = format!("http://localhost:{port}/hook");
+        assert!(closed.parse_url(&url).is_ok());
+        let c = closed.client(reqwest::Client::builder()).unwrap();
+        let e = c.post(&url).send().await.unwrap_err();
+        let r = refusal(&e).expect("a refusal in the error chain");
+        assert!(r.to_string().contains("loopback"), "{r}");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let (front, _, t2) = server(format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:{port}/\r\ncontent-length: 0\r\n\r\n"
+        ))
+        .await;
+        let open = WebhookPolicy::new(true, &["127.0.0.1".into()], &[443]).unwrap();
+        let c = open.client(reqwest::Client::builder()).unwrap();
+        let r = c
+            .post(format!("http://127.0.0.1:{front}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 307);
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+        task.abort();
+        t2.abort();
     }
 
     #[tokio::test]
