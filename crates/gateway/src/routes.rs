@@ -162,9 +162,9 @@ async fn create_batch(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let (key_id, owner) = state
+    let who = state
         .db
-        .authenticate_key(bearer(&req)?)
+        .authenticate_submitter(bearer(&req)?)
         .await?
         .ok_or(UNKNOWN_KEY)?;
     let idempotency_key = idempotency_key(&req)?;
@@ -202,15 +202,14 @@ async fn create_batch(
         .collect();
     let grace = state.settings.state.dispatch_grace_ms;
     let (view, dispatch) = match idempotency_key {
-        None => {
-            state
-                .db
-                .create_batch(&owner, batch.label, jobs, grace)
-                .await?
-        }
+        None => state
+            .db
+            .submit_batch(&who, batch.label, batch.priority, jobs, grace)
+            .await?
+            .map_err(over_quota)?,
         Some(k) => match state
             .db
-            .create_batch_idempotent(key_id, k, &body, &owner, batch.label, jobs, grace)
+            .create_batch_idempotent(&who, k, &body, batch.label, batch.priority, jobs, grace)
             .await?
         {
             Idempotent::Created(view, dispatch) => (view, dispatch),
@@ -221,6 +220,7 @@ async fn create_batch(
             }
             Idempotent::Mismatch => return Err(ApiError::IdempotencyMismatch),
             Idempotent::InFlight => return Err(ApiError::IdempotencyInFlight),
+            Idempotent::OverQuota(over) => return Err(over_quota(over)),
         },
     };
     tracing::info!(batch.id = view.id, jobs = dispatch.len(), "batch accepted");
@@ -245,6 +245,32 @@ async fn create_batch(
         Err(_) => publish.await,
     }
     Ok(HttpResponse::Accepted().json(views::batch(&view)))
+}
+
+/// The 429 for a batch over a quota of its key.
+fn over_quota(o: volley_db::OverQuota) -> ApiError {
+    let (what, unit) = match o.kind {
+        volley_db::QuotaKind::ActiveJobs => ("jobs queued or running at once", "active"),
+        volley_db::QuotaKind::JobsPerMinute => {
+            ("jobs submitted per minute", "submitted in the last minute")
+        }
+    };
+    let message = if o.never_fits() {
+        format!(
+            "this API key allows {} {what}; a batch of {} jobs can never fit: split it",
+            o.limit, o.requested
+        )
+    } else {
+        format!(
+            "this API key allows {} {what} ({} {unit}); a batch of {} jobs would pass it: \
+             retry later, nothing was created",
+            o.limit, o.used, o.requested
+        )
+    };
+    ApiError::OverQuota {
+        message,
+        retry_after_secs: o.retry_after_secs,
+    }
 }
 
 /// Publishes a batch's job messages and records which the broker confirmed.

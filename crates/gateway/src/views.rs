@@ -18,6 +18,7 @@ pub fn batch(b: &BatchView) -> Value {
         "failed": c.failed,
         "cancelled": c.cancelled,
         "created": b.created_at.timestamp(),
+        "priority": b.priority.as_str(),
     })
 }
 

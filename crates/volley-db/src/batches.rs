@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt};
 use serde_json::Value;
-use volley_domain::{BatchCounts, JobStatus};
+use volley_domain::{BatchCounts, JobStatus, Priority};
 
+use crate::quotas::{Admitted, OverQuota, Submitter, admit};
 use crate::schema::{api_keys, batches, jobs};
 use crate::usage::BatchUsage;
 use crate::{Db, DbError};
@@ -56,6 +57,7 @@ pub struct BatchView {
     pub total: i64,
     pub created_at: DateTime<Utc>,
     pub counts: BatchCounts,
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, Queryable)]
@@ -96,6 +98,7 @@ pub(crate) struct BatchRow {
     label: Option<String>,
     total: i32,
     created_at: DateTime<Utc>,
+    priority: i16,
 }
 
 type PgConn = diesel::PgConnection;
@@ -107,6 +110,7 @@ type KeyedJob = (
     Option<String>,
     Option<i32>,
     Option<DateTime<Utc>>,
+    Option<i16>,
     Option<i64>,
     Option<String>,
     Option<String>,
@@ -145,6 +149,7 @@ pub(crate) fn batch_views(
             total: i64::from(r.total),
             created_at: r.created_at,
             counts: counts.remove(&r.id).unwrap_or_default(),
+            priority: Priority::from_rank(r.priority),
         })
         .collect())
 }
@@ -156,6 +161,8 @@ pub(crate) fn insert_batch(
     label: Option<String>,
     new_jobs: &[NewJob],
     dispatch_grace_ms: u64,
+    admitted: Admitted,
+    priority: Priority,
 ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
     let total = new_jobs.len() as i32;
     let row: BatchRow = diesel::insert_into(batches::table)
@@ -163,6 +170,8 @@ pub(crate) fn insert_batch(
             batches::owner.eq(owner),
             batches::label.eq(&label),
             batches::total.eq(total),
+            batches::api_key_id.eq(admitted.api_key_id),
+            batches::priority.eq(priority.rank()),
         ))
         .returning(BATCH_COLUMNS)
         .get_result(conn)?;
@@ -181,6 +190,8 @@ pub(crate) fn insert_batch(
                 // Out of the outbox from the start: the batch's `published_at`
                 // stands for the confirms, so they cost no update per job.
                 jobs::dispatched_at.eq(Some(row.created_at)),
+                jobs::quota_key_id.eq(admitted.quota_key_id),
+                jobs::priority.eq(priority.rank()),
             )
         })
         .collect();
@@ -197,6 +208,7 @@ pub(crate) fn insert_batch(
             total: i64::from(total),
             created_at: row.created_at,
             counts,
+            priority: Priority::from_rank(row.priority),
         },
         dispatch,
     ))
@@ -207,11 +219,13 @@ const BATCH_COLUMNS: (
     batches::label,
     batches::total,
     batches::created_at,
+    batches::priority,
 ) = (
     batches::id,
     batches::label,
     batches::total,
     batches::created_at,
+    batches::priority,
 );
 
 impl Db {
@@ -227,7 +241,49 @@ impl Db {
     ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
-            conn.transaction(|conn| insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms))
+            conn.transaction(|conn| {
+                insert_batch(
+                    conn,
+                    &owner,
+                    label,
+                    &new_jobs,
+                    dispatch_grace_ms,
+                    Admitted::default(),
+                    Priority::Normal,
+                )
+            })
+        })
+        .await
+    }
+
+    /// [`Db::create_batch`] for an API key: the key's quotas are checked in the same
+    /// transaction (see `quotas.rs`), and a batch over one is refused with nothing written.
+    pub async fn submit_batch(
+        &self,
+        who: &Submitter,
+        label: Option<String>,
+        priority: Priority,
+        new_jobs: Vec<NewJob>,
+        dispatch_grace_ms: u64,
+    ) -> Result<Result<(BatchView, Vec<JobDispatch>), OverQuota>, DbError> {
+        let who = who.clone();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let admitted = match admit(conn, &who, new_jobs.len() as i64)? {
+                    Ok(a) => a,
+                    Err(over) => return Ok(Err(over)),
+                };
+                insert_batch(
+                    conn,
+                    &who.owner,
+                    label,
+                    &new_jobs,
+                    dispatch_grace_ms,
+                    admitted,
+                    priority,
+                )
+                .map(Ok)
+            })
         })
         .await
     }
@@ -326,6 +382,7 @@ impl Db {
                     batches::label.nullable(),
                     batches::total.nullable(),
                     batches::created_at.nullable(),
+                    batches::priority.nullable(),
                     jobs::id.nullable(),
                     jobs::status.nullable(),
                     jobs::inference_type.nullable(),
@@ -334,7 +391,7 @@ impl Db {
                     jobs::total_tokens.nullable(),
                 ))
                 .load(&mut **conn)?;
-            let Some(&(batch_id, ref label, total, created_at, ..)) = rows.first() else {
+            let Some(&(batch_id, ref label, total, created_at, priority, ..)) = rows.first() else {
                 return Ok(None);
             };
             let (Some(id), Some(total), Some(created_at)) = (batch_id, total, created_at) else {
@@ -368,6 +425,7 @@ impl Db {
                 total: i64::from(total),
                 created_at,
                 counts,
+                priority: Priority::from_rank(priority.unwrap_or(0)),
             };
             Ok(Some(Some((view, summaries, usage))))
         })
@@ -491,6 +549,7 @@ fn batch_with_jobs(
             total: i64::from(row.total),
             created_at: row.created_at,
             counts,
+            priority: Priority::from_rank(row.priority),
         },
         summaries,
     )))

@@ -8,6 +8,7 @@ mod idempotency;
 mod keys;
 pub mod listing;
 pub mod ops;
+mod quotas;
 mod schema;
 mod state;
 pub mod status;
@@ -22,6 +23,7 @@ use r2d2::ManageConnection;
 pub use batches::{BatchView, JobDispatch, JobSummary, JobView, NewJob};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
+pub use quotas::{ACTIVE_RETRY_AFTER_SECS, OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
 pub use state::{Claim, EachResult, Event, Outcome, Refusal, SweepReport, Usage};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");

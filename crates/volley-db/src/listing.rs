@@ -46,6 +46,7 @@ impl Db {
                     batches::label,
                     batches::total,
                     batches::created_at,
+                    batches::priority,
                 ))
                 .into_boxed();
             if let Some(before) = before {

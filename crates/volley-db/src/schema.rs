@@ -10,6 +10,8 @@ diesel::table! {
         created_at -> Timestamptz,
         revoked_at -> Nullable<Timestamptz>,
         admin -> Bool,
+        max_active_jobs -> Nullable<Int4>,
+        max_jobs_per_minute -> Nullable<Int4>,
     }
 }
 
@@ -21,6 +23,8 @@ diesel::table! {
         total -> Int4,
         created_at -> Timestamptz,
         published_at -> Nullable<Timestamptz>,
+        api_key_id -> Nullable<Int8>,
+        priority -> Int2,
     }
 }
 
@@ -53,6 +57,8 @@ diesel::table! {
         attempt_base -> Int4,
         operator_retries -> Int4,
         media_keys -> Nullable<Array<Text>>,
+        quota_key_id -> Nullable<Int8>,
+        priority -> Int2,
     }
 }
 

@@ -448,7 +448,12 @@ async fn idempotency_keys_replay_refuse_and_expire() {
     let create = |key_id: i64, key: &str, body: &'static [u8]| {
         let (db, key) = (db.clone(), key.to_owned());
         async move {
-            db.create_batch_idempotent(key_id, key, body, "o", None, jobs(2), 0)
+            let who = volley_db::Submitter {
+                key_id,
+                owner: "o".into(),
+                quotas: volley_db::Quotas::default(),
+            };
+            db.create_batch_idempotent(&who, key, body, None, Default::default(), jobs(2), 0)
                 .await
                 .unwrap()
         }

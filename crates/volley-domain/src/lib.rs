@@ -9,7 +9,7 @@ mod types;
 pub mod validate;
 
 pub use state::{BatchCounts, BatchStatus, JobStatus, Transition};
-pub use types::{Endpoint, InferenceType, ParseError};
+pub use types::{Endpoint, InferenceType, ParseError, Priority};
 pub use validate::{
     BatchRejection, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch, ValidItem,
     validate_batch,

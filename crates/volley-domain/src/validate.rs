@@ -97,6 +97,8 @@ pub struct ValidItem {
 pub struct ValidBatch {
     pub label: Option<String>,
     pub items: Vec<ValidItem>,
+    /// `priority`: `low`, `normal` (when absent) or `high`.
+    pub priority: crate::Priority,
 }
 
 /// Validates a whole batch request body.
@@ -160,6 +162,26 @@ pub fn validate_batch(
         }
     };
 
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => crate::Priority::default(),
+        Some(Value::String(s)) => s.parse().unwrap_or_else(|_| {
+            errors.push(FieldError {
+                index: None,
+                field: "priority".into(),
+                message: "must be one of low, normal, high".into(),
+            });
+            crate::Priority::default()
+        }),
+        Some(_) => {
+            errors.push(FieldError {
+                index: None,
+                field: "priority".into(),
+                message: "must be a string: low, normal or high".into(),
+            });
+            crate::Priority::default()
+        }
+    };
+
     let mut items = Vec::with_capacity(requests.len());
     for (i, item) in requests.iter().enumerate() {
         let mut c = Checker {
@@ -172,7 +194,11 @@ pub fn validate_batch(
         }
     }
     if errors.is_empty() {
-        Ok(ValidBatch { label, items })
+        Ok(ValidBatch {
+            label,
+            items,
+            priority,
+        })
     } else {
         Err(BatchRejection::Invalid(errors))
     }
@@ -641,5 +667,43 @@ mod tests {
         ] {
             assert!(check(v).is_err());
         }
+    }
+
+    #[test]
+    fn priority_is_optional_and_closed() {
+        let one = |p: Value| {
+            json!({"priority": p, "requests": [
+                {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x"}}
+            ]})
+        };
+        assert_eq!(
+            check(all_kinds()).unwrap().priority,
+            crate::Priority::Normal
+        );
+        assert_eq!(
+            check(one(Value::Null)).unwrap().priority,
+            crate::Priority::Normal
+        );
+        for p in crate::Priority::ALL {
+            assert_eq!(check(one(json!(p.as_str()))).unwrap().priority, p);
+        }
+        for bad in [
+            json!("HIGH"),
+            json!("urgent"),
+            json!(""),
+            json!("high\u{0}"),
+            json!("x".repeat(100_000)),
+            json!(1),
+            json!(true),
+            json!(["high"]),
+            json!({"level": "high"}),
+        ] {
+            assert_eq!(fields(check(one(bad.clone()))), ["priority"], "{bad}");
+        }
+        // Reported with the items' errors, not instead of them.
+        let f = fields(check(
+            json!({"priority": 3, "requests": [{"endpoint": "/v1/nope", "body": {}}]}),
+        ));
+        assert!(f.contains(&"priority".to_owned()) && f.len() >= 2, "{f:?}");
     }
 }
