@@ -173,6 +173,8 @@ struct Ledger {
     /// Submissions whose answer never came or was a 5xx (the batch may or may not exist).
     uncertain: usize,
     cancels: Vec<Cancelled>,
+    /// Accepted batch → the tenant (index into the clients) that submitted it.
+    tenant_of: HashMap<i64, usize>,
 }
 
 const SERVICES: [&str; 8] = [
@@ -612,7 +614,9 @@ fn db_counts(by: &HashMap<String, i64>) -> Value {
 
 /// Submits `plan.batches` batches at a steady pace, cancelling some batches and jobs along
 /// the way. Failed submissions (a service is down) are simply not accepted; the load goes on.
-async fn load(plan: Plan, client: Arc<Client>, ledger: Arc<Mutex<Ledger>>, seed: u64) {
+/// Batches go to the tenants in turn, so that several owners share every modality while the
+/// fair dispatcher runs through the faults.
+async fn load(plan: Plan, clients: Vec<Arc<Client>>, ledger: Arc<Mutex<Ledger>>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cancels = Vec::new();
     let mut seq = 0usize;
@@ -623,6 +627,8 @@ async fn load(plan: Plan, client: Arc<Client>, ledger: Arc<Mutex<Ledger>>, seed:
             break;
         }
         seq += 1;
+        let tenant = seq % clients.len();
+        let client = clients[tenant].clone();
         let n = rng.random_range(plan.jobs.0..=plan.jobs.1);
         let mut items = Vec::with_capacity(n);
         let mut kinds = Vec::with_capacity(n);
@@ -639,6 +645,7 @@ async fn load(plan: Plan, client: Arc<Client>, ledger: Arc<Mutex<Ledger>>, seed:
                 let id = b["id"].as_str().and_then(|s| s.parse::<i64>().ok());
                 if let (Some(id), Ok(mut l)) = (id, ledger.lock()) {
                     l.accepted.insert(id, n);
+                    l.tenant_of.insert(id, tenant);
                     l.kinds.extend(kinds);
                     let roll: u32 = rng.random_range(0..100);
                     let wait = Duration::from_millis(rng.random_range(300..4_000));
@@ -919,18 +926,24 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
 
     let migrate = run_command(w.services.batchctl(&["migrate"]), Duration::from_secs(120)).await?;
     say(migrate.trim());
-    let key_out = run_command(
-        w.services.batchctl(&["keys", "create", "--name", "chaos"]),
-        Duration::from_secs(60),
-    )
-    .await?;
-    let key = key_out
-        .lines()
-        .last()
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .context("batchctl printed no key")?
-        .to_owned();
+    // Three tenants (owners), each with a key of its own.
+    let mut keys = Vec::new();
+    for name in ["chaos", "chaos-b", "chaos-c"] {
+        let key_out = run_command(
+            w.services.batchctl(&["keys", "create", "--name", name]),
+            Duration::from_secs(60),
+        )
+        .await?;
+        keys.push(
+            key_out
+                .lines()
+                .last()
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .context("batchctl printed no key")?
+                .to_owned(),
+        );
+    }
     for name in SERVICES {
         w.services.start(name)?;
     }
@@ -953,22 +966,29 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         .await?;
     broker.close().await;
 
-    let client = Arc::new(Client {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(3))
-            .build()?,
-        url: w
-            .services
-            .ready_url("gateway")?
-            .trim_end_matches("/readyz")
-            .to_owned(),
-        key,
-    });
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(3))
+        .build()?;
+    let url = w
+        .services
+        .ready_url("gateway")?
+        .trim_end_matches("/readyz")
+        .to_owned();
+    let clients: Vec<Arc<Client>> = keys
+        .into_iter()
+        .map(|key| {
+            Arc::new(Client {
+                http: http.clone(),
+                url: url.clone(),
+                key,
+            })
+        })
+        .collect();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let loader = tokio::spawn(load(
         plan.clone(),
-        client.clone(),
+        clients.clone(),
         ledger.clone(),
         plan.seed,
     ));
@@ -1041,7 +1061,7 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         .ok()
         .and_then(|m| m.into_inner().ok())
         .context("the load still holds its ledger")?;
-    check(&db, &client, &ledger, &mut summary).await?;
+    check(&db, &clients, &ledger, &mut summary).await?;
     check_dead_letters(w, &mut summary).await;
 
     // Graceful shutdown of every service: SIGTERM, exit 0 within the grace period.
@@ -1062,7 +1082,14 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> anyhow::Result<()> {
+async fn check(
+    db: &Db,
+    clients: &[Arc<Client>],
+    ledger: &Ledger,
+    s: &mut Summary,
+) -> anyhow::Result<()> {
+    // Each batch is read and cancelled as the tenant that submitted it.
+    let client_of = |id: i64| &clients[ledger.tenant_of.get(&id).copied().unwrap_or(0)];
     let jobs = db.audit_jobs().await?;
     let batches = db.audit_batches().await?;
     let by_batch: HashMap<i64, &volley_db::ops::BatchAudit> =
@@ -1196,7 +1223,10 @@ async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> an
                         ));
                     }
                 }
-                match client.post(&format!("/v1/batches/{id}/cancel"), None).await {
+                match client_of(*id)
+                    .post(&format!("/v1/batches/{id}/cancel"), None)
+                    .await
+                {
                     Ok((200, again)) if &counts(&again) == then => {}
                     other => {
                         problems.push(format!("batch {id}: a second cancel answered {other:?}"))
@@ -1219,7 +1249,7 @@ async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> an
     // The API agrees with the rows: every accepted batch DONE, counts equal to job states.
     for &id in ledger.accepted.keys() {
         let Some(b) = by_batch.get(&id) else { continue };
-        match client.get(&format!("/v1/batches/{id}")).await {
+        match client_of(id).get(&format!("/v1/batches/{id}")).await {
             Ok((200, v)) => {
                 let want = db_counts(&b.by_status);
                 if counts(&v) != want || v["total"] != b.total || v["status"] != "DONE" {
@@ -1236,8 +1266,8 @@ async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> an
     }
     if let Some((&first, _)) = ledger.accepted.iter().next()
         && let (Ok((200, before)), Ok((200, after))) = (
-            client.get(&format!("/v1/batches/{first}")).await,
-            client
+            client_of(first).get(&format!("/v1/batches/{first}")).await,
+            client_of(first)
                 .post(&format!("/v1/batches/{first}/cancel"), None)
                 .await,
         )
