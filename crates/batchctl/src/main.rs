@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use volley_amqp::{Names, connect, declare_topology, queue_depth};
 use volley_config::Settings;
-use volley_db::Db;
+use volley_db::{Db, QuotaChange};
 
 #[derive(Parser)]
 #[command(name = "batchctl", version, about = "Operate a Volley installation")]
@@ -130,6 +130,14 @@ enum KeysCommand {
         /// page), the whole stack's queues and dead letters.
         #[arg(long)]
         admin: bool,
+        #[command(flatten)]
+        quotas: QuotaArgs,
+    },
+    /// Change a key's quotas, by id or name. Batches already accepted are not affected.
+    Update {
+        id_or_name: String,
+        #[command(flatten)]
+        quotas: QuotaArgs,
     },
     /// List keys (never the keys themselves).
     List,
@@ -138,6 +146,47 @@ enum KeysCommand {
     /// Give a key a new webhook signing secret (printed once). Deliveries are signed with the
     /// old one too for `webhooks.secret_grace_secs`, so receivers can switch over.
     RotateWebhookSecret { id_or_name: String },
+}
+
+/// Per-key quotas: a batch that would pass one is refused whole with 429 `rate_limited` and a
+/// `Retry-After`.
+#[derive(Args)]
+struct QuotaArgs {
+    /// At most this many of the key's jobs QUEUED or PROCESSING at once (`none`: no limit).
+    #[arg(long, value_name = "N|none", value_parser = parse_limit)]
+    max_active_jobs: Option<QuotaChange>,
+    /// At most this many jobs submitted by the key in any 60 seconds (`none`: no limit).
+    #[arg(long, value_name = "N|none", value_parser = parse_limit)]
+    max_jobs_per_minute: Option<QuotaChange>,
+}
+
+impl QuotaArgs {
+    fn is_empty(&self) -> bool {
+        self.max_active_jobs.is_none() && self.max_jobs_per_minute.is_none()
+    }
+}
+
+/// The largest limit accepted: the column is a 32-bit integer.
+const MAX_LIMIT: i64 = i32::MAX as i64;
+
+fn parse_limit(s: &str) -> Result<QuotaChange, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(QuotaChange::Unlimited);
+    }
+    let n: i64 = s
+        .parse()
+        .map_err(|_| format!("expected a whole number from 1 to {MAX_LIMIT}, or none"))?;
+    if !(1..=MAX_LIMIT).contains(&n) {
+        return Err(format!("must be from 1 to {MAX_LIMIT}, or none"));
+    }
+    i32::try_from(n)
+        .map(QuotaChange::Max)
+        .map_err(|_| format!("must be from 1 to {MAX_LIMIT}"))
+}
+
+fn show_limit(v: Option<i32>) -> String {
+    v.map_or_else(|| "-".into(), |n| n.to_string())
 }
 
 fn valid_name(s: &str) -> Result<(), String> {
@@ -191,7 +240,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Keys { command } => match command {
-            KeysCommand::Create { name, owner, admin } => {
+            KeysCommand::Create {
+                name,
+                owner,
+                admin,
+                quotas,
+            } => {
                 for (what, v) in [("--name", Some(&name)), ("--owner", owner.as_ref())] {
                     if let Some(v) = v
                         && let Err(e) = valid_name(v)
@@ -203,6 +257,14 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 let k = db.create_key(&name, owner.as_deref()).await?;
                 if admin {
                     db.set_admin(k.key.id, true).await?;
+                }
+                if !quotas.is_empty() {
+                    db.set_quotas(
+                        &k.key.id.to_string(),
+                        quotas.max_active_jobs.unwrap_or(QuotaChange::Keep),
+                        quotas.max_jobs_per_minute.unwrap_or(QuotaChange::Keep),
+                    )
+                    .await?;
                 }
                 println!(
                     "created {}key {} (name {}, owner {}); it is shown only now:",
@@ -217,19 +279,48 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 );
                 println!("{}", k.secret);
             }
+            KeysCommand::Update { id_or_name, quotas } => {
+                if quotas.is_empty() {
+                    eprintln!(
+                        "batchctl: nothing to change: give --max-active-jobs and/or \
+                         --max-jobs-per-minute"
+                    );
+                    return Ok(ExitCode::from(2));
+                }
+                let changed = db
+                    .set_quotas(
+                        &id_or_name,
+                        quotas.max_active_jobs.unwrap_or(QuotaChange::Keep),
+                        quotas.max_jobs_per_minute.unwrap_or(QuotaChange::Keep),
+                    )
+                    .await?;
+                if changed.is_empty() {
+                    eprintln!("batchctl: no key with id or name {id_or_name:?}");
+                    return Ok(ExitCode::from(1));
+                }
+                for (id, q) in changed {
+                    println!(
+                        "key {id}: max active jobs {}, max jobs per minute {}",
+                        show_limit(q.max_active_jobs),
+                        show_limit(q.max_jobs_per_minute)
+                    );
+                }
+            }
             KeysCommand::List => {
                 println!(
-                    "{:<6} {:<24} {:<24} {:<12} {:<6} {:<20} REVOKED",
-                    "ID", "NAME", "OWNER", "PREFIX", "ADMIN", "CREATED"
+                    "{:<6} {:<24} {:<24} {:<12} {:<6} {:>10} {:>10} {:<20} REVOKED",
+                    "ID", "NAME", "OWNER", "PREFIX", "ADMIN", "ACTIVE", "PER MIN", "CREATED"
                 );
                 for k in db.list_keys().await? {
                     println!(
-                        "{:<6} {:<24} {:<24} {:<12} {:<6} {:<20} {}",
+                        "{:<6} {:<24} {:<24} {:<12} {:<6} {:>10} {:>10} {:<20} {}",
                         k.id,
                         k.name,
                         k.owner,
                         k.key_prefix,
                         if k.admin { "yes" } else { "-" },
+                        show_limit(k.max_active_jobs),
+                        show_limit(k.max_jobs_per_minute),
                         k.created_at.format("%Y-%m-%d %H:%M:%S"),
                         k.revoked_at
                             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())

@@ -398,3 +398,82 @@ async fn admin_keys_are_made_only_when_asked() {
     assert_eq!(admin_of("ops"), "yes", "{o}");
     assert_eq!(admin_of("ci"), "-", "{o}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_quotas_are_set_changed_and_checked() {
+    let (_t, db, ctl, _q) = setup().await;
+    let quotas = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            let k = db
+                .list_keys()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|k| k.name == name)
+                .unwrap();
+            (k.max_active_jobs, k.max_jobs_per_minute)
+        }
+    };
+    ctl.expect(
+        0,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "tenant",
+            "--max-active-jobs",
+            "100",
+            "--max-jobs-per-minute",
+            "2147483647",
+        ],
+    );
+    assert_eq!(quotas("tenant").await, (Some(100), Some(i32::MAX)));
+    ctl.expect(0, &["keys", "create", "--name", "free"]);
+    assert_eq!(quotas("free").await, (None, None));
+
+    let (o, _) = ctl.expect(0, &["keys", "update", "tenant", "--max-active-jobs", "7"]);
+    assert!(o.contains("max active jobs 7"), "{o}");
+    assert_eq!(
+        quotas("tenant").await,
+        (Some(7), Some(i32::MAX)),
+        "the other stays"
+    );
+    ctl.expect(
+        0,
+        &["keys", "update", "tenant", "--max-jobs-per-minute", "none"],
+    );
+    assert_eq!(quotas("tenant").await, (Some(7), None));
+    let (o, _) = ctl.expect(0, &["keys", "list"]);
+    assert!(
+        o.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("tenant") && l.contains(" 7 ")),
+        "{o}"
+    );
+
+    // Hostile values are refused by the parser (exit 2) and change nothing.
+    for bad in [
+        "0",
+        "-1",
+        "2147483648",
+        "99999999999999999999999",
+        "ten",
+        "",
+        "1.5",
+        "0x10",
+        "7\u{7}",
+        "NaN",
+    ] {
+        // `--flag=value`, so that a leading `-` reaches the value parser.
+        let active = format!("--max-active-jobs={bad}");
+        let (_, e) = ctl.expect(2, &["keys", "update", "tenant", &active]);
+        assert!(e.contains("--max-active-jobs"), "{bad:?}: {e}");
+        let per_minute = format!("--max-jobs-per-minute={bad}");
+        ctl.expect(2, &["keys", "create", "--name", "x", &per_minute]);
+    }
+    assert_eq!(quotas("tenant").await, (Some(7), None));
+    assert!(db.list_keys().await.unwrap().iter().all(|k| k.name != "x"));
+    // Nothing to change is bad usage; an unknown key is a failure.
+    ctl.expect(2, &["keys", "update", "tenant"]);
+    ctl.expect(1, &["keys", "update", "nobody", "--max-active-jobs", "3"]);
+}

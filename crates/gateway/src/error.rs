@@ -39,6 +39,13 @@ pub enum ApiError {
         message: &'static str,
         retry_after_secs: u64,
     },
+    /// A batch over one of its key's quotas (jobs active, jobs per minute); nothing was
+    /// created. The same type and status as `RateLimited`, with a message that names the quota.
+    #[error("{message}")]
+    OverQuota {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -64,6 +71,7 @@ impl ApiError {
             ApiError::IdempotencyInFlight => "idempotency_in_flight",
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::OverQuota { .. } => "rate_limited",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -92,6 +100,7 @@ impl ResponseError for ApiError {
             ApiError::IdempotencyInFlight => StatusCode::CONFLICT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::OverQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -114,6 +123,9 @@ impl ResponseError for ApiError {
             resp.insert_header(("WWW-Authenticate", "Bearer"));
         }
         if let ApiError::RateLimited {
+            retry_after_secs, ..
+        }
+        | ApiError::OverQuota {
             retry_after_secs, ..
         } = self
         {

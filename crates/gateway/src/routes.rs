@@ -178,9 +178,9 @@ async fn create_batch(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let (key_id, owner) = state
+    let who = state
         .db
-        .authenticate_key(bearer(&req)?)
+        .authenticate_submitter(bearer(&req)?)
         .await?
         .ok_or(UNKNOWN_KEY)?;
     let idempotency_key = idempotency_key(&req)?;
@@ -206,7 +206,7 @@ async fn create_batch(
             .await
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("parsing off the event loop: {e}")))??
     };
-    let webhook = crate::webhooks::accept(&state, batch.webhook.as_ref(), key_id)?;
+    let webhook = crate::webhooks::accept(&state, batch.webhook.as_ref(), who.key_id)?;
     let jobs: Vec<NewJob> = batch
         .items
         .into_iter()
@@ -221,21 +221,28 @@ async fn create_batch(
     let metadata = Value::Object(batch.metadata);
     let grace = state.settings.state.dispatch_grace_ms;
     let (view, dispatch) = match idempotency_key {
-        None => {
-            state
-                .db
-                .create_batch_with(&owner, batch.label, metadata, webhook, jobs, grace)
-                .await?
-        }
+        None => state
+            .db
+            .submit_batch(
+                &who,
+                batch.label,
+                metadata,
+                webhook,
+                batch.priority,
+                jobs,
+                grace,
+            )
+            .await?
+            .map_err(over_quota)?,
         Some(k) => match state
             .db
             .create_batch_idempotent(
-                key_id,
+                &who,
                 k,
                 &body,
-                &owner,
                 batch.label,
                 metadata,
+                batch.priority,
                 jobs,
                 grace,
                 webhook,
@@ -250,6 +257,7 @@ async fn create_batch(
             }
             Idempotent::Mismatch => return Err(ApiError::IdempotencyMismatch),
             Idempotent::InFlight => return Err(ApiError::IdempotencyInFlight),
+            Idempotent::OverQuota(over) => return Err(over_quota(over)),
         },
     };
     tracing::info!(batch.id = view.id, jobs = dispatch.len(), "batch accepted");
@@ -271,6 +279,32 @@ async fn create_batch(
         Err(_) => publish.await,
     }
     Ok(HttpResponse::Accepted().json(views::batch(&view)))
+}
+
+/// The 429 for a batch over a quota of its key.
+fn over_quota(o: volley_db::OverQuota) -> ApiError {
+    let (what, unit) = match o.kind {
+        volley_db::QuotaKind::ActiveJobs => ("jobs queued or running at once", "active"),
+        volley_db::QuotaKind::JobsPerMinute => {
+            ("jobs submitted per minute", "submitted in the last minute")
+        }
+    };
+    let message = if o.never_fits() {
+        format!(
+            "this API key allows {} {what}; a batch of {} jobs can never fit: split it",
+            o.limit, o.requested
+        )
+    } else {
+        format!(
+            "this API key allows {} {what} ({} {unit}); a batch of {} jobs would pass it: \
+             retry later, nothing was created",
+            o.limit, o.used, o.requested
+        )
+    };
+    ApiError::OverQuota {
+        message,
+        retry_after_secs: o.retry_after_secs,
+    }
 }
 
 /// Publishes a batch's job messages and records which the broker confirmed.

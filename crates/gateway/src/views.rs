@@ -19,6 +19,7 @@ pub fn batch(b: &BatchView) -> Value {
         "cancelled": c.cancelled,
         "created": b.created_at.timestamp(),
         "metadata": b.metadata,
+        "priority": b.priority.as_str(),
     })
 }
 

@@ -7,11 +7,13 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt};
 use serde_json::Value;
 use volley_domain::{
-    BatchCounts, BatchUsage, Dispatch, Endpoint, InferenceType, JobStatus, Transition, Usage,
+    BatchCounts, BatchUsage, Dispatch, Endpoint, InferenceType, JobStatus, Priority, Transition,
+    Usage,
 };
 
 use crate::columns::{DbStatus, Parsed};
 use crate::guard::{Sql, from};
+use crate::quotas::{Admitted, OverQuota, Submitter, admit};
 use crate::schema::{api_keys, batches, jobs};
 use crate::{Db, DbError};
 
@@ -64,6 +66,7 @@ pub struct BatchView {
     pub total: i64,
     pub created_at: DateTime<Utc>,
     pub counts: BatchCounts,
+    pub priority: Priority,
 }
 
 #[derive(Debug, Clone, Queryable)]
@@ -109,6 +112,7 @@ pub(crate) struct BatchRow {
     total: i32,
     created_at: DateTime<Utc>,
     metadata: Value,
+    priority: i16,
 }
 
 type PgConn = diesel::PgConnection;
@@ -121,6 +125,7 @@ type KeyedJob = (
     Option<i32>,
     Option<DateTime<Utc>>,
     Option<bool>,
+    Option<i16>,
     Option<i64>,
     Option<DbStatus>,
     Option<String>,
@@ -158,11 +163,13 @@ pub(crate) fn batch_views(
             total: i64::from(r.total),
             created_at: r.created_at,
             counts: counts.remove(&r.id).unwrap_or_default(),
+            priority: Priority::from_rank(r.priority),
         })
         .collect())
 }
 
 /// Inserts a batch and its jobs; the caller holds the transaction.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn insert_batch(
     conn: &mut PgConn,
     owner: &str,
@@ -171,6 +178,8 @@ pub(crate) fn insert_batch(
     new_jobs: &[NewJob],
     dispatch_grace_ms: u64,
     webhook: Option<&crate::NewWebhook>,
+    admitted: Admitted,
+    priority: Priority,
 ) -> Result<(BatchView, Vec<Dispatch>), DbError> {
     let total = new_jobs.len() as i32;
     let row: BatchRow = diesel::insert_into(batches::table)
@@ -183,6 +192,8 @@ pub(crate) fn insert_batch(
             batches::webhook_types.eq(webhook.map(|w| w.types.clone())),
             batches::webhook_key_id.eq(webhook.map(|w| w.key_id)),
             batches::webhook_pending.eq(webhook.map(|_| total)),
+            batches::api_key_id.eq(admitted.api_key_id),
+            batches::priority.eq(priority.rank()),
         ))
         .returning(BATCH_COLUMNS)
         .get_result(conn)?;
@@ -204,6 +215,8 @@ pub(crate) fn insert_batch(
                 jobs::dispatched_at.eq(Some(row.created_at)),
                 // Lets the webhook trigger skip jobs of batches without one at no cost.
                 jobs::webhook.eq(webhook.is_some()),
+                jobs::quota_key_id.eq(admitted.quota_key_id),
+                jobs::priority.eq(priority.rank()),
             )
         })
         .collect();
@@ -222,6 +235,7 @@ pub(crate) fn insert_batch(
             total: i64::from(total),
             created_at: row.created_at,
             counts,
+            priority: Priority::from_rank(row.priority),
         },
         dispatch,
     ))
@@ -233,12 +247,14 @@ pub(crate) const BATCH_COLUMNS: (
     batches::total,
     batches::created_at,
     batches::metadata,
+    batches::priority,
 ) = (
     batches::id,
     batches::label,
     batches::total,
     batches::created_at,
     batches::metadata,
+    batches::priority,
 );
 
 // Only jobs waiting for a claim have messages to confirm. `status || ''`: by primary key,
@@ -305,7 +321,46 @@ impl Db {
                     &new_jobs,
                     dispatch_grace_ms,
                     webhook.as_ref(),
+                    Admitted::default(),
+                    Priority::Normal,
                 )
+            })
+        })
+        .await
+    }
+
+    /// [`Db::create_batch`] for an API key: the key's quotas are checked in the same
+    /// transaction (see `quotas.rs`), and a batch over one is refused with nothing written.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn submit_batch(
+        &self,
+        who: &Submitter,
+        label: Option<String>,
+        metadata: Value,
+        webhook: Option<crate::NewWebhook>,
+        priority: Priority,
+        new_jobs: Vec<NewJob>,
+        dispatch_grace_ms: u64,
+    ) -> Result<Result<(BatchView, Vec<Dispatch>), OverQuota>, DbError> {
+        let who = who.clone();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let admitted = match admit(conn, &who, new_jobs.len() as i64)? {
+                    Ok(a) => a,
+                    Err(over) => return Ok(Err(over)),
+                };
+                insert_batch(
+                    conn,
+                    &who.owner,
+                    label,
+                    &metadata,
+                    &new_jobs,
+                    dispatch_grace_ms,
+                    webhook.as_ref(),
+                    admitted,
+                    priority,
+                )
+                .map(Ok)
             })
         })
         .await
@@ -404,6 +459,7 @@ impl Db {
                     batches::metadata
                         .nullable()
                         .eq(Value::Object(Default::default())),
+                    batches::priority.nullable(),
                     jobs::id.nullable(),
                     jobs::status.nullable(),
                     jobs::inference_type.nullable(),
@@ -413,7 +469,8 @@ impl Db {
                     jobs::total_tokens.nullable(),
                 ))
                 .load(&mut **conn)?;
-            let Some(&(batch_id, ref label, total, created_at, no_metadata, ..)) = rows.first()
+            let Some(&(batch_id, ref label, total, created_at, no_metadata, priority, ..)) =
+                rows.first()
             else {
                 return Ok(None);
             };
@@ -461,6 +518,7 @@ impl Db {
                 total: i64::from(total),
                 created_at,
                 counts,
+                priority: Priority::from_rank(priority.unwrap_or(0)),
             };
             Ok(Some(Some((view, summaries, usage))))
         })
@@ -595,6 +653,7 @@ fn batch_with_jobs(
             total: i64::from(row.total),
             created_at: row.created_at,
             counts,
+            priority: Priority::from_rank(row.priority),
         },
         summaries,
     )))

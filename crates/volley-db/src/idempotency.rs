@@ -5,9 +5,10 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
 use sha2::{Digest, Sha256};
-use volley_domain::{BatchCounts, Dispatch, JobStatus};
+use volley_domain::{BatchCounts, Dispatch, JobStatus, Priority};
 
 use crate::batches::insert_batch;
+use crate::quotas::{OverQuota, Submitter, admit};
 use crate::schema::{api_keys, batches, idempotency_keys};
 use crate::{BatchView, Db, DbError, NewJob};
 
@@ -26,10 +27,12 @@ pub enum Idempotent {
     Mismatch,
     /// Another request with the same key is being decided right now.
     InFlight,
+    /// A new batch that a quota of the key refused; nothing was written.
+    OverQuota(OverQuota),
 }
 
-/// An earlier use of the key: its body hash, and its batch's id, label, total, creation and
-/// metadata.
+/// An earlier use of the key: its body hash, and its batch's id, label, total, creation,
+/// metadata and priority.
 type Earlier = (
     Vec<u8>,
     i64,
@@ -37,6 +40,7 @@ type Earlier = (
     i32,
     DateTime<Utc>,
     serde_json::Value,
+    i16,
 );
 
 #[derive(QueryableByName)]
@@ -63,20 +67,23 @@ impl Db {
     /// Creates a batch unless `key` was already used by this API key in the last 24 hours.
     /// `body` is the request body as received; its SHA-256 tells a replay from a mismatch.
     #[allow(clippy::too_many_arguments)]
+    /// A replay is answered whatever the quotas say (it creates nothing); a new batch is
+    /// checked against them after the key's lock is taken.
     pub async fn create_batch_idempotent(
         &self,
-        api_key_id: i64,
+        who: &Submitter,
         key: String,
         body: &[u8],
-        owner: &str,
         label: Option<String>,
         metadata: serde_json::Value,
+        priority: Priority,
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
         webhook: Option<crate::NewWebhook>,
     ) -> Result<Idempotent, DbError> {
         let hash = Sha256::digest(body).to_vec();
-        let owner = owner.to_owned();
+        let who = who.clone();
+        let api_key_id = who.key_id;
         self.run(move |conn| {
             conn.transaction(|conn| {
                 // A transaction-scoped advisory lock on (API key, idempotency key): a second
@@ -106,10 +113,12 @@ impl Db {
                         batches::total,
                         batches::created_at,
                         batches::metadata,
+                        batches::priority,
                     ))
                     .first(conn)
                     .optional()?;
-                if let Some((earlier_hash, id, label, total, created_at, metadata)) = earlier {
+                if let Some((earlier_hash, id, label, total, created_at, metadata, rank)) = earlier
+                {
                     if earlier_hash != hash {
                         return Ok(Idempotent::Mismatch);
                     }
@@ -123,16 +132,23 @@ impl Db {
                         total: i64::from(total),
                         created_at,
                         counts,
+                        priority: Priority::from_rank(rank),
                     }));
                 }
+                let admitted = match admit(conn, &who, new_jobs.len() as i64)? {
+                    Ok(a) => a,
+                    Err(over) => return Ok(Idempotent::OverQuota(over)),
+                };
                 let (view, dispatch) = insert_batch(
                     conn,
-                    &owner,
+                    &who.owner,
                     label,
                     &metadata,
                     &new_jobs,
                     dispatch_grace_ms,
                     webhook.as_ref(),
+                    admitted,
+                    priority,
                 )?;
                 // An expired row not purged yet is taken over.
                 diesel::insert_into(idempotency_keys::table)

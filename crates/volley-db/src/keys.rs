@@ -18,6 +18,9 @@ pub struct ApiKey {
     pub revoked_at: Option<DateTime<Utc>>,
     /// May read the operator view (`GET /v1/admin/status`).
     pub admin: bool,
+    /// Quotas (`None`: no limit); see `quotas.rs`.
+    pub max_active_jobs: Option<i32>,
+    pub max_jobs_per_minute: Option<i32>,
 }
 
 /// A key just made; `secret` is shown once and stored only as a hash.

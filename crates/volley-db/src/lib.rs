@@ -11,6 +11,7 @@ mod keys;
 pub mod listing;
 pub mod ops;
 pub mod progress;
+mod quotas;
 mod schema;
 mod state;
 pub mod status;
@@ -25,6 +26,7 @@ use r2d2::ManageConnection;
 pub use batches::{BatchView, JobSummary, JobView, NewJob};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
+pub use quotas::{ACTIVE_RETRY_AFTER_SECS, OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
 pub use state::{EachResult, Refusal, SweepReport};
 pub use webhooks::NewWebhook;
 

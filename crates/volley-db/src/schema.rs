@@ -13,6 +13,8 @@ diesel::table! {
         webhook_secret -> Text,
         webhook_secret_previous -> Nullable<Text>,
         webhook_secret_rotated_at -> Nullable<Timestamptz>,
+        max_active_jobs -> Nullable<Int4>,
+        max_jobs_per_minute -> Nullable<Int4>,
     }
 }
 
@@ -29,6 +31,8 @@ diesel::table! {
         webhook_types -> Nullable<Array<Text>>,
         webhook_key_id -> Nullable<Int8>,
         webhook_pending -> Nullable<Int4>,
+        api_key_id -> Nullable<Int8>,
+        priority -> Int2,
     }
 }
 
@@ -63,6 +67,8 @@ diesel::table! {
         media_keys -> Nullable<Array<Text>>,
         custom_id -> Nullable<Text>,
         webhook -> Bool,
+        quota_key_id -> Nullable<Int8>,
+        priority -> Int2,
     }
 }
 

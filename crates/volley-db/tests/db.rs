@@ -449,9 +449,24 @@ async fn idempotency_keys_replay_refuse_and_expire() {
     let create = |key_id: i64, key: &str, body: &'static [u8]| {
         let (db, key) = (db.clone(), key.to_owned());
         async move {
-            db.create_batch_idempotent(key_id, key, body, "o", None, json!({}), jobs(2), 0, None)
-                .await
-                .unwrap()
+            let who = volley_db::Submitter {
+                key_id,
+                owner: "o".into(),
+                quotas: volley_db::Quotas::default(),
+            };
+            db.create_batch_idempotent(
+                &who,
+                key,
+                body,
+                None,
+                json!({}),
+                Default::default(),
+                jobs(2),
+                0,
+                None,
+            )
+            .await
+            .unwrap()
         }
     };
     let Idempotent::Created(first, d) = create(alice, "k1", b"body-a").await else {

@@ -11,7 +11,7 @@ pub mod validate;
 
 pub use job::{BatchUsage, Claim, Dispatch, Event, Outcome, Usage};
 pub use state::{BatchCounts, BatchStatus, JobStatus, Rule, Transition};
-pub use types::{Endpoint, InferenceType, ParseError};
+pub use types::{Endpoint, InferenceType, ParseError, Priority};
 pub use validate::{
     BatchRejection, CUSTOM_ID_RULE, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch,
     ValidItem, is_custom_id, validate_batch,

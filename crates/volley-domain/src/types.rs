@@ -170,3 +170,63 @@ mod tests {
         }
     }
 }
+
+/// A batch's priority: within its owner's share of a modality, higher runs first. Aging keeps
+/// `Low` from waiting forever behind a steady stream of `High` (see batch-state's dispatcher).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Low, Priority::Normal, Priority::High];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    /// The stored rank: higher runs first.
+    pub fn rank(self) -> i16 {
+        match self {
+            Priority::Low => -1,
+            Priority::Normal => 0,
+            Priority::High => 1,
+        }
+    }
+
+    /// The priority a stored rank stands for (anything out of range is the nearest end).
+    pub fn from_rank(rank: i16) -> Priority {
+        match rank {
+            i16::MIN..=-1 => Priority::Low,
+            0 => Priority::Normal,
+            1..=i16::MAX => Priority::High,
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Priority {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| ParseError {
+                what: "priority",
+                value: s.chars().take(64).collect(),
+            })
+    }
+}

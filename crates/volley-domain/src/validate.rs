@@ -112,6 +112,8 @@ pub struct ValidBatch {
     pub items: Vec<ValidItem>,
     /// Where to send the batch's webhook events, if the client asked for them.
     pub webhook: Option<ValidWebhook>,
+    /// `priority`: `low`, `normal` (when absent) or `high`.
+    pub priority: crate::Priority,
 }
 
 /// Webhook event types a batch can subscribe to.
@@ -324,6 +326,25 @@ pub fn validate_batch(
 
     let metadata = metadata(obj.get("metadata"), limits, &mut errors);
     let webhook = check_webhook(obj.get("webhook"), &mut errors);
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => crate::Priority::default(),
+        Some(Value::String(s)) => s.parse().unwrap_or_else(|_| {
+            errors.push(FieldError {
+                index: None,
+                field: "priority".into(),
+                message: "must be one of low, normal, high".into(),
+            });
+            crate::Priority::default()
+        }),
+        Some(_) => {
+            errors.push(FieldError {
+                index: None,
+                field: "priority".into(),
+                message: "must be a string: low, normal or high".into(),
+            });
+            crate::Priority::default()
+        }
+    };
 
     let mut items = Vec::with_capacity(requests.len());
     // Where each custom_id was first seen, to name both items of a duplicate.
@@ -356,6 +377,7 @@ pub fn validate_batch(
             metadata,
             items,
             webhook,
+            priority,
         })
     } else {
         Err(BatchRejection::Invalid(errors))
@@ -1086,5 +1108,43 @@ mod tests {
             check(json!({"metadata": {"k".repeat(10_000): "x"}, "requests": [one(json!(null))]}))
                 .unwrap_err();
         assert!(r.message().len() < 300, "{}", r.message());
+    }
+
+    #[test]
+    fn priority_is_optional_and_closed() {
+        let one = |p: Value| {
+            json!({"priority": p, "requests": [
+                {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x"}}
+            ]})
+        };
+        assert_eq!(
+            check(all_kinds()).unwrap().priority,
+            crate::Priority::Normal
+        );
+        assert_eq!(
+            check(one(Value::Null)).unwrap().priority,
+            crate::Priority::Normal
+        );
+        for p in crate::Priority::ALL {
+            assert_eq!(check(one(json!(p.as_str()))).unwrap().priority, p);
+        }
+        for bad in [
+            json!("HIGH"),
+            json!("urgent"),
+            json!(""),
+            json!("high\u{0}"),
+            json!("x".repeat(100_000)),
+            json!(1),
+            json!(true),
+            json!(["high"]),
+            json!({"level": "high"}),
+        ] {
+            assert_eq!(fields(check(one(bad.clone()))), ["priority"], "{bad}");
+        }
+        // Reported with the items' errors, not instead of them.
+        let f = fields(check(
+            json!({"priority": 3, "requests": [{"endpoint": "/v1/nope", "body": {}}]}),
+        ));
+        assert!(f.contains(&"priority".to_owned()) && f.len() >= 2, "{f:?}");
     }
 }
