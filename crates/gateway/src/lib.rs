@@ -5,6 +5,7 @@ mod browse;
 mod console;
 mod error;
 mod limits;
+pub mod openapi;
 mod routes;
 mod views;
 
@@ -24,6 +25,7 @@ use volley_telemetry::Metrics;
 
 pub use actix_web::dev::ServerHandle;
 pub use error::ApiError;
+use error::ErrorBody;
 
 pub struct AppState {
     pub settings: Arc<Settings>,
@@ -92,6 +94,7 @@ impl Gateway {
         let media = MediaStore::from_settings(&settings.media)?;
         let signer = Signer::new(settings.media.signing_key.expose().as_bytes());
         let workers = settings.gateway.workers.max(1);
+        let document = web::Data::new(openapi::build(&settings)?);
         let state = web::Data::new(AppState {
             settings: Arc::new(settings),
             limits: Limits::default(),
@@ -132,6 +135,7 @@ impl Gateway {
                     metrics.clone(),
                 ))
                 .app_data(state.clone())
+                .app_data(document.clone())
                 // A path segment that does not decode (`%ff`) is no such thing, in our shape.
                 .app_data(
                     web::PathConfig::default()
@@ -141,11 +145,8 @@ impl Gateway {
                 .configure(routes::configure)
                 .configure(admin::configure)
                 .configure(console::configure)
-                .default_service(web::to(|| async {
-                    HttpResponse::NotFound().json(serde_json::json!({
-                        "error": {"type": "not_found", "message": "no such route"}
-                    }))
-                }))
+                .route("/openapi.json", web::get().to(openapi::openapi_json))
+                .default_service(web::to(not_routed))
         })
         .workers(workers)
         .disable_signals()
@@ -189,6 +190,25 @@ impl Gateway {
         self.broker.close().await;
 
         r
+    }
+}
+
+/// What no route took: 405 with `Allow` when the path is a route's but the method is not
+/// (the methods come from the API document, which a test keeps equal to the routes), else 404.
+async fn not_routed(
+    req: actix_web::HttpRequest,
+    doc: web::Data<openapi::Document>,
+) -> Result<HttpResponse, ApiError> {
+    let allow = req
+        .resource_map()
+        .match_pattern(req.path())
+        .and_then(|p| doc.allowed(&p).map(str::to_owned));
+    match allow {
+        Some(allow) => Err(ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            allow,
+        }),
+        None => Ok(HttpResponse::NotFound().json(ErrorBody::new("not_found", "no such route"))),
     }
 }
 
