@@ -126,6 +126,15 @@ fn console_redirect() {}
 /// The body of `POST /v1/batches`. The gateway validates the body as JSON
 /// (`volley_domain::validate_batch`, naming every bad item); this type documents it.
 #[derive(ToSchema)]
+#[schema(example = json!({
+    "label": "Q2 product shots",
+    "requests": [
+        {"endpoint": "/v1/images/generations",
+            "body": {"model": "flux-dev", "prompt": "a minimalist desk lamp"}},
+        {"endpoint": "/v1/chat/completions", "body": {"model": "qwen3-8b",
+            "messages": [{"role": "user", "content": "Write a product description for a lamp."}]}},
+    ],
+}))]
 #[allow(dead_code)]
 pub struct BatchRequest {
     /// A human-readable name for the batch.
@@ -149,16 +158,9 @@ pub enum BatchItem {
     AudioSpeech(SpeechItem),
 }
 
-/// Declares an item type per endpoint: `{"endpoint": <that path>, "body": <its body>}`.
+/// Declares an item type per endpoint: `{"endpoint": <its path>, "body": <its body>}`.
 macro_rules! items {
-    ($($item:ident, $endpoint:ident = $path:literal, $body:ty;)*) => {$(
-        #[derive(ToSchema)]
-        #[allow(dead_code)]
-        pub enum $endpoint {
-            #[serde(rename = $path)]
-            Path,
-        }
-
+    ($($item:ident, $endpoint:ident, $body:ty;)*) => {$(
         #[derive(ToSchema)]
         #[allow(dead_code)]
         pub struct $item {
@@ -169,12 +171,51 @@ macro_rules! items {
 }
 
 items! {
-    ChatCompletionsItem, ChatCompletionsEndpoint = "/v1/chat/completions", ChatBody;
-    CompletionsItem, CompletionsEndpoint = "/v1/completions", CompletionsBody;
-    ImagesItem, ImagesEndpoint = "/v1/images/generations", ImageBody;
-    VideosItem, VideosEndpoint = "/v1/videos/generations", VideoBody;
-    MusicItem, MusicEndpoint = "/v1/music/generations", MusicBody;
-    SpeechItem, SpeechEndpoint = "/v1/audio/speech", SpeechBody;
+    ChatCompletionsItem, ChatCompletionsEndpoint, ChatBody;
+    CompletionsItem, CompletionsEndpoint, CompletionsBody;
+    ImagesItem, ImagesEndpoint, ImageBody;
+    VideosItem, VideosEndpoint, VideoBody;
+    MusicItem, MusicEndpoint, MusicBody;
+    SpeechItem, SpeechEndpoint, SpeechBody;
+}
+
+// Each endpoint's path as a one-value enum (written out: utoipa reads `rename` only from a
+// literal, not from a macro argument). A test checks them against `Endpoint::ALL`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum ChatCompletionsEndpoint {
+    #[serde(rename = "/v1/chat/completions")]
+    Path,
+}
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum CompletionsEndpoint {
+    #[serde(rename = "/v1/completions")]
+    Path,
+}
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum ImagesEndpoint {
+    #[serde(rename = "/v1/images/generations")]
+    Path,
+}
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum VideosEndpoint {
+    #[serde(rename = "/v1/videos/generations")]
+    Path,
+}
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum MusicEndpoint {
+    #[serde(rename = "/v1/music/generations")]
+    Path,
+}
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum SpeechEndpoint {
+    #[serde(rename = "/v1/audio/speech")]
+    Path,
 }
 
 // Text the gateway accepts (the `pattern`s below): not blank, and without U+0000 (which
@@ -458,6 +499,22 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
             continue;
         };
         for op in item.values_mut() {
+            // A parameter is absent or has a value: `Option<T>` parameters are not required,
+            // but never `null` (a header or query "null" would be the text `null`).
+            if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                for p in params {
+                    if let Some(types) = p.pointer_mut("/schema/type")
+                        && let Some(list) = types.as_array()
+                    {
+                        let list: Vec<Value> =
+                            list.iter().filter(|t| *t != "null").cloned().collect();
+                        *types = match list.as_slice() {
+                            [one] => one.clone(),
+                            _ => Value::Array(list),
+                        };
+                    }
+                }
+            }
             let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
                 continue;
             };
@@ -692,6 +749,9 @@ mod tests {
     fn document_is_openapi_3_1_with_errors_per_status() {
         let doc = document(&settings()).unwrap();
         assert_eq!(doc["openapi"], "3.1.0");
+        let header = &doc["paths"]["/v1/batches"]["post"]["parameters"][0];
+        assert_eq!(header["name"], "Idempotency-Key");
+        assert_eq!(header["schema"]["type"], "string");
         let create = &doc["paths"]["/v1/batches"]["post"];
         for status in ["202", "400", "401", "408", "409", "413", "422", "429", "500", "503"] {
             assert!(create["responses"][status].is_object(), "{status}");
@@ -725,5 +785,22 @@ mod tests {
         // Every request item type is there.
         let items = doc["components"]["schemas"]["BatchItem"]["oneOf"].as_array().unwrap();
         assert_eq!(items.len(), Endpoint::ALL.len());
+        let mut paths: Vec<String> = items
+            .iter()
+            .map(|i| {
+                let item = i["$ref"].as_str().unwrap().rsplit('/').next().unwrap();
+                let e = doc["components"]["schemas"][item]["properties"]["endpoint"]["$ref"]
+                    .as_str()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap();
+                doc["components"]["schemas"][e]["enum"][0].as_str().unwrap().to_owned()
+            })
+            .collect();
+        paths.sort();
+        let mut all: Vec<String> = Endpoint::ALL.iter().map(|e| e.path().to_owned()).collect();
+        all.sort();
+        assert_eq!(paths, all);
     }
 }
