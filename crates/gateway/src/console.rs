@@ -78,7 +78,7 @@ pub(crate) async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpR
 
 #[utoipa::path(
     get, path = "/console/{file}", tag = "console",
-    params(("file" = String, Path, description = "`index.html`, `app.js`, `api.js`, `app.css` or `favicon.svg`")),
+    params(("file" = String, Path, example = "app.js", description = "`index.html`, `app.js`, `api.js`, `app.css` or `favicon.svg`")),
     responses(
         (status = 200, description = "The file", content(
             (String = "text/javascript; charset=utf-8"), (String = "text/css; charset=utf-8"),

@@ -240,7 +240,8 @@ pub struct ChatBody {
 pub struct ChatMessage {
     #[schema(schema_with = role)]
     role: String,
-    /// Text (at most 100,000 characters) or an array of content parts, passed on as given.
+    /// Text (at most 100,000 characters) or an array of content parts, passed on as given
+    /// (`PassThrough`: any JSON without U+0000).
     #[schema(schema_with = content)]
     content: Value,
 }
@@ -311,6 +312,7 @@ fn role() -> utoipa::openapi::Object {
 }
 
 fn content() -> utoipa::openapi::Schema {
+    use utoipa::openapi::Ref;
     use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
     OneOfBuilder::new()
         .item(
@@ -319,7 +321,7 @@ fn content() -> utoipa::openapi::Schema {
                 .max_length(Some(100_000))
                 .pattern(Some(r"^[^\u0000]*$")),
         )
-        .item(ArrayBuilder::new().items(ObjectBuilder::new().schema_type(Type::Object)))
+        .item(ArrayBuilder::new().items(Ref::from_schema_name("PassThrough")))
         .build()
         .into()
 }
@@ -460,14 +462,27 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
         );
     }
     narrow_models(components, settings);
+    // Fields of the provider's API that Volley does not check pass through as given, but
+    // nothing anywhere in a body may hold U+0000 (PostgreSQL cannot store it): 400.
+    components.insert(
+        "PassThrough".into(),
+        json!({
+            "description": "Any JSON value without U+0000 in a string or a key.",
+            "anyOf": [
+                {"type": ["number", "boolean", "null"]},
+                {"type": "string", "pattern": r"^[^\u0000]*$"},
+                {"type": "array", "items": {"$ref": "#/components/schemas/PassThrough"}},
+                {
+                    "type": "object",
+                    "additionalProperties": {"$ref": "#/components/schemas/PassThrough"},
+                    "propertyNames": {"pattern": r"^[^\u0000]*$"},
+                },
+            ],
+        }),
+    );
     for name in BODIES {
-        // Fields of the provider's API that Volley does not check pass through as given, but
-        // nothing anywhere in a body may hold U+0000 (PostgreSQL cannot store it): 400.
         if let Some(body) = components.get_mut(name) {
-            body["additionalProperties"] = json!({
-                "type": ["string", "number", "integer", "boolean", "null"],
-                "pattern": r"^[^\u0000]*$",
-            });
+            body["additionalProperties"] = json!({"$ref": "#/components/schemas/PassThrough"});
             body["propertyNames"] = json!({"pattern": r"^[^\u0000]*$"});
         }
     }
