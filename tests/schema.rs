@@ -143,7 +143,10 @@ async fn schemathesis_finds_nothing() {
         // One worker: hypothesis on CPython 3.11 can fail parsing in two threads at once.
         .args(["--workers", "1"])
         .args(["--request-timeout", "20"])
-        .args(["--header", &format!("Authorization: Bearer {}", admin.secret)])
+        .args([
+            "--header",
+            &format!("Authorization: Bearer {}", admin.secret),
+        ])
         .args(["--suppress-health-check", "all"])
         .args(extra.split_whitespace())
         .current_dir(out.path().parent().unwrap())
@@ -169,10 +172,7 @@ async fn schemathesis_finds_nothing() {
     };
     let output = std::fs::read_to_string(out.path()).unwrap();
     eprintln!("{output}");
-    assert!(
-        status.success(),
-        "schemathesis found failures:\n{output}"
-    );
+    assert!(status.success(), "schemathesis found failures:\n{output}");
     s.stop().await;
 }
 
@@ -198,7 +198,9 @@ async fn extreme_numbers_round_trip() {
         )
         .await;
     assert_eq!(status, 202, "{batch}");
-    let (status, b) = s.get(&format!("/v1/batches/{}", batch["id"].as_str().unwrap())).await;
+    let (status, b) = s
+        .get(&format!("/v1/batches/{}", batch["id"].as_str().unwrap()))
+        .await;
     assert_eq!(status, 200);
     let job = b["jobs"][0]["id"].as_str().unwrap().to_owned();
     let (status, j) = s.get(&format!("/v1/jobs/{job}")).await;

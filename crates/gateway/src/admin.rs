@@ -73,7 +73,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ),
     security(("api_key" = [])),
 )]
-pub(crate) async fn status(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn status(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let key = bearer(&req)?;
     if !state.db.key_is_admin(key).await?.ok_or(UNKNOWN_KEY)? {
         return Err(ApiError::Forbidden(

@@ -340,8 +340,8 @@ fn never_true() -> utoipa::openapi::Object {
 
 /// Small schemas the typed bodies name with `#[schema(schema_with = ...)]`.
 pub mod schema {
-    use utoipa::openapi::schema::{ObjectBuilder, Type};
     use utoipa::openapi::Object;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
     use volley_domain::{BatchStatus, Endpoint, InferenceType, JobStatus};
 
     use crate::error::ApiError;
@@ -374,7 +374,11 @@ pub mod schema {
     }
 
     pub fn batch_status() -> Object {
-        let all = [BatchStatus::Pending, BatchStatus::Processing, BatchStatus::Done];
+        let all = [
+            BatchStatus::Pending,
+            BatchStatus::Processing,
+            BatchStatus::Done,
+        ];
         strings(&all.map(BatchStatus::as_str))
     }
 
@@ -544,8 +548,7 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
                 let Ok(code) = status.parse::<u16>() else {
                     continue;
                 };
-                let Some(schema) = response.pointer_mut("/content/application~1json/schema")
-                else {
+                let Some(schema) = response.pointer_mut("/content/application~1json/schema") else {
                     continue;
                 };
                 if *schema == error_ref && kinds.contains_key(&code) {
@@ -557,8 +560,7 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
                     _ => None,
                 };
                 if let Some((name, description)) = headers {
-                    response["headers"][name] =
-                        json!({"description": description, "schema": {"type": "string"}, "required": true});
+                    response["headers"][name] = json!({"description": description, "schema": {"type": "string"}, "required": true});
                 }
             }
         }
@@ -697,7 +699,10 @@ mod tests {
                 i += 1;
             }
         }
-        for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "rs")) {
+        for f in files
+            .iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "rs"))
+        {
             let text = std::fs::read_to_string(f).unwrap();
             let code = &text[..text.find("#[cfg(test)]").unwrap_or(text.len())];
             for (at, _) in code.match_indices(".route(") {
@@ -743,7 +748,10 @@ mod tests {
         let doc = document(&settings()).unwrap();
         let registered = registered();
         let documented = documented(&doc);
-        assert!(registered.len() >= 17, "the route parser lost routes: {registered:?}");
+        assert!(
+            registered.len() >= 17,
+            "the route parser lost routes: {registered:?}"
+        );
         let missing: Vec<_> = registered.difference(&documented).collect();
         let extra: Vec<_> = documented.difference(&registered).collect();
         assert!(
@@ -768,7 +776,9 @@ mod tests {
         assert_eq!(header["name"], "Idempotency-Key");
         assert_eq!(header["schema"]["type"], "string");
         let create = &doc["paths"]["/v1/batches"]["post"];
-        for status in ["202", "400", "401", "408", "409", "413", "422", "429", "500", "503"] {
+        for status in [
+            "202", "400", "401", "408", "409", "413", "422", "429", "500", "503",
+        ] {
             assert!(create["responses"][status].is_object(), "{status}");
         }
         assert_eq!(
@@ -798,7 +808,9 @@ mod tests {
         let chat = &doc["components"]["schemas"]["ChatBody"]["properties"]["model"]["enum"];
         assert!(chat.as_array().is_some_and(|m| !m.is_empty()), "{chat}");
         // Every request item type is there.
-        let items = doc["components"]["schemas"]["BatchItem"]["oneOf"].as_array().unwrap();
+        let items = doc["components"]["schemas"]["BatchItem"]["oneOf"]
+            .as_array()
+            .unwrap();
         assert_eq!(items.len(), Endpoint::ALL.len());
         let mut paths: Vec<String> = items
             .iter()
@@ -810,7 +822,10 @@ mod tests {
                     .rsplit('/')
                     .next()
                     .unwrap();
-                doc["components"]["schemas"][e]["enum"][0].as_str().unwrap().to_owned()
+                doc["components"]["schemas"][e]["enum"][0]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
             })
             .collect();
         paths.sort();

@@ -563,7 +563,10 @@ struct MediaQuery {
         (status = 500, description = "The object store failed", body = ErrorBody),
     ),
 )]
-pub(crate) async fn get_media(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn get_media(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let key = req.match_info().query("key").to_owned();
     // Parsed here, not by the `Query` extractor, whose errors are plain text.
     let query = web::Query::<MediaQuery>::from_query(req.query_string()).map_err(|e| {

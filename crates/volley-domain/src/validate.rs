@@ -661,7 +661,9 @@ mod tests {
     #[test]
     fn types_of_optional_fields() {
         let item = |body: Value| json!({"requests": [{"endpoint": "/v1/images/generations", "body": body}]});
-        let r = check(item(json!({"model": "flux-dev", "prompt": "x", "stream": {}})));
+        let r = check(item(
+            json!({"model": "flux-dev", "prompt": "x", "stream": {}}),
+        ));
         assert_eq!(fields(r), ["requests[0].body.stream"]);
         let r = check(item(json!({"model": "flux-dev", "prompt": "x", "n": 2.5})));
         assert_eq!(fields(r), ["requests[0].body.n"]);
