@@ -711,6 +711,7 @@ async fn jobs_committed_but_never_published_are_published_by_the_sweeper() {
         endpoint: "/v1/completions".into(),
         model: "qwen3-8b".into(),
         body: json!({"model": "qwen3-8b", "prompt": "orphan"}),
+        custom_id: None,
     }];
     let (b, _) = s.db.create_batch("alice", None, jobs, 0).await.unwrap();
     let done = s.wait_done(&b.id.to_string(), LONG).await;

@@ -51,6 +51,7 @@ async fn nul_in_provider_output_stops_no_ones_outcomes() {
                     endpoint: "/v1/completions".into(),
                     model: "qwen3-8b".into(),
                     body: json!({"model": "qwen3-8b", "prompt": format!("raw {i}")}),
+                    custom_id: None,
                 })
                 .collect(),
             0,

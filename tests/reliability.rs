@@ -200,6 +200,7 @@ async fn claims_refuse_expired_jobs_even_before_the_sweeper_runs() {
         endpoint: "/v1/completions".into(),
         model: "qwen3-8b".into(),
         body: json!({"model": "qwen3-8b", "prompt": p}),
+        custom_id: None,
     };
     let (_, d) = db
         .create_batch("o", None, vec![new("a"), new("b")], 0)

@@ -176,6 +176,7 @@ mod tests {
             endpoint: endpoint.into(),
             model: "m".into(),
             body: serde_json::json!({"prompt": "p"}),
+            custom_id: None,
         };
         let (_, jobs) = db
             .create_batch(

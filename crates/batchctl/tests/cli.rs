@@ -99,6 +99,7 @@ fn completions(n: usize) -> Vec<NewJob> {
             endpoint: "/v1/completions".into(),
             model: "qwen3-8b".into(),
             body: json!({"model": "qwen3-8b", "prompt": format!("p{i}")}),
+            custom_id: None,
         })
         .collect()
 }

@@ -1,11 +1,14 @@
-//! Paged listings (additions to the contract): `GET /v1/batches?limit=&after=` pages an owner's
-//! batches newest first, and `GET /v1/batches/{id}/jobs?limit=&after=&status=` pages a batch's
-//! jobs with their results. Both answer `{"object": "list", "data": [...], "has_more": bool}`;
-//! the next page starts `after` the last id of this one.
+//! Paged listings (additions to the contract): `GET /v1/batches?limit=&after=&before=&status=&label=`
+//! pages an owner's batches newest first, and
+//! `GET /v1/batches/{id}/jobs?limit=&after=&before=&status=&custom_id=` pages a batch's jobs
+//! with their results. Both answer `{"object": "list", "data": [...], "has_more": bool}`; the
+//! next page starts `after` the last id of this one, the previous page `before` its first id
+//! (answered in the same order; `has_more` then says whether more lie further that way).
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use volley_domain::{FieldError, JobStatus};
+use volley_db::listing::{BatchFilter, Cursor, JobFilter};
+use volley_domain::{BatchStatus, CUSTOM_ID_RULE, FieldError, JobStatus, is_custom_id};
 
 use crate::AppState;
 use crate::error::{ApiError, ErrorBody};
@@ -24,10 +27,16 @@ const JOBS_MAX: i64 = 256;
 pub struct PageQuery {
     limit: Option<String>,
     after: Option<String>,
+    before: Option<String>,
     status: Option<String>,
+    label: Option<String>,
+    custom_id: Option<String>,
 }
 
-fn bad(field: &str, message: String) -> ApiError {
+/// The longest label a batch can have (the validator's `max_label_chars`).
+const LABEL_MAX_CHARS: usize = 256;
+
+pub(crate) fn bad(field: &str, message: String) -> ApiError {
     ApiError::InvalidRequest {
         message: format!("{field}: {message}"),
         errors: vec![FieldError {
@@ -59,8 +68,81 @@ impl PageQuery {
         Ok(number(self.limit.as_deref(), "limit", 1, max)?.unwrap_or(default))
     }
 
-    fn after(&self) -> Result<Option<i64>, ApiError> {
-        number(self.after.as_deref(), "after", 1, i64::MAX)
+    fn cursor(&self) -> Result<Cursor, ApiError> {
+        let after = number(self.after.as_deref(), "after", 1, i64::MAX)?;
+        let before = number(self.before.as_deref(), "before", 1, i64::MAX)?;
+        match (after, before) {
+            (None, None) => Ok(Cursor::First),
+            (Some(a), None) => Ok(Cursor::After(a)),
+            (None, Some(b)) => Ok(Cursor::Before(b)),
+            (Some(_), Some(_)) => Err(bad(
+                "before",
+                "give either `after` or `before`, not both".into(),
+            )),
+        }
+    }
+
+    fn batch_filter(&self) -> Result<BatchFilter, ApiError> {
+        const ALL: [BatchStatus; 3] = [
+            BatchStatus::Pending,
+            BatchStatus::Processing,
+            BatchStatus::Done,
+        ];
+        let status = match self.status.as_deref() {
+            None | Some("") => None,
+            Some(s) => {
+                let s = s.to_ascii_uppercase();
+                Some(ALL.into_iter().find(|b| b.as_str() == s).ok_or_else(|| {
+                    let all: Vec<&str> = ALL.iter().map(|s| s.as_str()).collect();
+                    bad("status", format!("must be one of {}", all.join(", ")))
+                })?)
+            }
+        };
+        let label = match self.label.as_deref() {
+            None | Some("") => None,
+            // PostgreSQL cannot hold U+0000 in text: a 400, not a failed statement.
+            Some(l) if l.contains('\0') => {
+                return Err(bad(
+                    "label",
+                    "must not contain the NUL character (U+0000)".into(),
+                ));
+            }
+            Some(l) if l.chars().count() > LABEL_MAX_CHARS => {
+                return Err(bad(
+                    "label",
+                    format!("at most {LABEL_MAX_CHARS} characters"),
+                ));
+            }
+            Some(l) => Some(l.to_owned()),
+        };
+        Ok(BatchFilter { status, label })
+    }
+
+    fn job_filter(&self) -> Result<JobFilter, ApiError> {
+        let custom_id = match self.custom_id.as_deref() {
+            None => None,
+            Some(c) if is_custom_id(c) => Some(c.to_owned()),
+            Some(_) => return Err(bad("custom_id", CUSTOM_ID_RULE.into())),
+        };
+        Ok(JobFilter {
+            status: job_status(self.status.as_deref())?,
+            custom_id,
+        })
+    }
+}
+
+/// A job status filter (any case); `None` for none or empty.
+pub(crate) fn job_status(raw: Option<&str>) -> Result<Option<JobStatus>, ApiError> {
+    match raw {
+        None | Some("") => Ok(None),
+        Some(s) => s
+            .to_ascii_uppercase()
+            .parse::<JobStatus>()
+            .map(Some)
+            .map_err(|_| {
+                let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                bad("status", format!("must be one of {}", all.join(", ")))
+            }),
     }
 }
 
@@ -69,11 +151,14 @@ impl PageQuery {
     get, path = "/v1/batches", tag = "batches",
     params(
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Batches per page (default 50)"),
-        ("after" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The last id of the previous page"),
+        ("after" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The last id of the previous page (not with `before`)"),
+        ("before" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The first id of the next page, to page back (not with `after`)"),
+        ("status" = Option<String>, Query, description = "Only batches in this status (any case; empty for all)"),
+        ("label" = Option<String>, Query, max_length = 256, pattern = r"^[^\u0000]*$", description = "Only batches with this label"),
     ),
     responses(
         (status = 200, description = "A page of batches", body = views::BatchList),
-        (status = 400, description = "A bad `limit` or `after`", body = ErrorBody),
+        (status = 400, description = "A bad `limit`, `after`, `before`, `status` or `label`, or both `after` and `before`", body = ErrorBody),
         (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
         (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
         (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
@@ -87,9 +172,10 @@ pub async fn list_batches(
     let owner = owner(&req, &state).await?;
     let query = PageQuery::parse(&req)?;
     let limit = query.limit(BATCHES_DEFAULT, BATCHES_MAX)?;
+    let (filter, cursor) = (query.batch_filter()?, query.cursor()?);
     let page = state
         .db
-        .list_batches_page(&owner, query.after()?, limit)
+        .list_batches_page(&owner, filter, cursor, limit)
         .await?;
     Ok(HttpResponse::Ok().json(views::BatchList {
         data: page.items.iter().map(views::batch).collect(),
@@ -105,11 +191,13 @@ pub async fn list_batches(
         ("id" = String, Path, description = "The batch id"),
         ("status" = Option<String>, Query, description = "Only jobs in this status (any case; empty for all)"),
         ("limit" = Option<i64>, Query, minimum = 1, maximum = 256, description = "Jobs per page (default 100)"),
-        ("after" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The last job id of the previous page"),
+        ("after" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The last job id of the previous page (not with `before`)"),
+        ("before" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The first job id of the next page, to page back (not with `after`)"),
+        ("custom_id" = Option<String>, Query, pattern = "^[A-Za-z0-9_.:-]{1,64}$", description = "Only the job with this `custom_id`"),
     ),
     responses(
         (status = 200, description = "A page of jobs", body = views::JobList),
-        (status = 400, description = "A bad `status`, `limit` or `after`", body = ErrorBody),
+        (status = 400, description = "A bad `status`, `limit`, `after`, `before` or `custom_id`, or both `after` and `before`", body = ErrorBody),
         (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
         (status = 404, description = "No such batch for this key", body = ErrorBody),
         (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
@@ -126,22 +214,10 @@ pub async fn list_jobs(
     let query = PageQuery::parse(&req)?;
     let id = parse_id(&path, "batch")?;
     let limit = query.limit(JOBS_DEFAULT, JOBS_MAX)?;
-    let status = match query.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => Some(
-            s.to_ascii_uppercase()
-                .parse::<JobStatus>()
-                .map_err(|_| {
-                    let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
-                    bad("status", format!("must be one of {}", all.join(", ")))
-                })?
-                .as_str()
-                .to_owned(),
-        ),
-    };
+    let (filter, cursor) = (query.job_filter()?, query.cursor()?);
     let page = state
         .db
-        .list_jobs(&owner, id, status, query.after()?, limit)
+        .list_jobs(&owner, id, filter, cursor, limit)
         .await?
         .ok_or(ApiError::NotFound("batch"))?;
     let links = links(&state);

@@ -6,6 +6,7 @@ mod console;
 mod error;
 mod limits;
 pub mod openapi;
+mod results;
 mod routes;
 mod views;
 

@@ -16,10 +16,10 @@ use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 use utoipa::{OpenApi, ToSchema};
 use volley_config::Settings;
-use volley_domain::Endpoint;
+use volley_domain::{BatchStatus, Endpoint, JobStatus};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::{admin, browse, console, routes};
+use crate::{admin, browse, console, results, routes};
 
 /// The document, serialised once at start-up, and the methods of each of its paths.
 pub struct Document {
@@ -70,6 +70,7 @@ pub fn template(pattern: &str) -> String {
         routes::get_batch,
         routes::cancel_batch,
         browse::list_jobs,
+        results::batch_results,
         routes::get_job,
         routes::cancel_job,
         routes::list_models,
@@ -82,7 +83,7 @@ pub fn template(pattern: &str) -> String {
         console::index,
         console::asset,
     ),
-    components(schemas(ErrorBody, BatchRequest)),
+    components(schemas(ErrorBody, BatchRequest, results::ResultLine)),
     tags(
         (name = "batches", description = "Submit, follow and cancel batches."),
         (name = "jobs", description = "Each item of a batch is a job."),
@@ -140,6 +141,8 @@ pub struct BatchRequest {
     /// A human-readable name for the batch.
     #[schema(max_length = 256, pattern = r"^[^\u0000]*$")]
     label: Option<String>,
+    /// Up to 16 string pairs kept with the batch and returned with it.
+    metadata: Option<BTreeMap<String, String>>,
     /// 1 to 256 requests; more is 400 `too_large`.
     #[schema(min_items = 1, max_items = 256)]
     requests: Vec<BatchItem>,
@@ -166,6 +169,9 @@ macro_rules! items {
         pub struct $item {
             endpoint: $endpoint,
             body: $body,
+            /// Your own id for the item, unique in the batch; jobs and results carry it.
+            #[schema(pattern = "^[A-Za-z0-9_.:-]{1,64}$")]
+            custom_id: Option<String>,
         }
     )*};
 }
@@ -387,17 +393,6 @@ pub mod schema {
         strings(&all)
     }
 
-    /// `?status=`: a job status in upper or lower case, or empty for all.
-    pub fn job_status_filter() -> Object {
-        let mut all: Vec<String> = vec![String::new()];
-        for s in JobStatus::ALL {
-            all.push(s.as_str().to_owned());
-            all.push(s.as_str().to_ascii_lowercase());
-        }
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        strings(&all)
-    }
-
     pub fn inference_type() -> Object {
         let all: Vec<&str> = InferenceType::ALL.iter().map(|t| t.as_str()).collect();
         strings(&all)
@@ -406,6 +401,14 @@ pub mod schema {
     pub fn endpoint() -> Object {
         let all: Vec<&str> = Endpoint::ALL.iter().map(|e| e.path()).collect();
         strings(&all)
+    }
+
+    /// A batch's `metadata`: string values by key.
+    pub fn metadata() -> Object {
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .additional_properties(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .build()
     }
 
     pub fn error_type() -> Object {
@@ -427,6 +430,19 @@ fn error_kinds_by_status() -> BTreeMap<u16, Vec<&'static str>> {
         }
     }
     by
+}
+
+/// A pattern matching `name` in any case: `Ab` is `[Aa][Bb]`.
+fn any_case(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphabetic() {
+                format!("[{}{}]", c.to_ascii_uppercase(), c.to_ascii_lowercase())
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// The document for this deployment (see the module's comment).
@@ -466,6 +482,22 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
         );
     }
     narrow_models(components, settings);
+    // The metadata rules (volley_domain's `metadata`), which the field's type cannot carry.
+    if let Some(m) = components
+        .get_mut("BatchRequest")
+        .and_then(|r| r.pointer_mut("/properties/metadata"))
+    {
+        let limits = volley_domain::Limits::default();
+        *m = json!({
+            "type": ["object", "null"],
+            "maxProperties": limits.max_metadata_pairs,
+            "propertyNames": {"minLength": 1, "maxLength": limits.max_metadata_key_chars,
+                "pattern": r"^[^\u0000]*$"},
+            "additionalProperties": {"type": "string",
+                "maxLength": limits.max_metadata_value_chars, "pattern": r"^[^\u0000]*$"},
+            "description": m["description"].clone(),
+        });
+    }
     // Fields of the provider's API that Volley does not check pass through as given, but
     // nothing anywhere in a body may hold U+0000 (PostgreSQL cannot store it): 400.
     components.insert(
@@ -491,13 +523,46 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
         }
     }
 
-    // `?status=` takes the statuses in either case (a tuple parameter cannot name a schema).
-    if let Some(params) = doc
-        .pointer_mut("/paths/~1v1~1batches~1{id}~1jobs/get/parameters")
-        .and_then(Value::as_array_mut)
-    {
-        for p in params.iter_mut().filter(|p| p["name"] == "status") {
-            p["schema"] = serde_json::to_value(schema::job_status_filter())?;
+    // Status filters take the names in any case (a tuple parameter cannot name a schema).
+    let batch: Vec<&str> = [
+        BatchStatus::Pending,
+        BatchStatus::Processing,
+        BatchStatus::Done,
+    ]
+    .map(BatchStatus::as_str)
+    .to_vec();
+    let job: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+    let finished: Vec<&str> = JobStatus::ALL
+        .iter()
+        .filter(|s| s.is_terminal())
+        .map(|s| s.as_str())
+        .collect();
+    let one_of = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| any_case(n))
+            .collect::<Vec<_>>()
+            .join("|")
+    };
+    let filters = [
+        ("/v1/batches", format!("^({})?$", one_of(&batch))),
+        ("/v1/batches/{id}/jobs", format!("^({})?$", one_of(&job))),
+        (
+            "/v1/batches/{id}/results",
+            format!(r"^\s*({0})?\s*(,\s*({0})?\s*)*$", one_of(&finished)),
+        ),
+    ];
+    for (path, pattern) in filters {
+        if let Some(params) = doc
+            .pointer_mut(&format!(
+                "/paths/{}/get/parameters",
+                path.replace('/', "~1")
+            ))
+            .and_then(Value::as_array_mut)
+        {
+            for p in params.iter_mut().filter(|p| p["name"] == "status") {
+                p["schema"] = json!({"type": "string", "pattern": pattern});
+            }
         }
     }
 

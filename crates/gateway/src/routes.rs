@@ -23,6 +23,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/v1/batches/{id}/jobs",
             web::get().to(crate::browse::list_jobs),
         )
+        .route(
+            "/v1/batches/{id}/results",
+            web::get().to(crate::results::batch_results),
+        )
         .route("/v1/jobs/{id}", web::get().to(get_job))
         .route("/v1/jobs/{id}/cancel", web::post().to(cancel_job))
         .route("/v1/models", web::get().to(list_models))
@@ -236,19 +240,21 @@ pub(crate) async fn create_batch(
             endpoint: i.endpoint.path().to_owned(),
             model: i.model,
             body: i.body,
+            custom_id: i.custom_id,
         })
         .collect();
+    let metadata = Value::Object(batch.metadata);
     let grace = state.settings.state.dispatch_grace_ms;
     let (view, dispatch) = match idempotency_key {
         None => {
             state
                 .db
-                .create_batch(&owner, batch.label, jobs, grace)
+                .create_batch_with_metadata(&owner, batch.label, metadata, jobs, grace)
                 .await?
         }
         Some(k) => match state
             .db
-            .create_batch_idempotent(key_id, k, &body, &owner, batch.label, jobs, grace)
+            .create_batch_idempotent(key_id, k, &body, &owner, batch.label, metadata, jobs, grace)
             .await?
         {
             Idempotent::Created(view, dispatch) => (view, dispatch),

@@ -24,6 +24,9 @@ pub struct Batch {
     #[schema(example = "7")]
     pub id: String,
     pub label: Option<String>,
+    /// The batch's `metadata` as submitted (`{}` when none).
+    #[schema(schema_with = schema::metadata)]
+    pub metadata: Value,
     #[schema(schema_with = schema::object_batch)]
     pub object: &'static str,
     pub processed: u64,
@@ -45,6 +48,8 @@ pub struct BatchDetail {
     /// Every job of the batch, in submission order.
     pub jobs: Vec<JobLink>,
     pub label: Option<String>,
+    #[schema(schema_with = schema::metadata)]
+    pub metadata: Value,
     #[schema(schema_with = schema::object_batch)]
     pub object: &'static str,
     pub processed: u64,
@@ -61,6 +66,8 @@ pub struct BatchDetail {
 /// One job of a batch, as the batch lists it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobLink {
+    /// The item's `custom_id`, or `null`.
+    pub custom_id: Option<String>,
     pub id: String,
     #[schema(schema_with = schema::inference_type)]
     pub inference_type: String,
@@ -86,6 +93,8 @@ pub struct Job {
     pub attempts: i32,
     pub batch_id: String,
     pub created: i64,
+    /// The item's `custom_id`, or `null`.
+    pub custom_id: Option<String>,
     #[schema(schema_with = schema::endpoint)]
     pub endpoint: String,
     /// Why the job failed (only when `status` is `FAILED`).
@@ -197,6 +206,7 @@ pub fn batch(b: &BatchView) -> Batch {
         failed: c.failed,
         id: b.id.to_string(),
         label: b.label.clone(),
+        metadata: b.metadata.clone(),
         object: "batch",
         processed: c.processed,
         processing: c.processing,
@@ -216,6 +226,7 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
         jobs: jobs
             .iter()
             .map(|j| JobLink {
+                custom_id: j.custom_id.clone(),
                 id: j.id.to_string(),
                 inference_type: j.inference_type.clone(),
                 status: j.status.clone(),
@@ -223,6 +234,7 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
             })
             .collect(),
         label: b.label.clone(),
+        metadata: b.metadata.clone(),
         object: "batch",
         processed: c.processed,
         processing: c.processing,
@@ -249,28 +261,32 @@ pub struct MediaLinks<'a> {
     pub now: i64,
 }
 
-pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Job {
-    let result = j.result.as_ref().map(|result| {
-        let mut r = result.clone();
-        // Signed afresh on every read: links never outlive their expiry, results do. Only
-        // media this job's worker stored, in this job's part of the store, becomes a link.
-        let expires = links.now.saturating_add(links.ttl_secs);
-        let own: Vec<String> = j
-            .media_keys
-            .iter()
-            .flatten()
-            .filter(|k| volley_media::key_belongs_to_job(k, j.id))
-            .cloned()
-            .collect();
-        volley_media::rewrite_refs(&mut r, &own, &|key| {
-            links.signer.url(links.public_url, j.id, key, expires)
-        });
-        r
+/// The job's result with its media as freshly signed links (every view of a result goes
+/// through here: the job object, the listing and the bulk results).
+pub fn signed_result(j: &JobView, links: &MediaLinks<'_>) -> Option<Value> {
+    let mut r = j.result.clone()?;
+    // Signed afresh on every read: links never outlive their expiry, results do. Only
+    // media this job's worker stored, in this job's part of the store, becomes a link.
+    let expires = links.now.saturating_add(links.ttl_secs);
+    let own: Vec<String> = j
+        .media_keys
+        .iter()
+        .flatten()
+        .filter(|k| volley_media::key_belongs_to_job(k, j.id))
+        .cloned()
+        .collect();
+    volley_media::rewrite_refs(&mut r, &own, &|key| {
+        links.signer.url(links.public_url, j.id, key, expires)
     });
+    Some(r)
+}
+
+pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Job {
     Job {
         attempts: j.attempt,
         batch_id: j.batch_id.to_string(),
         created: j.created_at.timestamp(),
+        custom_id: j.custom_id.clone(),
         endpoint: j.endpoint.clone(),
         error: (j.status == "FAILED").then(|| JobError {
             message: j.error_message.clone().unwrap_or_default(),
@@ -286,7 +302,7 @@ pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Job {
         model: j.model.clone(),
         object: "job",
         request: None,
-        result,
+        result: signed_result(j, links),
         started: j.started_at.map(|t| t.timestamp()),
         status: j.status.clone(),
         updated: j.updated_at.timestamp(),
@@ -315,6 +331,7 @@ mod tests {
         BatchView {
             id: 7,
             label: label.map(str::to_owned),
+            metadata: serde_json::json!({}),
             total: 3,
             created_at: at(1_718_312_400),
             counts: BatchCounts {
@@ -331,6 +348,7 @@ mod tests {
         JobView {
             id: 43,
             batch_id: 7,
+            custom_id: None,
             status: status.into(),
             inference_type: "LLM".into(),
             endpoint: "/v1/completions".into(),
@@ -364,11 +382,11 @@ mod tests {
     fn batch_bytes() {
         assert_eq!(
             serde_json::to_string(&batch(&view(Some("Q2")))).unwrap(),
-            r#"{"cancelled":0,"created":1718312400,"failed":0,"id":"7","label":"Q2","object":"batch","processed":2,"processing":1,"queued":0,"status":"PROCESSING","total":3}"#
+            r#"{"cancelled":0,"created":1718312400,"failed":0,"id":"7","label":"Q2","metadata":{},"object":"batch","processed":2,"processing":1,"queued":0,"status":"PROCESSING","total":3}"#
         );
         assert_eq!(
             serde_json::to_string(&batch(&view(None))).unwrap(),
-            r#"{"cancelled":0,"created":1718312400,"failed":0,"id":"7","label":null,"object":"batch","processed":2,"processing":1,"queued":0,"status":"PROCESSING","total":3}"#
+            r#"{"cancelled":0,"created":1718312400,"failed":0,"id":"7","label":null,"metadata":{},"object":"batch","processed":2,"processing":1,"queued":0,"status":"PROCESSING","total":3}"#
         );
     }
 
@@ -378,11 +396,12 @@ mod tests {
             id: 43,
             status: "PROCESSED".into(),
             inference_type: "IMAGE".into(),
+            custom_id: Some("a-1".into()),
         }];
         let mut b = batch_with_jobs(&view(None), &jobs, "http://gw");
         assert_eq!(
             serde_json::to_string(&b).unwrap(),
-            r#"{"cancelled":0,"created":1718312400,"failed":0,"id":"7","jobs":[{"id":"43","inference_type":"IMAGE","status":"PROCESSED","url":"http://gw/v1/jobs/43"}],"label":null,"object":"batch","processed":2,"processing":1,"queued":0,"status":"PROCESSING","total":3}"#
+            r#"{"cancelled":0,"created":1718312400,"failed":0,"id":"7","jobs":[{"custom_id":"a-1","id":"43","inference_type":"IMAGE","status":"PROCESSED","url":"http://gw/v1/jobs/43"}],"label":null,"metadata":{},"object":"batch","processed":2,"processing":1,"queued":0,"status":"PROCESSING","total":3}"#
         );
         b.usage = Some(usage(&volley_db::usage::BatchUsage {
             prompt_tokens: 1,
@@ -403,7 +422,7 @@ mod tests {
         let j = job_view("PROCESSING");
         assert_eq!(
             serde_json::to_string(&job(&j, &links(&signer))).unwrap(),
-            r#"{"attempts":1,"batch_id":"7","created":100,"endpoint":"/v1/completions","finished":null,"id":"43","inference_type":"LLM","model":"qwen3-8b","object":"job","started":101,"status":"PROCESSING","updated":102}"#
+            r#"{"attempts":1,"batch_id":"7","created":100,"custom_id":null,"endpoint":"/v1/completions","finished":null,"id":"43","inference_type":"LLM","model":"qwen3-8b","object":"job","started":101,"status":"PROCESSING","updated":102}"#
         );
         let mut j = job_view("FAILED");
         j.result = Some(serde_json::json!({"b": 1, "a": [null]}));
@@ -414,7 +433,7 @@ mod tests {
         v.request = Some(serde_json::json!({"model": "m"}));
         assert_eq!(
             serde_json::to_string(&v).unwrap(),
-            r#"{"attempts":1,"batch_id":"7","created":100,"endpoint":"/v1/completions","error":{"message":"","type":"provider_error"},"finished":null,"id":"43","inference_type":"LLM","last_error":"slow","model":"qwen3-8b","object":"job","request":{"model":"m"},"result":{"a":[null],"b":1},"started":101,"status":"FAILED","updated":102,"usage":{"completion_tokens":null,"prompt_tokens":5,"total_tokens":5}}"#
+            r#"{"attempts":1,"batch_id":"7","created":100,"custom_id":null,"endpoint":"/v1/completions","error":{"message":"","type":"provider_error"},"finished":null,"id":"43","inference_type":"LLM","last_error":"slow","model":"qwen3-8b","object":"job","request":{"model":"m"},"result":{"a":[null],"b":1},"started":101,"status":"FAILED","updated":102,"usage":{"completion_tokens":null,"prompt_tokens":5,"total_tokens":5}}"#
         );
     }
 }

@@ -165,6 +165,7 @@ async fn postgres(db: &Db, jobs: usize) -> anyhow::Result<f64> {
                             endpoint: "/v1/completions".into(),
                             model: "qwen3-8b".into(),
                             body: serde_json::json!({"model": "qwen3-8b", "prompt": format!("ceiling {k}")}),
+                            custom_id: None,
                         })
                         .collect();
                     let (_, d) = db.create_batch("ceiling", None, new, 3_600_000).await?;

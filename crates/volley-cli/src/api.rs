@@ -134,6 +134,59 @@ impl Api {
         }
     }
 
+    /// Reads an NDJSON answer (`GET path`, such as a batch's results) line by line as it
+    /// arrives: one JSON value per line. Any status but 200 is an error naming what the server
+    /// said; a 429 is waited out as in [`Api::send`].
+    pub async fn ndjson(&self, path: &str) -> Result<Vec<Value>, Fail> {
+        use futures::StreamExt;
+        let mut attempt = 0;
+        let r = loop {
+            let r = self
+                .http
+                .get(format!("{}{path}", self.base))
+                .bearer_auth(self.key()?)
+                .send()
+                .await
+                .map_err(|e| self.transport(e))?;
+            attempt += 1;
+            if r.status() != StatusCode::TOO_MANY_REQUESTS || attempt >= RATE_LIMIT_ATTEMPTS {
+                break r;
+            }
+            tokio::time::sleep(retry_after(r.headers())).await;
+        };
+        let status = r.status();
+        if !status.is_success() {
+            let text = r.text().await.map_err(|e| self.transport(e))?;
+            let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            return Err(refused(&Reply {
+                status,
+                replayed: false,
+                body,
+            }));
+        }
+        let mut lines = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut stream = r.bytes_stream();
+        let parse = |line: &[u8]| {
+            serde_json::from_slice::<Value>(line)
+                .map_err(|e| Fail::service(format!("{path}: a line is not JSON: {e}")))
+        };
+        while let Some(chunk) = stream.next().await {
+            pending.extend_from_slice(&chunk.map_err(|e| self.transport(e))?);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if line.len() > 1 {
+                    lines.push(parse(&line[..line.len() - 1])?);
+                }
+            }
+        }
+        if !pending.iter().all(u8::is_ascii_whitespace) {
+            // The server ends every line; a partial one means the transfer broke off.
+            return Err(Fail::service(format!("{path}: the answer ended mid-line")));
+        }
+        Ok(lines)
+    }
+
     /// Downloads `url` (a signed media link), streaming into `file`; returns the bytes written
     /// and the length the server announced.
     pub async fn download(

@@ -86,8 +86,40 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
         .filter_map(|j| j["id"].as_str().map(str::to_owned))
         .collect();
     out.note(&format!("reading {} jobs", job_ids.len()));
+    // Finished jobs come in bulk, one request per batch (`GET /v1/batches/{id}/results`);
+    // only jobs not finished yet are read one by one, for their current state.
+    let ids: Vec<&str> = batches.iter().filter_map(|b| b["id"].as_str()).collect();
+    let bulk: Vec<Result<Vec<Value>, Fail>> = futures::stream::iter(ids)
+        .map(|id| async move { api.ndjson(&format!("/v1/batches/{id}/results")).await })
+        .buffered(usize::from(args.concurrency))
+        .collect()
+        .await;
+    let mut finished: HashMap<String, Value> = HashMap::new();
+    for lines in bulk {
+        for mut l in lines? {
+            if let Some(id) = l["id"].as_str().map(str::to_owned) {
+                if let Some(o) = l.as_object_mut() {
+                    o.remove("id");
+                    o.insert("job_id".into(), json!(id));
+                }
+                finished.insert(id, l);
+            }
+        }
+    }
     let jobs: Vec<Result<Value, Fail>> = futures::stream::iter(&job_ids)
-        .map(|id| async move { api.get(&format!("/v1/jobs/{id}")).await })
+        .map(|id| {
+            let done = finished.remove(id);
+            async move {
+                match done {
+                    Some(line) => Ok(line),
+                    None => {
+                        let mut j = api.get(&format!("/v1/jobs/{id}")).await?;
+                        j["job_id"] = j["id"].take();
+                        Ok(j)
+                    }
+                }
+            }
+        })
         .buffered(usize::from(args.concurrency))
         .collect()
         .await;
@@ -102,8 +134,12 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
     let (mut processed, mut failed, mut unfinished) = (0usize, 0usize, 0usize);
     for job in jobs {
         let job = job?;
-        let id = job["id"].as_str().unwrap_or("?").to_owned();
-        let cid = custom.get(&id).cloned();
+        let id = job["job_id"].as_str().unwrap_or("?").to_owned();
+        // The ids this submit recorded, else the one the gateway kept with the job.
+        let cid = custom
+            .get(&id)
+            .cloned()
+            .or_else(|| job["custom_id"].as_str().map(str::to_owned));
         match job["status"].as_str() {
             Some("PROCESSED") => processed += 1,
             Some("FAILED" | "CANCELLED") => failed += 1,

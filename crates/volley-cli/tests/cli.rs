@@ -169,6 +169,77 @@ async fn a_thousand_mixed_lines_submitted_watched_and_downloaded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_of_a_running_batch_list_finished_failed_and_unfinished_jobs_in_order() {
+    let s = Stack::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let lines = [
+        json!({"custom_id": "slow", "endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "s", "sim_latency_ms": 120_000}}),
+        json!({"custom_id": "img", "endpoint": "/v1/images/generations", "body": {"model": "flux-dev", "prompt": "lamp"}}),
+        json!({"custom_id": "bad", "endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x", "sim_fail": "fatal"}}),
+        json!({"endpoint": "/v1/chat/completions", "body": {"model": "qwen3-8b", "messages": [{"role": "user", "content": "hi"}]}}),
+    ];
+    let file: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("few.jsonl"), file).unwrap();
+    let o = volley(&s, dir.path(), &["submit", "few.jsonl"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let id = all_batches(&s).await[0]["id"].as_str().unwrap().to_owned();
+    s.wait_batch(&id, Duration::from_secs(60), |b| {
+        b["processed"] == 2 && b["failed"] == 1
+    })
+    .await;
+
+    let o = volley(&s, dir.path(), &["results", "--out", "res", "--json"]).await;
+    assert_eq!(o.status.code(), Some(1), "incomplete: {}", text(&o));
+    let summary: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (
+            &summary["processed"],
+            &summary["failed"],
+            &summary["unfinished"]
+        ),
+        (&json!(2), &json!(1), &json!(1)),
+        "{summary}"
+    );
+    let res = dir.path().join("res");
+    let got: Vec<Value> = std::fs::read_to_string(res.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ids: Vec<&Value> = got.iter().map(|l| &l["custom_id"]).collect();
+    assert_eq!(
+        ids,
+        [&json!("slow"), &json!("img"), &json!("bad"), &Value::Null]
+    );
+    // The unfinished job, read on its own, has the same fields as the finished ones.
+    assert!(matches!(
+        got[0]["status"].as_str(),
+        Some("QUEUED" | "PROCESSING")
+    ));
+    for l in &got {
+        for k in [
+            "job_id", "batch_id", "endpoint", "model", "status", "result", "error", "usage",
+            "files",
+        ] {
+            assert!(l.as_object().unwrap().contains_key(k), "{k}: {l}");
+        }
+        assert_eq!(l["batch_id"], id.as_str());
+    }
+    assert_eq!(got[0]["endpoint"], "/v1/completions");
+    assert!(got[0]["result"].is_null());
+    assert_eq!(got[1]["status"], "PROCESSED");
+    check_media(&res.join(got[1]["files"][0].as_str().unwrap()));
+    assert_eq!(got[1]["files"][0], "img.png");
+    assert_eq!(got[2]["status"], "FAILED");
+    assert_eq!(got[2]["error"]["type"], "invalid_request");
+    assert!(got[2]["result"].is_null());
+    assert!(got[3]["usage"]["total_tokens"].as_i64().unwrap() > 0);
+    assert!(got[3]["job_id"].is_string());
+    s.post_empty(&format!("/v1/batches/{id}/cancel")).await;
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_submit_resumes_without_duplicates() {
     let s = Stack::start().await;
     let dir = tempfile::tempdir().unwrap();

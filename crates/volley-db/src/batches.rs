@@ -19,6 +19,8 @@ pub struct NewJob {
     pub endpoint: String,
     pub model: String,
     pub body: Value,
+    /// The client's name for the job, unique within the batch (validated before).
+    pub custom_id: Option<String>,
 }
 
 /// What publishing a job needs.
@@ -53,6 +55,8 @@ impl JobDispatch {
 pub struct BatchView {
     pub id: i64,
     pub label: Option<String>,
+    /// The client's string pairs (`{}` when none were given).
+    pub metadata: Value,
     pub total: i64,
     pub created_at: DateTime<Utc>,
     pub counts: BatchCounts,
@@ -63,6 +67,7 @@ pub struct JobSummary {
     pub id: i64,
     pub status: String,
     pub inference_type: String,
+    pub custom_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable)]
@@ -88,6 +93,7 @@ pub struct JobView {
     pub total_tokens: Option<i64>,
     /// Media the job's worker stored: the only `volley-media:` keys that may become links.
     pub media_keys: Option<Vec<String>>,
+    pub custom_id: Option<String>,
 }
 
 #[derive(Queryable)]
@@ -96,6 +102,7 @@ pub(crate) struct BatchRow {
     label: Option<String>,
     total: i32,
     created_at: DateTime<Utc>,
+    metadata: Value,
 }
 
 type PgConn = diesel::PgConnection;
@@ -107,7 +114,9 @@ type KeyedJob = (
     Option<String>,
     Option<i32>,
     Option<DateTime<Utc>>,
+    Option<bool>,
     Option<i64>,
+    Option<String>,
     Option<String>,
     Option<String>,
     Option<i64>,
@@ -142,6 +151,7 @@ pub(crate) fn batch_views(
         .map(|r| BatchView {
             id: r.id,
             label: r.label,
+            metadata: r.metadata,
             total: i64::from(r.total),
             created_at: r.created_at,
             counts: counts.remove(&r.id).unwrap_or_default(),
@@ -154,6 +164,7 @@ pub(crate) fn insert_batch(
     conn: &mut PgConn,
     owner: &str,
     label: Option<String>,
+    metadata: &Value,
     new_jobs: &[NewJob],
     dispatch_grace_ms: u64,
 ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
@@ -163,6 +174,7 @@ pub(crate) fn insert_batch(
             batches::owner.eq(owner),
             batches::label.eq(&label),
             batches::total.eq(total),
+            batches::metadata.eq(metadata),
         ))
         .returning(BATCH_COLUMNS)
         .get_result(conn)?;
@@ -177,6 +189,7 @@ pub(crate) fn insert_batch(
                 jobs::endpoint.eq(&j.endpoint),
                 jobs::model.eq(&j.model),
                 jobs::body.eq(&j.body),
+                jobs::custom_id.eq(&j.custom_id),
                 jobs::available_at.eq(available),
                 // Out of the outbox from the start: the batch's `published_at`
                 // stands for the confirms, so they cost no update per job.
@@ -194,6 +207,7 @@ pub(crate) fn insert_batch(
         BatchView {
             id: row.id,
             label: row.label,
+            metadata: row.metadata,
             total: i64::from(total),
             created_at: row.created_at,
             counts,
@@ -202,16 +216,18 @@ pub(crate) fn insert_batch(
     ))
 }
 
-const BATCH_COLUMNS: (
+pub(crate) const BATCH_COLUMNS: (
     batches::id,
     batches::label,
     batches::total,
     batches::created_at,
+    batches::metadata,
 ) = (
     batches::id,
     batches::label,
     batches::total,
     batches::created_at,
+    batches::metadata,
 );
 
 impl Db {
@@ -225,9 +241,30 @@ impl Db {
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
     ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+        self.create_batch_with_metadata(
+            owner,
+            label,
+            Value::Object(Default::default()),
+            new_jobs,
+            dispatch_grace_ms,
+        )
+        .await
+    }
+
+    /// [`Db::create_batch`] with the client's `metadata` (validated before).
+    pub async fn create_batch_with_metadata(
+        &self,
+        owner: &str,
+        label: Option<String>,
+        metadata: Value,
+        new_jobs: Vec<NewJob>,
+        dispatch_grace_ms: u64,
+    ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
-            conn.transaction(|conn| insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms))
+            conn.transaction(|conn| {
+                insert_batch(conn, &owner, label, &metadata, &new_jobs, dispatch_grace_ms)
+            })
         })
         .await
     }
@@ -326,25 +363,42 @@ impl Db {
                     batches::label.nullable(),
                     batches::total.nullable(),
                     batches::created_at.nullable(),
+                    // Whether the batch has metadata, not the metadata: this row repeats once
+                    // per job, and up to 16 pairs of 512 characters 256 times over would make
+                    // every poll megabytes. A batch that has some reads it with a second
+                    // statement below.
+                    batches::metadata
+                        .nullable()
+                        .eq(Value::Object(Default::default())),
                     jobs::id.nullable(),
                     jobs::status.nullable(),
                     jobs::inference_type.nullable(),
+                    jobs::custom_id.nullable(),
                     jobs::prompt_tokens.nullable(),
                     jobs::completion_tokens.nullable(),
                     jobs::total_tokens.nullable(),
                 ))
                 .load(&mut **conn)?;
-            let Some(&(batch_id, ref label, total, created_at, ..)) = rows.first() else {
+            let Some(&(batch_id, ref label, total, created_at, no_metadata, ..)) = rows.first()
+            else {
                 return Ok(None);
             };
             let (Some(id), Some(total), Some(created_at)) = (batch_id, total, created_at) else {
                 return Ok(Some(None));
             };
+            let metadata = if no_metadata == Some(false) {
+                batches::table
+                    .filter(batches::id.eq(id))
+                    .select(batches::metadata)
+                    .first(&mut **conn)?
+            } else {
+                Value::Object(Default::default())
+            };
             let label = label.clone();
             let mut counts = BatchCounts::default();
             let mut usage = BatchUsage::default();
             let mut summaries = Vec::with_capacity(rows.len());
-            for (.., job_id, status, inference_type, pt, ct, tt) in rows {
+            for (.., job_id, status, inference_type, custom_id, pt, ct, tt) in rows {
                 let (Some(job_id), Some(status), Some(inference_type)) =
                     (job_id, status, inference_type)
                 else {
@@ -360,11 +414,13 @@ impl Db {
                     id: job_id,
                     status,
                     inference_type,
+                    custom_id,
                 });
             }
             let view = BatchView {
                 id,
                 label,
+                metadata,
                 total: i64::from(total),
                 created_at,
                 counts,
@@ -476,7 +532,12 @@ fn batch_with_jobs(
     let summaries: Vec<JobSummary> = jobs::table
         .filter(jobs::batch_id.eq(id))
         .order(jobs::id)
-        .select((jobs::id, jobs::status, jobs::inference_type))
+        .select((
+            jobs::id,
+            jobs::status,
+            jobs::inference_type,
+            jobs::custom_id,
+        ))
         .load(conn)?;
     let mut counts = BatchCounts::default();
     for j in &summaries {
@@ -488,6 +549,7 @@ fn batch_with_jobs(
         BatchView {
             id: row.id,
             label: row.label,
+            metadata: row.metadata,
             total: i64::from(row.total),
             created_at: row.created_at,
             counts,

@@ -28,8 +28,16 @@ pub enum Idempotent {
     InFlight,
 }
 
-/// An earlier use of the key: its body hash, and its batch's id, label, total and creation.
-type Earlier = (Vec<u8>, i64, Option<String>, i32, DateTime<Utc>);
+/// An earlier use of the key: its body hash, and its batch's id, label, total, creation and
+/// metadata.
+type Earlier = (
+    Vec<u8>,
+    i64,
+    Option<String>,
+    i32,
+    DateTime<Utc>,
+    serde_json::Value,
+);
 
 #[derive(QueryableByName)]
 struct Locked {
@@ -62,6 +70,7 @@ impl Db {
         body: &[u8],
         owner: &str,
         label: Option<String>,
+        metadata: serde_json::Value,
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
     ) -> Result<Idempotent, DbError> {
@@ -95,10 +104,11 @@ impl Db {
                         batches::label,
                         batches::total,
                         batches::created_at,
+                        batches::metadata,
                     ))
                     .first(conn)
                     .optional()?;
-                if let Some((earlier_hash, id, label, total, created_at)) = earlier {
+                if let Some((earlier_hash, id, label, total, created_at, metadata)) = earlier {
                     if earlier_hash != hash {
                         return Ok(Idempotent::Mismatch);
                     }
@@ -108,13 +118,14 @@ impl Db {
                     return Ok(Idempotent::Replayed(BatchView {
                         id,
                         label,
+                        metadata,
                         total: i64::from(total),
                         created_at,
                         counts,
                     }));
                 }
                 let (view, dispatch) =
-                    insert_batch(conn, &owner, label, &new_jobs, dispatch_grace_ms)?;
+                    insert_batch(conn, &owner, label, &metadata, &new_jobs, dispatch_grace_ms)?;
                 // An expired row not purged yet is taken over.
                 diesel::insert_into(idempotency_keys::table)
                     .values((

@@ -21,6 +21,7 @@ diesel::table! {
         total -> Int4,
         created_at -> Timestamptz,
         published_at -> Nullable<Timestamptz>,
+        metadata -> Jsonb,
     }
 }
 
@@ -53,6 +54,7 @@ diesel::table! {
         attempt_base -> Int4,
         operator_retries -> Int4,
         media_keys -> Nullable<Array<Text>>,
+        custom_id -> Nullable<Text>,
     }
 }
 

@@ -13,6 +13,7 @@ fn jobs(n: usize) -> Vec<NewJob> {
             endpoint: "/v1/completions".into(),
             model: "qwen3-8b".into(),
             body: json!({"model": "qwen3-8b", "prompt": format!("p{i}")}),
+            custom_id: None,
         })
         .collect()
 }
@@ -448,7 +449,7 @@ async fn idempotency_keys_replay_refuse_and_expire() {
     let create = |key_id: i64, key: &str, body: &'static [u8]| {
         let (db, key) = (db.clone(), key.to_owned());
         async move {
-            db.create_batch_idempotent(key_id, key, body, "o", None, jobs(2), 0)
+            db.create_batch_idempotent(key_id, key, body, "o", None, json!({}), jobs(2), 0)
                 .await
                 .unwrap()
         }
@@ -582,4 +583,91 @@ async fn an_unstorable_event_fails_only_its_own_job() {
     // Applying the same events again (a redelivery) changes nothing and refuses nothing.
     let again = db.apply_each(events, refusal).await.unwrap();
     assert!(again.iter().all(|r| *r == EachResult::Ignored), "{again:?}");
+}
+
+#[tokio::test]
+async fn finished_jobs_are_read_in_pages_and_custom_ids_kept() {
+    use volley_db::listing::{BatchFilter, Cursor, JobFilter};
+    use volley_domain::JobStatus;
+    let (_t, db) = setup().await;
+    let mut new = jobs(7);
+    for (i, j) in new.iter_mut().enumerate() {
+        j.custom_id = (i != 3).then(|| format!("c{i}"));
+    }
+    let (b, d) = db
+        .create_batch_with_metadata("o", None, json!({"k": "v"}), new, 0)
+        .await
+        .unwrap();
+    assert_eq!(b.metadata, json!({"k": "v"}));
+    let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
+    // Jobs 0, 2, 4, 5 succeed; 6 is cancelled; 1 and 3 stay queued.
+    let done = [ids[0], ids[2], ids[4], ids[5]];
+    db.claim(done.to_vec(), 60_000).await.unwrap();
+    db.apply_events(done.iter().map(|id| ok(*id, 1)).collect())
+        .await
+        .unwrap();
+    db.cancel_job("o", ids[6]).await.unwrap();
+
+    // Pages of two, each after the last id of the one before: every finished job once.
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut reads = 0;
+    loop {
+        let page = db
+            .finished_jobs_page(b.id, Vec::new(), after, 2)
+            .await
+            .unwrap();
+        reads += 1;
+        seen.extend(page.iter().map(|j| (j.id, j.custom_id.clone())));
+        if page.len() < 2 {
+            break;
+        }
+        after = page.last().map(|j| j.id);
+    }
+    assert_eq!(reads, 3);
+    let want: Vec<(i64, Option<String>)> = [0, 2, 4, 5, 6]
+        .iter()
+        .map(|i| (ids[*i], Some(format!("c{i}"))))
+        .collect();
+    assert_eq!(seen, want);
+    let cancelled = db
+        .finished_jobs_page(b.id, vec![JobStatus::Cancelled], None, 10)
+        .await
+        .unwrap();
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].id, ids[6]);
+
+    // The custom_id lookup and the unique index.
+    let found = db
+        .list_jobs(
+            "o",
+            b.id,
+            JobFilter {
+                custom_id: Some("c4".into()),
+                ..Default::default()
+            },
+            Cursor::First,
+            10,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.items.len(), 1);
+    assert_eq!(found.items[0].id, ids[4]);
+    let mut twice = jobs(2);
+    for j in &mut twice {
+        j.custom_id = Some("same".into());
+    }
+    assert!(db.create_batch("o", None, twice, 0).await.is_err());
+    // A custom_id is unique per batch only.
+    let mut again = jobs(1);
+    again[0].custom_id = Some("c4".into());
+    db.create_batch("o", None, again, 0).await.unwrap();
+    let all = db
+        .list_batches_page("o", BatchFilter::default(), Cursor::First, 10)
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 2, "the refused batch left nothing");
+    assert_eq!(all.items[1].metadata, json!({"k": "v"}));
+    assert_eq!(all.items[0].metadata, json!({}));
 }

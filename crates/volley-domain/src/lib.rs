@@ -11,6 +11,6 @@ pub mod validate;
 pub use state::{BatchCounts, BatchStatus, JobStatus, Transition};
 pub use types::{Endpoint, InferenceType, ParseError};
 pub use validate::{
-    BatchRejection, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch, ValidItem,
-    validate_batch,
+    BatchRejection, CUSTOM_ID_RULE, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch,
+    ValidItem, is_custom_id, validate_batch,
 };

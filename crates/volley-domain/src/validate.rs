@@ -1,6 +1,8 @@
 //! Whole-batch validation: every item is checked, every problem is reported with its index and
 //! field path, and a batch with any problem is rejected whole.
 
+use std::collections::HashMap;
+
 use serde_json::{Map, Value};
 
 use crate::types::Endpoint;
@@ -16,6 +18,10 @@ pub struct Limits {
     pub max_messages: usize,
     /// Serialized size of one item's body.
     pub max_body_bytes: usize,
+    /// Pairs of a batch's `metadata`, and the length of each key and value.
+    pub max_metadata_pairs: usize,
+    pub max_metadata_key_chars: usize,
+    pub max_metadata_value_chars: usize,
 }
 
 impl Default for Limits {
@@ -27,6 +33,9 @@ impl Default for Limits {
             max_text_chars: 100_000,
             max_messages: 512,
             max_body_bytes: 256 * 1024,
+            max_metadata_pairs: 16,
+            max_metadata_key_chars: 64,
+            max_metadata_value_chars: 512,
         }
     }
 }
@@ -88,6 +97,8 @@ impl BatchRejection {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidItem {
+    /// The client's own name for the item, unique within the batch.
+    pub custom_id: Option<String>,
     pub endpoint: Endpoint,
     pub model: String,
     pub body: Value,
@@ -96,8 +107,20 @@ pub struct ValidItem {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidBatch {
     pub label: Option<String>,
+    /// The client's string pairs, kept and returned as given (empty when absent).
+    pub metadata: Map<String, Value>,
     pub items: Vec<ValidItem>,
 }
+
+/// Whether `s` is a valid `custom_id`: 1-64 characters of `A-Z a-z 0-9 _ . : -`. The same
+/// rule checks submitted items and the `custom_id` a listing is filtered by.
+pub fn is_custom_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:-".contains(&b))
+}
+
+pub const CUSTOM_ID_RULE: &str = "must be 1-64 characters of A-Z a-z 0-9 _ . : -";
 
 /// Validates a whole batch request body.
 pub fn validate_batch(
@@ -160,25 +183,121 @@ pub fn validate_batch(
         }
     };
 
+    let metadata = metadata(obj.get("metadata"), limits, &mut errors);
+
     let mut items = Vec::with_capacity(requests.len());
+    // Where each custom_id was first seen, to name both items of a duplicate.
+    let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, item) in requests.iter().enumerate() {
         let mut c = Checker {
             index: i,
             errors: &mut errors,
             limits,
         };
-        if let Some(v) = c.item(item, catalog) {
+        let custom_id = c.custom_id(item);
+        if let Some(id) = custom_id {
+            if let Some(first) = seen.get(id) {
+                c.err(
+                    "custom_id",
+                    format!("{id:?} is already used by requests[{first}]"),
+                );
+            } else {
+                seen.insert(id, i);
+            }
+        }
+        if let Some(mut v) = c.item(item, catalog) {
+            v.custom_id = custom_id.map(str::to_owned);
             items.push(v);
         }
     }
     if errors.is_empty() {
-        Ok(ValidBatch { label, items })
+        Ok(ValidBatch {
+            label,
+            metadata,
+            items,
+        })
     } else {
         Err(BatchRejection::Invalid(errors))
     }
 }
 
 const NUL_MESSAGE: &str = "must not contain the NUL character (U+0000)";
+
+/// A batch's `metadata`: an object of at most `max_metadata_pairs` string values, keys of
+/// 1-`max_metadata_key_chars` characters, values of at most `max_metadata_value_chars`, no
+/// U+0000 anywhere (stored as `jsonb`). Problems are pushed to `errors`.
+fn metadata(
+    v: Option<&Value>,
+    limits: &Limits,
+    errors: &mut Vec<FieldError>,
+) -> Map<String, Value> {
+    let mut err = |field: String, message: String| {
+        errors.push(FieldError {
+            index: None,
+            field,
+            message,
+        })
+    };
+    let map = match v {
+        None | Some(Value::Null) => return Map::new(),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            err(
+                "metadata".into(),
+                "must be an object of string values".into(),
+            );
+            return Map::new();
+        }
+    };
+    if map.len() > limits.max_metadata_pairs {
+        err(
+            "metadata".into(),
+            format!(
+                "at most {} pairs; this one has {}",
+                limits.max_metadata_pairs,
+                map.len()
+            ),
+        );
+        return Map::new();
+    }
+    let mut bad = 0usize;
+    for (k, v) in map {
+        let n = k.chars().count();
+        // A key that is itself the problem is not echoed in the field path.
+        if k.contains('\0') {
+            err("metadata".into(), format!("a key {NUL_MESSAGE}"));
+            bad += 1;
+            continue;
+        }
+        if n == 0 || n > limits.max_metadata_key_chars {
+            err(
+                "metadata".into(),
+                format!(
+                    "keys must be 1-{} characters; {:?} has {n}",
+                    limits.max_metadata_key_chars,
+                    truncate(k, 32)
+                ),
+            );
+            bad += 1;
+            continue;
+        }
+        let field = format!("metadata.{k}");
+        match v {
+            Value::String(s) if s.contains('\0') => err(field, NUL_MESSAGE.into()),
+            Value::String(s) if s.chars().count() > limits.max_metadata_value_chars => err(
+                field,
+                format!("at most {} characters", limits.max_metadata_value_chars),
+            ),
+            Value::String(_) => continue,
+            _ => err(field, "must be a string".into()),
+        }
+        bad += 1;
+    }
+    if bad > 0 {
+        return Map::new();
+    }
+    map.clone()
+}
 
 /// The path of the first string or key holding U+0000 under `body`, which is stored as
 /// `jsonb`: PostgreSQL cannot store that character, and a batch holding one must be a clear
@@ -231,6 +350,18 @@ impl Checker<'_> {
             field,
             message: message.into(),
         });
+    }
+
+    /// The item's `custom_id`, if it has a valid one (an invalid one is an error).
+    fn custom_id<'v>(&mut self, item: &'v Value) -> Option<&'v str> {
+        match item.as_object()?.get("custom_id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if is_custom_id(s) => Some(s.as_str()),
+            Some(_) => {
+                self.err("custom_id", CUSTOM_ID_RULE);
+                None
+            }
+        }
     }
 
     fn item(&mut self, item: &Value, catalog: &dyn ModelCatalog) -> Option<ValidItem> {
@@ -312,6 +443,7 @@ impl Checker<'_> {
             }
         }
         Some(ValidItem {
+            custom_id: None,
             endpoint,
             model: model?,
             body: Value::Object(body),
@@ -687,5 +819,113 @@ mod tests {
         ] {
             assert!(check(v).is_err());
         }
+    }
+
+    fn one(custom_id: Value) -> Value {
+        json!({"custom_id": custom_id, "endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x"}})
+    }
+
+    #[test]
+    fn custom_ids_are_kept_checked_and_unique() {
+        let b = check(json!({"requests": [one(json!("a-1:x.y_z")), one(json!(null)), {"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": "x"}}]}))
+            .unwrap();
+        let ids: Vec<Option<&str>> = b.items.iter().map(|i| i.custom_id.as_deref()).collect();
+        assert_eq!(ids, [Some("a-1:x.y_z"), None, None]);
+
+        let r = check(json!({"requests": [
+            one(json!("dup")), one(json!("ok")), one(json!("dup")),
+            one(json!("")), one(json!("x".repeat(65))), one(json!("sp ace")), one(json!("nul\u{0}")),
+            one(json!(7)), one(json!({"a": 1})), one(json!("é")), one(json!("dup")),
+        ]}))
+        .unwrap_err();
+        let BatchRejection::Invalid(errors) = &r else {
+            panic!("{r:?}")
+        };
+        let f: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            f,
+            [
+                "requests[2].custom_id",
+                "requests[3].custom_id",
+                "requests[4].custom_id",
+                "requests[5].custom_id",
+                "requests[6].custom_id",
+                "requests[7].custom_id",
+                "requests[8].custom_id",
+                "requests[9].custom_id",
+                "requests[10].custom_id",
+            ]
+        );
+        assert_eq!(errors[0].index, Some(2));
+        let m = r.message();
+        assert!(
+            m.contains("requests[2].custom_id: \"dup\" is already used by requests[0]"),
+            "{m}"
+        );
+        assert!(
+            m.contains("requests[10].custom_id: \"dup\" is already used by requests[0]"),
+            "{m}"
+        );
+        // 64 characters is the most.
+        assert!(check(json!({"requests": [one(json!("x".repeat(64)))]})).is_ok());
+        assert!(is_custom_id("A-z_0.9:"));
+        assert!(!is_custom_id("a/b"));
+    }
+
+    #[test]
+    fn metadata_is_string_pairs_within_limits() {
+        let b =
+            check(json!({"metadata": {"team": "ads", "k": ""}, "requests": [one(json!(null))]}))
+                .unwrap();
+        assert_eq!(b.metadata.len(), 2);
+        assert_eq!(b.metadata["team"], "ads");
+        assert!(
+            check(json!({"requests": [one(json!(null))]}))
+                .unwrap()
+                .metadata
+                .is_empty()
+        );
+        assert!(
+            check(json!({"metadata": null, "requests": [one(json!(null))]}))
+                .unwrap()
+                .metadata
+                .is_empty()
+        );
+
+        let pairs = |n: usize| -> Value {
+            Value::Object((0..n).map(|i| (format!("k{i}"), json!("v"))).collect())
+        };
+        assert!(check(json!({"metadata": pairs(16), "requests": [one(json!(null))]})).is_ok());
+        let bad = |m: Value| {
+            fields(check(
+                json!({"metadata": m, "requests": [one(json!(null))]}),
+            ))
+        };
+        assert_eq!(bad(pairs(17)), ["metadata"]);
+        assert_eq!(bad(json!([["a", "b"]])), ["metadata"]);
+        assert_eq!(bad(json!("a=b")), ["metadata"]);
+        assert_eq!(bad(json!({"a": {"nested": "x"}})), ["metadata.a"]);
+        assert_eq!(
+            bad(json!({"a": 1, "b": true, "c": null, "d": ["x"]})),
+            ["metadata.a", "metadata.b", "metadata.c", "metadata.d"]
+        );
+        assert_eq!(bad(json!({"a": "x\u{0}"})), ["metadata.a"]);
+        assert_eq!(bad(json!({"k\u{0}": "x"})), ["metadata"]);
+        assert_eq!(bad(json!({"": "x"})), ["metadata"]);
+        assert_eq!(bad(json!({"k".repeat(65): "x"})), ["metadata"]);
+        assert_eq!(bad(json!({"a": "v".repeat(513)})), ["metadata.a"]);
+        assert!(check(json!({"metadata": {"k".repeat(64): "v".repeat(512)}, "requests": [one(json!(null))]})).is_ok());
+        // Characters, not bytes.
+        assert!(check(json!({"metadata": {"é".repeat(64): "é".repeat(512)}, "requests": [one(json!(null))]})).is_ok());
+        // Metadata problems are reported with the items' problems, all at once.
+        let f = fields(check(
+            json!({"metadata": 5, "requests": [one(json!("a b"))]}),
+        ));
+        assert_eq!(f, ["metadata", "requests[0].custom_id"]);
+        // A huge key is not echoed back whole.
+        let r =
+            check(json!({"metadata": {"k".repeat(10_000): "x"}, "requests": [one(json!(null))]}))
+                .unwrap_err();
+        assert!(r.message().len() < 300, "{}", r.message());
     }
 }
