@@ -432,6 +432,10 @@ fn error_kinds_by_status() -> BTreeMap<u16, Vec<&'static str>> {
     by
 }
 
+/// Unicode White_Space, what `str::trim` removes.
+const WS: &str =
+    r"[\t\n\u000b\u000c\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]";
+
 /// A pattern matching `name` in any case: `Ab` is `[Aa][Bb]`.
 fn any_case(name: &str) -> String {
     name.chars()
@@ -516,8 +520,9 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
             ],
         }),
     );
-    for name in BODIES {
-        if let Some(body) = components.get_mut(name) {
+    // Chat messages are passed on whole, other fields included: the same rule.
+    for name in BODIES.iter().chain(&["ChatMessage"]) {
+        if let Some(body) = components.get_mut(*name) {
             body["additionalProperties"] = json!({"$ref": "#/components/schemas/PassThrough"});
             body["propertyNames"] = json!({"pattern": r"^[^\u0000]*$"});
         }
@@ -549,7 +554,12 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
         ("/v1/batches/{id}/jobs", format!("^({})?$", one_of(&job))),
         (
             "/v1/batches/{id}/results",
-            format!(r"^\s*({0})?\s*(,\s*({0})?\s*)*$", one_of(&finished)),
+            // Parts split at commas: empty, or one name with white space around it (Rust's
+            // `trim`, so Unicode White_Space, spelled out: ECMAScript's `\s` also takes U+FEFF).
+            format!(
+                "^({WS}*({0}){WS}*)?(,({WS}*({0}){WS}*)?)*$",
+                one_of(&finished)
+            ),
         ),
     ];
     for (path, pattern) in filters {
