@@ -56,7 +56,23 @@ pub struct Stack {
 
 struct GatewayTask {
     handle: gateway::ServerHandle,
+    drain: gateway::DrainSwitch,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Another gateway replica on a stack's database and broker (see [`Stack::replica`]).
+pub struct Replica {
+    pub url: String,
+    gateway: GatewayTask,
+}
+
+impl Replica {
+    /// Drains (readiness off, event streams ended) and stops it.
+    pub async fn stop(self) {
+        self.gateway.drain.drain();
+        self.gateway.handle.stop(true).await;
+        let _ = self.gateway.task.await;
+    }
 }
 
 /// What a test may change before the stack starts.
@@ -119,6 +135,7 @@ impl Stack {
         let state = batch_state::start_on(s.clone(), st_listener).unwrap();
         let gw = gateway::Gateway::build_on(s.clone(), gw_listener).unwrap();
         let handle = gw.handle();
+        let drain = gw.drain_switch();
         let task = tokio::spawn(gw.run());
         let workers = opts
             .workers
@@ -136,7 +153,11 @@ impl Stack {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
-            gateway: Some(GatewayTask { handle, task }),
+            gateway: Some(GatewayTask {
+                handle,
+                drain,
+                task,
+            }),
             state: Some(state),
             workers,
             _media: media,
@@ -144,6 +165,38 @@ impl Stack {
         };
         stack.wait_ready().await;
         stack
+    }
+
+    /// Starts another gateway replica on this stack's settings (database, broker), as a
+    /// load balancer would have in front of several; `tweak` may change its gateway settings.
+    pub async fn replica(&self, tweak: impl FnOnce(&mut Settings)) -> Replica {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let mut s = self.settings.clone();
+        s.gateway.addr = listener.local_addr().unwrap().to_string();
+        tweak(&mut s);
+        let gw = gateway::Gateway::build_on(s, listener).unwrap();
+        let handle = gw.handle();
+        let drain = gw.drain_switch();
+        let task = tokio::spawn(gw.run());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(format!("{url}/readyz")).send().await
+                && r.status().is_success()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{url} never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Replica {
+            url,
+            gateway: GatewayTask {
+                handle,
+                drain,
+                task,
+            },
+        }
     }
 
     /// Waits until the gateway, batch-state and every worker report ready.
@@ -328,6 +381,8 @@ impl Stack {
             w.stop(Duration::from_millis(500)).await;
         }
         if let Some(g) = self.gateway.take() {
+            // Ends open event streams, which a graceful stop would wait for.
+            g.drain.drain();
             g.handle.stop(true).await;
             let _ = g.task.await;
         }

@@ -4,6 +4,8 @@ mod admin;
 mod browse;
 mod console;
 mod error;
+mod eta;
+mod events;
 mod limits;
 pub mod openapi;
 mod results;
@@ -40,6 +42,10 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Bounds the batches being published in the background after their 202.
     pub publishing: Arc<tokio::sync::Semaphore>,
+    /// Open event streams and their wake-ups.
+    pub hub: Arc<events::Hub>,
+    /// Completion estimates' aggregates, read at most every few seconds.
+    pub eta: eta::EtaCache,
 }
 
 /// Batches published in the background at once; past this, a request publishes its own batch
@@ -53,6 +59,9 @@ pub struct Gateway {
     server: Server,
     broker: Arc<Broker>,
     draining: Arc<AtomicBool>,
+    hub: Arc<events::Hub>,
+    /// The `LISTEN` connection that wakes event streams; stopped after the server.
+    changes: volley_db::progress::Listener,
 }
 
 impl Gateway {
@@ -96,6 +105,15 @@ impl Gateway {
         let signer = Signer::new(settings.media.signing_key.expose().as_bytes());
         let workers = settings.gateway.workers.max(1);
         let document = web::Data::new(openapi::build(&settings)?);
+        let hub = Arc::new(events::Hub::new(
+            settings.gateway.sse_max_streams_per_key,
+            &metrics,
+        )?);
+        let changes = {
+            let hub = hub.clone();
+            volley_db::progress::listen(settings.database_url.clone(), move |c| hub.changed(c))?
+        };
+        let eta = eta::EtaCache::new(settings.gateway.eta_window_secs);
         let state = web::Data::new(AppState {
             settings: Arc::new(settings),
             limits: Limits::default(),
@@ -106,6 +124,8 @@ impl Gateway {
             metrics: metrics.clone(),
             draining: draining.clone(),
             publishing: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_PUBLISHES)),
+            hub: hub.clone(),
+            eta,
         });
         let server = HttpServer::new(move || {
             let limiter = limiter.clone();
@@ -164,12 +184,18 @@ impl Gateway {
             server,
             broker,
             draining,
+            hub,
+            changes,
         })
     }
 
-    /// Turns readiness off (before a graceful stop), so no new requests are routed here.
+    /// Turns readiness off (before a graceful stop), so no new requests are routed here, and
+    /// ends the event streams, which a graceful stop would otherwise wait for.
     pub fn drain_switch(&self) -> DrainSwitch {
-        DrainSwitch(self.draining.clone())
+        DrainSwitch {
+            draining: self.draining.clone(),
+            hub: self.hub.clone(),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -188,6 +214,8 @@ impl Gateway {
     /// Serves until the handle stops it.
     pub async fn run(self) -> std::io::Result<()> {
         let r = self.server.await;
+        self.hub.close();
+        self.changes.stop().await;
         self.broker.close().await;
 
         r
@@ -213,13 +241,19 @@ async fn not_routed(
     }
 }
 
-/// Flips the gateway's readiness off; see [`Gateway::drain_switch`].
+/// Flips the gateway's readiness off and ends its event streams; see
+/// [`Gateway::drain_switch`].
 #[derive(Clone)]
-pub struct DrainSwitch(Arc<AtomicBool>);
+pub struct DrainSwitch {
+    draining: Arc<AtomicBool>,
+    hub: Arc<events::Hub>,
+}
 
 impl DrainSwitch {
     pub fn drain(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.draining.store(true, Ordering::Relaxed);
+        // Streams end now; their clients reconnect (with Last-Event-ID) to another replica.
+        self.hub.close();
     }
 }
 

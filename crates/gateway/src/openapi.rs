@@ -19,7 +19,7 @@ use volley_config::Settings;
 use volley_domain::{BatchStatus, Endpoint, JobStatus};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::{admin, browse, console, results, routes};
+use crate::{admin, browse, console, events, results, routes};
 
 /// The document, serialised once at start-up, and the methods of each of its paths.
 pub struct Document {
@@ -71,6 +71,7 @@ pub fn template(pattern: &str) -> String {
         routes::cancel_batch,
         browse::list_jobs,
         results::batch_results,
+        events::batch_events,
         routes::get_job,
         routes::cancel_job,
         routes::list_models,

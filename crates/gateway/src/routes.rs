@@ -20,6 +20,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/batches/{id}", web::get().to(get_batch))
         .route("/v1/batches/{id}/cancel", web::post().to(cancel_batch))
         .route(
+            "/v1/batches/{id}/events",
+            web::get().to(crate::events::batch_events),
+        )
+        .route(
             "/v1/batches/{id}/jobs",
             web::get().to(crate::browse::list_jobs),
         )
@@ -360,6 +364,18 @@ pub(crate) async fn get_batch(
         .ok_or(ApiError::NotFound("batch"))?;
     let mut v = views::batch_with_jobs(&b, &jobs, &state.settings.gateway.public_url);
     v.usage = Some(views::usage(&usage));
+    // An addition: when the batch should finish, from measured throughput (see eta.rs).
+    let unfinished = jobs
+        .iter()
+        .filter(|j| {
+            j.status
+                .parse::<volley_domain::JobStatus>()
+                .is_ok_and(|s| !s.is_terminal())
+        })
+        .map(|j| j.inference_type.as_str());
+    let estimate = state.eta.estimate(&state.db, id, unfinished);
+    v.estimated_completion_at = Some(estimate.estimated_completion_at);
+    v.estimated_seconds_remaining = Some(estimate.estimated_seconds_remaining);
     Ok(HttpResponse::Ok().json(v))
 }
 

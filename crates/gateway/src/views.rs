@@ -42,6 +42,13 @@ pub struct Batch {
 pub struct BatchDetail {
     pub cancelled: u64,
     pub created: i64,
+    /// When the batch should finish (RFC 3339, UTC), from measured throughput; `null` when
+    /// there is no estimate. Only on `GET /v1/batches/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_completion_at: Option<Option<String>>,
+    /// Seconds until then; `null` when there is no estimate. Only on `GET /v1/batches/{id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_seconds_remaining: Option<Option<u64>>,
     pub failed: u64,
     #[schema(example = "7")]
     pub id: String,
@@ -221,6 +228,8 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
     BatchDetail {
         cancelled: c.cancelled,
         created: b.created_at.timestamp(),
+        estimated_completion_at: None,
+        estimated_seconds_remaining: None,
         failed: c.failed,
         id: b.id.to_string(),
         jobs: jobs
@@ -403,16 +412,26 @@ mod tests {
             serde_json::to_string(&b).unwrap(),
             r#"{"cancelled":0,"created":1718312400,"failed":0,"id":"7","jobs":[{"custom_id":"a-1","id":"43","inference_type":"IMAGE","status":"PROCESSED","url":"http://gw/v1/jobs/43"}],"label":null,"metadata":{},"object":"batch","processed":2,"processing":1,"queued":0,"status":"PROCESSING","total":3}"#
         );
+        b.estimated_completion_at = Some(None);
+        b.estimated_seconds_remaining = Some(Some(5));
         b.usage = Some(usage(&volley_db::usage::BatchUsage {
             prompt_tokens: 1,
             completion_tokens: 2,
             total_tokens: 3,
             jobs: 1,
         }));
+        let text = serde_json::to_string(&b).unwrap();
         assert!(
-            serde_json::to_string(&b).unwrap().ends_with(
+            text.ends_with(
                 r#""total":3,"usage":{"completion_tokens":2,"jobs":1,"prompt_tokens":1,"total_tokens":3}}"#
-            )
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#""created":1718312400,"estimated_completion_at":null,"estimated_seconds_remaining":5,"failed":0"#
+            ),
+            "{text}"
         );
     }
 

@@ -104,6 +104,19 @@ pub struct GatewaySettings {
     pub key_burst: u32,
     /// Requests of one API key in progress at once (0: no limit).
     pub key_max_in_flight: u32,
+    /// Event streams (`GET /v1/batches/{id}/events`) one API key may hold open at once on
+    /// one gateway replica; past it, 429 `rate_limited`.
+    pub sse_max_streams_per_key: u32,
+    /// A comment line on every event stream this often, so that proxies and clients see a
+    /// quiet stream is alive.
+    pub sse_heartbeat_ms: u64,
+    /// Each stream re-reads its batch this often even without a notification (one missed
+    /// while the LISTEN connection was down, or a change nothing notifies, such as a claim).
+    pub sse_recheck_ms: u64,
+    /// A stream whose client has not taken its next event within this long is dropped.
+    pub sse_send_timeout_ms: u64,
+    /// Completion estimates: finishes within this window measure each modality's throughput.
+    pub eta_window_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -341,6 +354,11 @@ impl Default for GatewaySettings {
             key_rate_per_sec: 100,
             key_burst: 200,
             key_max_in_flight: 64,
+            sse_max_streams_per_key: 16,
+            sse_heartbeat_ms: 15_000,
+            sse_recheck_ms: 5_000,
+            sse_send_timeout_ms: 10_000,
+            eta_window_secs: 300,
         }
     }
 }
@@ -427,6 +445,10 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     (
         "VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT",
         "requests per API key in progress at once (0: no limit; 429)",
+    ),
+    (
+        "VOLLEY_GATEWAY_SSE_MAX_STREAMS_PER_KEY",
+        "event streams per API key open at once on one gateway (429 past it)",
     ),
     ("VOLLEY_STATE_ADDR", "batch-state listen address"),
     ("VOLLEY_STATE_URL", "where workers reach batch-state"),
@@ -538,6 +560,9 @@ impl Settings {
                 "VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT" => {
                     self.gateway.key_max_in_flight = parse(key, v)?
                 }
+                "VOLLEY_GATEWAY_SSE_MAX_STREAMS_PER_KEY" => {
+                    self.gateway.sse_max_streams_per_key = parse(key, v)?
+                }
                 "VOLLEY_STATE_ADDR" => self.state.addr = v.into(),
                 "VOLLEY_STATE_URL" => self.state.url = v.into(),
                 "VOLLEY_LEASE_MS" => self.state.lease_ms = parse(key, v)?,
@@ -635,6 +660,18 @@ impl Settings {
         }
         if self.gateway.key_rate_per_sec > 0 && self.gateway.key_burst == 0 {
             return bad("gateway.key_burst must be at least 1 when key_rate_per_sec is set".into());
+        }
+        let g = &self.gateway;
+        if g.sse_heartbeat_ms == 0
+            || g.sse_recheck_ms == 0
+            || g.sse_send_timeout_ms == 0
+            || g.eta_window_secs == 0
+        {
+            return bad(
+                "gateway.sse_heartbeat_ms, sse_recheck_ms, sse_send_timeout_ms and \
+                 eta_window_secs must be at least 1"
+                    .into(),
+            );
         }
         self.validate_media()?;
         let mut names = std::collections::HashSet::new();

@@ -460,6 +460,10 @@ impl Db {
                     .set(cancel_set())
                     .returning(jobs::id)
                     .get_results(conn)?;
+                if !cancelled.is_empty() {
+                    // Delivered at commit: every gateway's event streams of this batch wake.
+                    crate::progress::notify_on(conn, &[id])?;
+                }
                 Ok(batch_with_jobs(conn, &owner, id)?.map(|(b, j)| (b, j, cancelled)))
             })
         })
@@ -488,6 +492,9 @@ impl Db {
                     .select(JobView::as_select())
                     .first(conn)
                     .optional()?;
+                if let Some(j) = job.as_ref().filter(|_| n > 0) {
+                    crate::progress::notify_on(conn, &[j.batch_id])?;
+                }
                 Ok(job.map(|j| (j, n > 0)))
             })
         })

@@ -8,6 +8,7 @@ mod idempotency;
 mod keys;
 pub mod listing;
 pub mod ops;
+pub mod progress;
 mod schema;
 mod state;
 pub mod status;

@@ -412,8 +412,11 @@ fn apply_on(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
+    // The same statement tells every gateway which batches changed (`NOTIFY`, delivered at
+    // commit, one per statement whatever the number of jobs), so their event streams wake
+    // up. A SELECT in WITH runs only as far as it is read: the count reads it whole.
     let rows: Vec<IdStatus> = diesel::sql_query(
-                "UPDATE jobs AS j SET \
+                "WITH u AS (UPDATE jobs AS j SET \
                    status = v.status, \
                    result = v.result, \
                    error_type = v.error_type, \
@@ -435,7 +438,11 @@ fn apply_on(
                    AS v(id, attempt, status, result, error_type, error_message, last_error, \
                         pt, ct, tt, delay_ms, media_keys) \
                  WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
-                 RETURNING j.id, j.status",
+                 RETURNING j.id, j.status, j.batch_id), \
+                 b AS (SELECT string_agg(DISTINCT batch_id::text, ',') AS ids FROM u), \
+                 n AS (SELECT pg_notify($13, CASE WHEN length(ids) > $14 THEN $15 ELSE ids END) \
+                       FROM b WHERE ids IS NOT NULL) \
+                 SELECT u.id, u.status FROM u CROSS JOIN (SELECT count(*) AS k FROM n) c",
             )
             .bind::<Array<BigInt>, _>(&ids)
             .bind::<Array<Int4>, _>(&attempts)
@@ -449,6 +456,9 @@ fn apply_on(
             .bind::<Array<Nullable<BigInt>>, _>(&tokens[2])
             .bind::<Array<BigInt>, _>(&delays)
             .bind::<Array<Nullable<Jsonb>>, _>(&media_keys)
+            .bind::<Text, _>(crate::progress::BATCH_CHANNEL)
+            .bind::<Int4, _>(crate::progress::MAX_PAYLOAD)
+            .bind::<Text, _>(crate::progress::ALL_BATCHES)
             .load(&mut **conn)?;
     Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
 }

@@ -671,3 +671,50 @@ async fn finished_jobs_are_read_in_pages_and_custom_ids_kept() {
     assert_eq!(all.items[1].metadata, json!({"k": "v"}));
     assert_eq!(all.items[0].metadata, json!({}));
 }
+
+/// The statement that applies outcomes notifies the changed batches once (stale events and
+/// unchanged batches are not named); a listener hears it, after the `All` of its connection.
+#[tokio::test]
+async fn applying_outcomes_notifies_the_changed_batches_once() {
+    use volley_db::progress::{Changed, listen};
+    let (t, db) = setup().await;
+    let (a, da) = db.create_batch("alice", None, jobs(2), 0).await.unwrap();
+    let (b, db_jobs) = db.create_batch("alice", None, jobs(1), 0).await.unwrap();
+    let (c, dc) = db.create_batch("alice", None, jobs(1), 0).await.unwrap();
+    let ids: Vec<i64> = da.iter().chain(&db_jobs).chain(&dc).map(|j| j.id).collect();
+    db.claim(ids, 60_000).await.unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = listen(t.url.clone(), move |c| {
+        let _ = tx.send(c);
+    })
+    .unwrap();
+    let next = || rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(next(), Changed::All);
+    // Batch c's event is stale (wrong attempt): c did not change.
+    let applied = db
+        .apply_events(vec![
+            ok(da[0].id, 1),
+            ok(da[1].id, 1),
+            ok(db_jobs[0].id, 1),
+            ok(dc[0].id, 7),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(applied.len(), 3);
+    let Changed::Batches(mut named) = next() else {
+        panic!("expected batch ids");
+    };
+    named.sort();
+    assert_eq!(named, vec![a.id, b.id]);
+    // Nothing changed: no notification.
+    assert!(
+        db.apply_events(vec![ok(da[0].id, 1)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    db.cancel_batch("alice", c.id).await.unwrap();
+    assert_eq!(next(), Changed::Batches(vec![c.id]));
+    assert!(rx.try_recv().is_err());
+    listener.stop().await;
+}
