@@ -577,6 +577,22 @@ pub fn document(settings: &Settings) -> anyhow::Result<Value> {
         }
     }
 
+    // Each Server-Sent Event of a batch's stream (events.rs's `frame`): its `data` is one line
+    // of JSON, the batch's counts (`progress`, `done`) or a finished job (`job`).
+    if let Some(schema) = doc.pointer_mut(
+        "/paths/~1v1~1batches~1{id}~1events/get/responses/200/content/text~1event-stream/schema",
+    ) {
+        *schema = json!({
+            "type": "object",
+            "required": ["event", "id", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": ["progress", "job", "done"]},
+                "id": {"type": "string"},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+            },
+        });
+    }
+
     doc["components"]["securitySchemes"] = json!({
         "api_key": {
             "type": "http",
