@@ -1,5 +1,6 @@
 //! The crate graph ARCHITECTURE.md describes, checked against `cargo metadata`: the domain
-//! crate stays free of frameworks, and no worker can reach the database.
+//! crate stays free of frameworks, no worker can reach the database, and the database crate
+//! builds no wire messages.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -96,5 +97,21 @@ fn no_worker_reaches_the_database() {
         for forbidden in ["volley-db", "diesel", "gateway", "batch-state"] {
             assert!(!reached.contains(forbidden), "{w} reaches {forbidden}");
         }
+    }
+}
+
+#[test]
+fn the_database_crate_builds_no_messages() {
+    let g = graph();
+    // Wire formats live at the edges (volley-proto, the publishing services); the database
+    // layer stores domain types and knows no broker message.
+    assert!(reach(&g, "gateway").contains("volley-proto"));
+    let reached = reach(&g, "volley-db");
+    assert!(reached.contains("volley-domain"), "{reached:?}");
+    for forbidden in ["volley-proto", "prost", "volley-amqp", "lapin"] {
+        assert!(
+            !reached.contains(forbidden),
+            "volley-db reaches {forbidden}"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use volley::{Options, Stack};
 use volley_amqp::Broker;
-use volley_domain::InferenceType;
+use volley_domain::{InferenceType, JobStatus};
 use volley_proto::{Failed, JobEvent, Succeeded, job_event};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -59,7 +59,7 @@ async fn nul_in_provider_output_stops_no_ones_outcomes() {
         .await
         .unwrap();
     let raw_ids: Vec<i64> = raw.iter().map(|j| j.id).collect();
-    s.db.claim(raw_ids.clone(), 600_000).await.unwrap();
+    s.db.claim(raw_ids.clone(), 600_000, 0).await.unwrap();
     let broker = Broker::new(&s.settings.amqp_url, "hostile-test", s.names());
     let events = vec![
         JobEvent {
@@ -122,7 +122,7 @@ async fn nul_in_provider_output_stops_no_ones_outcomes() {
     let (ok, failed) = loop {
         let ok = s.db.get_job("alice", raw_ids[0]).await.unwrap().unwrap();
         let failed = s.db.get_job("alice", raw_ids[1]).await.unwrap().unwrap();
-        if ok.status != "PROCESSING" && failed.status != "PROCESSING" {
+        if ok.status != JobStatus::Processing && failed.status != JobStatus::Processing {
             break (ok, failed);
         }
         assert!(
@@ -131,12 +131,12 @@ async fn nul_in_provider_output_stops_no_ones_outcomes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!(ok.status, "PROCESSED");
+    assert_eq!(ok.status, JobStatus::Processed);
     assert_eq!(
         ok.result,
         Some(json!({"text": "raw\u{FFFD}reply", "k\u{FFFD}": 1}))
     );
-    assert_eq!(failed.status, "FAILED");
+    assert_eq!(failed.status, JobStatus::Failed);
     assert_eq!(failed.error_message.as_deref(), Some("raw\u{FFFD}error"));
     // Nothing was left behind on the events queue nor dead-lettered.
     assert_eq!(s.worker_in_flight().await, 0);
@@ -182,7 +182,8 @@ async fn internal_api_refuses_callers_without_the_token() {
     }
     let job = s.db.get_job("alice", job_id).await.unwrap().unwrap();
     assert_eq!(
-        job.status, "QUEUED",
+        job.status,
+        JobStatus::Queued,
         "an unauthenticated claim changed the job"
     );
     assert_eq!(job.attempt, 0);

@@ -14,8 +14,9 @@ use volley_amqp::lapin::options::{
 };
 use volley_amqp::lapin::types::FieldTable;
 use volley_chaos::infra::{RabbitNode, RabbitOptions};
+use volley_db::NewJob;
 use volley_db::testing::TestDatabase;
-use volley_db::{Claim, NewJob};
+use volley_domain::Claim;
 use volley_domain::InferenceType;
 use volley_proto::{Failed, JobEvent, Succeeded, job_event};
 
@@ -207,13 +208,10 @@ async fn claims_refuse_expired_jobs_even_before_the_sweeper_runs() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let refused = db
-        .claim_unexpired(vec![d[0].id], 60_000, 200)
-        .await
-        .unwrap();
+    let refused = db.claim(vec![d[0].id], 60_000, 200).await.unwrap();
     assert_eq!(refused[0].1, Claim::Refused);
     // Without expiry the same job is claimable; a started job never expires.
-    let claimed = db.claim_unexpired(vec![d[1].id], 60_000, 0).await.unwrap();
+    let claimed = db.claim(vec![d[1].id], 60_000, 0).await.unwrap();
     assert!(matches!(claimed[0].1, Claim::Claimed { attempt: 1, .. }));
     assert_eq!(
         db.expire(200).await.unwrap(),

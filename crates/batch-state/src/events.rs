@@ -10,8 +10,10 @@ use tokio_util::sync::CancellationToken;
 use volley_amqp::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
 use volley_amqp::lapin::types::FieldTable;
 use volley_amqp::{Names, connect, consumer_channel, declare_topology};
-use volley_db::{Db, EachResult, Event, Outcome, Refusal, Usage};
-use volley_proto::{JobEvent, Message, job_event};
+use volley_db::{Db, EachResult, Refusal};
+use volley_domain::JobStatus;
+use volley_domain::{Event, Outcome};
+use volley_proto::{JobEvent, Message};
 
 use crate::Shared;
 
@@ -50,34 +52,13 @@ pub fn decode_with_context(payload: &[u8]) -> Result<(Event, EventContext), Stri
     if e.job_id <= 0 || e.attempt <= 0 {
         return Err(format!("bad job id {} or attempt {}", e.job_id, e.attempt));
     }
+    let mut outcome = Outcome::try_from(e.outcome.ok_or("event without an outcome")?)?;
     // Defence in depth: workers clean outcomes already, but one U+0000 that reached SQL
     // would fail a whole batch of other tenants' outcomes.
-    use volley_domain::text::{clean_for_pg, clean_json};
-    let outcome = match e.outcome {
-        None => return Err("event without an outcome".into()),
-        Some(job_event::Outcome::Succeeded(s)) => Outcome::Succeeded {
-            result: {
-                let mut v: serde_json::Value = serde_json::from_slice(&s.result_json)
-                    .map_err(|e| format!("result is not JSON: {e}"))?;
-                clean_json(&mut v);
-                v
-            },
-            usage: s.usage.map(|u| Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-                total_tokens: u.total_tokens,
-            }),
-            media_keys: s.media_keys.iter().map(|k| clean_for_pg(k)).collect(),
-        },
-        Some(job_event::Outcome::Failed(f)) => Outcome::Failed {
-            error_type: clean_for_pg(&f.error_type),
-            message: clean_for_pg(&f.message),
-        },
-        Some(job_event::Outcome::Retry(r)) => Outcome::Retry {
-            error: clean_for_pg(&r.error),
-            delay_ms: r.delay_ms.clamp(0, MAX_RETRY_DELAY_MS),
-        },
-    };
+    outcome.clean();
+    if let Outcome::Retry { delay_ms, .. } = &mut outcome {
+        *delay_ms = (*delay_ms).clamp(0, MAX_RETRY_DELAY_MS);
+    }
     Ok((
         Event {
             job_id: e.job_id,
@@ -201,11 +182,11 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
 fn record_applied(
     shared: &Shared,
     received: Vec<(i64, i32, EventContext, tracing::Span)>,
-    applied: Vec<(i64, String)>,
+    applied: Vec<(i64, JobStatus)>,
 ) {
     let total = received.len();
     let n_applied = applied.len();
-    let mut applied: HashMap<i64, String> = applied.into_iter().collect();
+    let mut applied: HashMap<i64, JobStatus> = applied.into_iter().collect();
     for (job_id, attempt, c, span) in received {
         let Some(status) = applied.remove(&job_id) else {
             span.record("job.status", "ignored");
@@ -223,7 +204,10 @@ fn record_applied(
                 "job state changed"
             )
         });
-        shared.metrics.jobs.transition(&c.inference_type, &status);
+        shared
+            .metrics
+            .jobs
+            .transition(&c.inference_type, status.as_str());
     }
     let ignored = total - n_applied;
     if ignored > 0 {
@@ -235,7 +219,7 @@ fn record_applied(
 /// What became of a batch of events: `(job id, new status)` of those that changed their job,
 /// and the indexes of those that can never apply.
 struct Applied {
-    applied: Vec<(i64, String)>,
+    applied: Vec<(i64, JobStatus)>,
     refused: Vec<usize>,
 }
 
@@ -288,7 +272,7 @@ fn sort_each(events: &[Event], each: Vec<EachResult>) -> Applied {
             EachResult::Ignored => {}
             EachResult::FailedInstead(why) => {
                 tracing::error!(job.id = e.job_id, attempt = e.attempt, reason = %why, "an outcome could not be stored; the job failed as invalid_output");
-                out.applied.push((e.job_id, "FAILED".into()));
+                out.applied.push((e.job_id, JobStatus::Failed));
             }
             EachResult::Refused(why) => {
                 tracing::error!(job.id = e.job_id, attempt = e.attempt, reason = %why, "an outcome can never be stored; dead-lettering it");
@@ -302,7 +286,7 @@ fn sort_each(events: &[Event], each: Vec<EachResult>) -> Applied {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use volley_proto::{Failed, Succeeded};
+    use volley_proto::{Failed, Succeeded, job_event};
 
     #[test]
     fn decodes_and_refuses() {

@@ -11,13 +11,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::{App, HttpResponse, HttpServer, web};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use volley_amqp::{Broker, Names};
 use volley_config::Settings;
-use volley_db::{Claim, Db};
+use volley_db::Db;
+use volley_domain::Claim;
+use volley_proto::state_api::{
+    ClaimAnswer, ClaimsAnswer, ClaimsRequest, LeasesAnswer, LeasesRequest,
+};
 use volley_telemetry::Metrics;
 
 /// Claims waiting to be batched into one statement; bounded so a flood pushes back on workers.
@@ -48,29 +51,6 @@ type ClaimReply = oneshot::Sender<Result<Vec<(i64, Claim)>, String>>;
 struct ClaimRequest {
     ids: Vec<i64>,
     reply: ClaimReply,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ClaimBody {
-    pub job_ids: Vec<i64>,
-}
-
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ClaimAnswer {
-    pub job_id: i64,
-    /// `claimed`, `refused` (running elsewhere, finished or cancelled) or `not_found`.
-    pub result: String,
-    pub attempt: i32,
-    /// The attempt counted from the latest operator retry: what the worker's retry budget
-    /// goes by (absent from older batch-state versions: take `attempt`).
-    #[serde(default)]
-    pub round_attempt: i32,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RenewBody {
-    /// `[job_id, attempt]` pairs the worker is running.
-    pub held: Vec<(i64, i32)>,
 }
 
 /// A running batch-state service.
@@ -199,7 +179,7 @@ async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
     }
 }
 
-async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimBody>) -> HttpResponse {
+async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimsRequest>) -> HttpResponse {
     let ids = body.into_inner().job_ids;
     if ids.is_empty() || ids.len() > CLAIM_BATCH {
         return HttpResponse::BadRequest()
@@ -216,36 +196,14 @@ async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimBody>) -> HttpRes
     }
     match answer.await {
         Ok(Ok(claims)) => {
-            let out: Vec<ClaimAnswer> = claims
+            let claims: Vec<ClaimAnswer> = claims
                 .into_iter()
-                .map(|(job_id, c)| match c {
-                    Claim::Claimed {
-                        attempt,
-                        round_attempt,
-                    } => ClaimAnswer {
-                        job_id,
-                        result: "claimed".into(),
-                        attempt,
-                        round_attempt,
-                    },
-                    Claim::Refused => ClaimAnswer {
-                        job_id,
-                        result: "refused".into(),
-                        attempt: 0,
-                        round_attempt: 0,
-                    },
-                    Claim::NotFound => ClaimAnswer {
-                        job_id,
-                        result: "not_found".into(),
-                        attempt: 0,
-                        round_attempt: 0,
-                    },
-                })
+                .map(|(job_id, c)| ClaimAnswer::new(job_id, c))
                 .collect();
-            for a in &out {
-                shared.metrics.state.claims(&a.result, 1);
+            for a in &claims {
+                shared.metrics.state.claims(a.result.as_str(), 1);
             }
-            HttpResponse::Ok().json(json!({"claims": out}))
+            HttpResponse::Ok().json(ClaimsAnswer { claims })
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "claim failed");
@@ -255,13 +213,13 @@ async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimBody>) -> HttpRes
     }
 }
 
-async fn renew(shared: web::Data<Shared>, body: web::Json<RenewBody>) -> HttpResponse {
+async fn renew(shared: web::Data<Shared>, body: web::Json<LeasesRequest>) -> HttpResponse {
     let held = body.into_inner().held;
     if held.len() > 10_000 {
         return HttpResponse::BadRequest().json(json!({"error": "at most 10000 leases per call"}));
     }
     match shared.db.renew(held, shared.settings.state.lease_ms).await {
-        Ok(alive) => HttpResponse::Ok().json(json!({"alive": alive})),
+        Ok(alive) => HttpResponse::Ok().json(LeasesAnswer { alive }),
         Err(e) => {
             tracing::warn!(error = %e, "lease renewal failed");
             HttpResponse::ServiceUnavailable().json(json!({"error": "database unavailable"}))
@@ -296,10 +254,7 @@ async fn claim_batcher(
         }
         let ids: Vec<i64> = reqs.iter().flat_map(|r| r.ids.iter().copied()).collect();
         let st = &shared.settings.state;
-        let result = shared
-            .db
-            .claim_unexpired(ids, st.lease_ms, st.expire_after_ms)
-            .await;
+        let result = shared.db.claim(ids, st.lease_ms, st.expire_after_ms).await;
         match result {
             Ok(all) => {
                 let mut it = all.into_iter();

@@ -76,8 +76,7 @@ pub async fn sweep_once(
             break;
         }
         let full = due.len() as i64 == PAGE;
-        let messages: Vec<JobMessage> =
-            due.iter().map(volley_db::JobDispatch::to_message).collect();
+        let messages: Vec<JobMessage> = due.iter().map(JobMessage::from).collect();
         let results = broker.publish_jobs(&messages).await?;
         let confirmed: Vec<i64> = messages
             .iter()

@@ -192,7 +192,7 @@ mod tests {
             .await
             .unwrap();
         // One image job running, one image job's message waiting on its queue.
-        db.claim(vec![jobs[0].id], 60_000).await.unwrap();
+        db.claim(vec![jobs[0].id], 60_000, 0).await.unwrap();
         let broker = Broker::new(&settings.amqp_url, "batchctl-test", names.clone());
         let msg = JobMessage {
             job_id: jobs[1].id,

@@ -143,19 +143,19 @@ async fn redispatch_and_retry_failed_report_what_they_did() {
     let (o, _) = ctl.expect(0, &["batches", "redispatch", &id]);
     assert!(o.contains("3 queued job(s)"), "{o}");
     // One job fails, one finishes, one stays queued.
-    db.claim(vec![d[0].id, d[1].id], 60_000).await.unwrap();
-    let fail = volley_db::Event {
+    db.claim(vec![d[0].id, d[1].id], 60_000, 0).await.unwrap();
+    let fail = volley_domain::Event {
         job_id: d[0].id,
         attempt: 1,
-        outcome: volley_db::Outcome::Failed {
+        outcome: volley_domain::Outcome::Failed {
             error_type: "provider_error".into(),
             message: "boom".into(),
         },
     };
-    let ok = volley_db::Event {
+    let ok = volley_domain::Event {
         job_id: d[1].id,
         attempt: 1,
-        outcome: volley_db::Outcome::Succeeded {
+        outcome: volley_domain::Outcome::Succeeded {
             result: json!({"ok": true}),
             usage: None,
             media_keys: Vec::new(),
@@ -178,7 +178,11 @@ async fn redispatch_and_retry_failed_report_what_they_did() {
         ("QUEUED", 1, None)
     );
     let j = db.get_job("o", d[1].id).await.unwrap().unwrap();
-    assert_eq!(j.status, "PROCESSED", "finished jobs do not change");
+    assert_eq!(
+        j.status,
+        volley_domain::JobStatus::Processed,
+        "finished jobs do not change"
+    );
 }
 
 /// Takes the next message of `queue` and rejects it, so RabbitMQ dead-letters it.

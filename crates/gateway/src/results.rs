@@ -66,14 +66,14 @@ pub struct ResultUsage {
 
 impl ResultLine {
     pub fn new(j: &JobView, links: &views::MediaLinks<'_>) -> ResultLine {
-        let failed = j.status == JobStatus::Failed.as_str();
+        let failed = j.status == JobStatus::Failed;
         ResultLine {
             id: j.id.to_string(),
             batch_id: j.batch_id.to_string(),
             custom_id: j.custom_id.clone(),
             endpoint: j.endpoint.clone(),
             model: j.model.clone(),
-            status: j.status.clone(),
+            status: j.status.as_str().to_owned(),
             result: views::signed_result(j, links),
             // The same defaults as the job object's `error`.
             error: failed.then(|| ResultError {

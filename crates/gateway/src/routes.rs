@@ -277,10 +277,7 @@ pub(crate) async fn create_batch(
     // Committed: from here on the batch is durable, so the client gets its 202 without waiting
     // for the broker's confirms. Publishing is best effort; whatever is not confirmed is
     // published by batch-state's sweeper once the grace period passes.
-    let messages: Vec<JobMessage> = dispatch
-        .iter()
-        .map(volley_db::JobDispatch::to_message)
-        .collect();
+    let messages: Vec<JobMessage> = dispatch.iter().map(JobMessage::from).collect();
     let publish =
         publish_batch(state.clone(), view.id, messages).instrument(tracing::Span::current());
     match state.publishing.clone().try_acquire_owned() {
@@ -367,11 +364,7 @@ pub(crate) async fn get_batch(
     // An addition: when the batch should finish, from measured throughput (see eta.rs).
     let unfinished = jobs
         .iter()
-        .filter(|j| {
-            j.status
-                .parse::<volley_domain::JobStatus>()
-                .is_ok_and(|s| !s.is_terminal())
-        })
+        .filter(|j| !j.status.is_terminal())
         .map(|j| j.inference_type.as_str());
     let estimate = state.eta.estimate(&state.db, id, unfinished);
     v.estimated_completion_at = Some(estimate.estimated_completion_at);
@@ -419,12 +412,9 @@ pub(crate) async fn cancel_batch(
 }
 
 /// Jobs accepted per inference type: one counter update per type present, not per job.
-fn count_accepted(state: &AppState, jobs: &[volley_db::JobDispatch]) {
+fn count_accepted(state: &AppState, jobs: &[volley_domain::Dispatch]) {
     for t in volley_domain::InferenceType::ALL {
-        let n = jobs
-            .iter()
-            .filter(|j| j.inference_type == t.as_str())
-            .count();
+        let n = jobs.iter().filter(|j| j.inference_type == t).count();
         if n > 0 {
             state
                 .metrics

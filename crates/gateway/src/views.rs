@@ -238,7 +238,7 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
                 custom_id: j.custom_id.clone(),
                 id: j.id.to_string(),
                 inference_type: j.inference_type.clone(),
-                status: j.status.clone(),
+                status: j.status.as_str().to_owned(),
                 url: format!("{public_url}/v1/jobs/{}", j.id),
             })
             .collect(),
@@ -254,12 +254,12 @@ pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> 
     }
 }
 
-pub fn usage(u: &volley_db::usage::BatchUsage) -> BatchUsage {
+pub fn usage(u: &volley_domain::BatchUsage) -> BatchUsage {
     BatchUsage {
-        completion_tokens: u.completion_tokens,
+        completion_tokens: u.tokens.completion_tokens,
         jobs: u.jobs,
-        prompt_tokens: u.prompt_tokens,
-        total_tokens: u.total_tokens,
+        prompt_tokens: u.tokens.prompt_tokens,
+        total_tokens: u.tokens.total_tokens,
     }
 }
 
@@ -297,7 +297,7 @@ pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Job {
         created: j.created_at.timestamp(),
         custom_id: j.custom_id.clone(),
         endpoint: j.endpoint.clone(),
-        error: (j.status == "FAILED").then(|| JobError {
+        error: (j.status == volley_domain::JobStatus::Failed).then(|| JobError {
             message: j.error_message.clone().unwrap_or_default(),
             kind: j
                 .error_type
@@ -313,7 +313,7 @@ pub fn job(j: &JobView, links: &MediaLinks<'_>) -> Job {
         request: None,
         result: signed_result(j, links),
         started: j.started_at.map(|t| t.timestamp()),
-        status: j.status.clone(),
+        status: j.status.as_str().to_owned(),
         updated: j.updated_at.timestamp(),
         usage: j.total_tokens.is_some().then_some(JobUsage {
             completion_tokens: j.completion_tokens,
@@ -358,7 +358,7 @@ mod tests {
             id: 43,
             batch_id: 7,
             custom_id: None,
-            status: status.into(),
+            status: status.parse().unwrap(),
             inference_type: "LLM".into(),
             endpoint: "/v1/completions".into(),
             model: "qwen3-8b".into(),
@@ -403,7 +403,7 @@ mod tests {
     fn batch_with_jobs_bytes() {
         let jobs = [JobSummary {
             id: 43,
-            status: "PROCESSED".into(),
+            status: volley_domain::JobStatus::Processed,
             inference_type: "IMAGE".into(),
             custom_id: Some("a-1".into()),
         }];
@@ -414,10 +414,12 @@ mod tests {
         );
         b.estimated_completion_at = Some(None);
         b.estimated_seconds_remaining = Some(Some(5));
-        b.usage = Some(usage(&volley_db::usage::BatchUsage {
-            prompt_tokens: 1,
-            completion_tokens: 2,
-            total_tokens: 3,
+        b.usage = Some(usage(&volley_domain::BatchUsage {
+            tokens: volley_domain::Usage {
+                prompt_tokens: 1,
+                completion_tokens: 2,
+                total_tokens: 3,
+            },
             jobs: 1,
         }));
         let text = serde_json::to_string(&b).unwrap();

@@ -14,7 +14,8 @@ use volley_amqp::lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use volley_amqp::lapin::types::{AMQPValue, FieldTable, LongString};
-use volley_db::{Db, Event, NewJob, Outcome};
+use volley_db::{Db, NewJob};
+use volley_domain::{Event, Outcome};
 
 pub struct Ceiling {
     pub jobs: usize,
@@ -170,7 +171,7 @@ async fn postgres(db: &Db, jobs: usize) -> anyhow::Result<f64> {
                         .collect();
                     let (_, d) = db.create_batch("ceiling", None, new, 3_600_000).await?;
                     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
-                    db.claim(ids.clone(), 60_000).await?;
+                    db.claim(ids.clone(), 60_000, 0).await?;
                     let events = ids
                         .iter()
                         .map(|id| Event {

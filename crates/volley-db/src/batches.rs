@@ -6,10 +6,13 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt};
 use serde_json::Value;
-use volley_domain::{BatchCounts, JobStatus};
+use volley_domain::{
+    BatchCounts, BatchUsage, Dispatch, Endpoint, InferenceType, JobStatus, Transition, Usage,
+};
 
+use crate::columns::{DbStatus, Parsed};
+use crate::guard::{Sql, from};
 use crate::schema::{api_keys, batches, jobs};
-use crate::usage::BatchUsage;
 use crate::{Db, DbError};
 
 /// One job of a batch being accepted.
@@ -23,30 +26,31 @@ pub struct NewJob {
     pub custom_id: Option<String>,
 }
 
-/// What publishing a job needs.
+/// The row behind a [`Dispatch`]: what publishing a job needs.
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = jobs)]
-pub struct JobDispatch {
-    pub id: i64,
-    pub batch_id: i64,
-    pub inference_type: String,
-    pub endpoint: String,
-    pub model: String,
-    pub body: Value,
-    pub created_at: DateTime<Utc>,
+pub(crate) struct DispatchRow {
+    id: i64,
+    batch_id: i64,
+    #[diesel(deserialize_as = Parsed<InferenceType>)]
+    inference_type: InferenceType,
+    #[diesel(deserialize_as = Parsed<Endpoint>)]
+    endpoint: Endpoint,
+    model: String,
+    body: Value,
+    created_at: DateTime<Utc>,
 }
 
-impl JobDispatch {
-    /// The job's message on RabbitMQ; the gateway and the sweeper publish the same one.
-    pub fn to_message(&self) -> volley_proto::JobMessage {
-        volley_proto::JobMessage {
-            job_id: self.id,
-            batch_id: self.batch_id,
-            inference_type: self.inference_type.clone(),
-            endpoint: self.endpoint.clone(),
-            model: self.model.clone(),
-            body_json: serde_json::to_vec(&self.body).unwrap_or_default(),
-            accepted_at_ms: self.created_at.timestamp_millis(),
+impl From<DispatchRow> for Dispatch {
+    fn from(r: DispatchRow) -> Dispatch {
+        Dispatch {
+            id: r.id,
+            batch_id: r.batch_id,
+            inference_type: r.inference_type,
+            endpoint: r.endpoint,
+            model: r.model,
+            body: r.body,
+            accepted_at_ms: r.created_at.timestamp_millis(),
         }
     }
 }
@@ -65,7 +69,8 @@ pub struct BatchView {
 #[derive(Debug, Clone, Queryable)]
 pub struct JobSummary {
     pub id: i64,
-    pub status: String,
+    #[diesel(deserialize_as = DbStatus)]
+    pub status: JobStatus,
     pub inference_type: String,
     pub custom_id: Option<String>,
 }
@@ -75,7 +80,8 @@ pub struct JobSummary {
 pub struct JobView {
     pub id: i64,
     pub batch_id: i64,
-    pub status: String,
+    #[diesel(deserialize_as = DbStatus)]
+    pub status: JobStatus,
     pub inference_type: String,
     pub endpoint: String,
     pub model: String,
@@ -116,7 +122,7 @@ type KeyedJob = (
     Option<DateTime<Utc>>,
     Option<bool>,
     Option<i64>,
-    Option<String>,
+    Option<DbStatus>,
     Option<String>,
     Option<String>,
     Option<i64>,
@@ -125,17 +131,14 @@ type KeyedJob = (
 );
 
 fn counts_for(conn: &mut PgConn, ids: &[i64]) -> Result<HashMap<i64, BatchCounts>, DbError> {
-    let rows: Vec<(i64, String, i64)> = jobs::table
+    let rows: Vec<(i64, DbStatus, i64)> = jobs::table
         .filter(jobs::batch_id.eq_any(ids))
         .group_by((jobs::batch_id, jobs::status))
         .select((jobs::batch_id, jobs::status, diesel::dsl::count_star()))
         .load(conn)?;
     let mut out: HashMap<i64, BatchCounts> = HashMap::new();
-    for (batch, status, n) in rows {
-        // The CHECK constraint allows only known statuses.
-        if let Ok(s) = status.parse::<JobStatus>() {
-            out.entry(batch).or_default().add(s, n.max(0) as u64);
-        }
+    for (batch, Parsed(status), n) in rows {
+        out.entry(batch).or_default().add(status, n.max(0) as u64);
     }
     Ok(out)
 }
@@ -167,7 +170,7 @@ pub(crate) fn insert_batch(
     metadata: &Value,
     new_jobs: &[NewJob],
     dispatch_grace_ms: u64,
-) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+) -> Result<(BatchView, Vec<Dispatch>), DbError> {
     let total = new_jobs.len() as i32;
     let row: BatchRow = diesel::insert_into(batches::table)
         .values((
@@ -197,10 +200,11 @@ pub(crate) fn insert_batch(
             )
         })
         .collect();
-    let dispatch: Vec<JobDispatch> = diesel::insert_into(jobs::table)
+    let dispatch: Vec<DispatchRow> = diesel::insert_into(jobs::table)
         .values(&values)
-        .returning(JobDispatch::as_returning())
+        .returning(DispatchRow::as_returning())
         .get_results(conn)?;
+    let dispatch: Vec<Dispatch> = dispatch.into_iter().map(Dispatch::from).collect();
     let mut counts = BatchCounts::default();
     counts.add(JobStatus::Queued, dispatch.len() as u64);
     Ok((
@@ -230,6 +234,25 @@ pub(crate) const BATCH_COLUMNS: (
     batches::metadata,
 );
 
+// Only jobs waiting for a claim have messages to confirm. `status || ''`: by primary key,
+// whatever the statistics say (see `state::CLAIM`).
+static RECORD_PUBLISH: Sql = Sql::new(|| {
+    format!(
+        "WITH j AS (UPDATE jobs SET dispatched_at = NULL \
+           WHERE id = ANY($1) AND batch_id = $2 AND {claimable}) \
+         UPDATE batches SET published_at = now() WHERE id = $2 AND published_at IS NULL",
+        claimable = from("status || ''", Transition::Claim),
+    )
+});
+
+static MARK_DISPATCHED: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET dispatched_at = now() \
+         WHERE id = ANY($1) AND {claimable}",
+        claimable = from("status || ''", Transition::Claim),
+    )
+});
+
 impl Db {
     /// Commits a batch and all its jobs in one transaction. The caller publishes the jobs and
     /// then calls [`Db::record_publish`]; until it does, the jobs are not known to have a
@@ -240,7 +263,7 @@ impl Db {
         label: Option<String>,
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
-    ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+    ) -> Result<(BatchView, Vec<Dispatch>), DbError> {
         self.create_batch_with_metadata(
             owner,
             label,
@@ -259,7 +282,7 @@ impl Db {
         metadata: Value,
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
-    ) -> Result<(BatchView, Vec<JobDispatch>), DbError> {
+    ) -> Result<(BatchView, Vec<Dispatch>), DbError> {
         let owner = owner.to_owned();
         self.run(move |conn| {
             conn.transaction(|conn| {
@@ -279,14 +302,10 @@ impl Db {
         self.run(move |conn| {
             // One statement, so one round trip and atomic: a data-modifying CTE runs whether
             // or not the outer statement reads it.
-            diesel::sql_query(
-                "WITH j AS (UPDATE jobs SET dispatched_at = NULL \
-                   WHERE id = ANY($1) AND batch_id = $2 AND status || '' = 'QUEUED') \
-                 UPDATE batches SET published_at = now() WHERE id = $2 AND published_at IS NULL",
-            )
-            .bind::<Array<BigInt>, _>(&unconfirmed)
-            .bind::<BigInt, _>(batch_id)
-            .execute(&mut **conn)?;
+            diesel::sql_query(RECORD_PUBLISH.as_str())
+                .bind::<Array<BigInt>, _>(&unconfirmed)
+                .bind::<BigInt, _>(batch_id)
+                .execute(&mut **conn)?;
             Ok(())
         })
         .await
@@ -298,13 +317,9 @@ impl Db {
             return Ok(0);
         }
         self.run(move |conn| {
-            // By primary key, whatever the statistics say (see `Db::claim_unexpired`).
-            Ok(diesel::sql_query(
-                "UPDATE jobs SET dispatched_at = now() \
-                 WHERE id = ANY($1) AND status || '' = 'QUEUED'",
-            )
-            .bind::<Array<BigInt>, _>(&ids)
-            .execute(&mut **conn)?)
+            Ok(diesel::sql_query(MARK_DISPATCHED.as_str())
+                .bind::<Array<BigInt>, _>(&ids)
+                .execute(&mut **conn)?)
         })
         .await
     }
@@ -404,11 +419,14 @@ impl Db {
                 else {
                     continue;
                 };
-                if let Ok(s) = status.parse::<JobStatus>() {
-                    counts.add(s, 1);
-                }
+                let Parsed(status) = status;
+                counts.add(status, 1);
                 if let Some(tt) = tt {
-                    usage.add(pt.unwrap_or(0), ct.unwrap_or(0), tt);
+                    usage.add(Usage {
+                        prompt_tokens: pt.unwrap_or(0),
+                        completion_tokens: ct.unwrap_or(0),
+                        total_tokens: tt,
+                    });
                 }
                 summaries.push(JobSummary {
                     id: job_id,
@@ -503,7 +521,7 @@ impl Db {
 }
 
 fn cancellable() -> Vec<&'static str> {
-    JobStatus::sources(volley_domain::Transition::Cancel)
+    JobStatus::sources(Transition::Cancel)
         .into_iter()
         .map(JobStatus::as_str)
         .collect()
@@ -517,7 +535,7 @@ fn cancel_set() -> (
     diesel::dsl::Eq<jobs::lease_until, Option<DateTime<Utc>>>,
 ) {
     (
-        jobs::status.eq(JobStatus::Cancelled.as_str()),
+        jobs::status.eq(Transition::Cancel.target().as_str()),
         jobs::finished_at.eq(diesel::dsl::now),
         jobs::updated_at.eq(diesel::dsl::now),
         jobs::lease_until.eq(None),
@@ -548,9 +566,7 @@ fn batch_with_jobs(
         .load(conn)?;
     let mut counts = BatchCounts::default();
     for j in &summaries {
-        if let Ok(s) = j.status.parse::<JobStatus>() {
-            counts.add(s, 1);
-        }
+        counts.add(j.status, 1);
     }
     Ok(Some((
         BatchView {

@@ -5,11 +5,11 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
 use sha2::{Digest, Sha256};
-use volley_domain::{BatchCounts, JobStatus};
+use volley_domain::{BatchCounts, Dispatch, JobStatus};
 
 use crate::batches::insert_batch;
 use crate::schema::{api_keys, batches, idempotency_keys};
-use crate::{BatchView, Db, DbError, JobDispatch, NewJob};
+use crate::{BatchView, Db, DbError, NewJob};
 
 /// How long a key is remembered, in hours.
 pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
@@ -18,7 +18,7 @@ pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 #[derive(Debug)]
 pub enum Idempotent {
     /// A new batch (the key is now bound to it).
-    Created(BatchView, Vec<JobDispatch>),
+    Created(BatchView, Vec<Dispatch>),
     /// The key was used before with the same body: the original response's batch, as it was
     /// when it was created.
     Replayed(BatchView),

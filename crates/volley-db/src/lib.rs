@@ -4,6 +4,8 @@
 //! r2d2 block, including `pool.get()`, and must never run on the executor.
 
 mod batches;
+mod columns;
+mod guard;
 mod idempotency;
 mod keys;
 pub mod listing;
@@ -13,17 +15,16 @@ mod schema;
 mod state;
 pub mod status;
 pub mod testing;
-pub mod usage;
 
 use diesel::PgConnection;
 use diesel::r2d2::{ConnectionManager, Pool, PooledConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use r2d2::ManageConnection;
 
-pub use batches::{BatchView, JobDispatch, JobSummary, JobView, NewJob};
+pub use batches::{BatchView, JobSummary, JobView, NewJob};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
-pub use state::{Claim, EachResult, Event, Outcome, Refusal, SweepReport, Usage};
+pub use state::{EachResult, Refusal, SweepReport};
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -73,12 +74,26 @@ impl ManageConnection for Manager {
 pub enum DbError {
     #[error("database pool: {0}")]
     Pool(#[from] r2d2::Error),
-    #[error("database: {0}")]
+    /// Shown with its causes: diesel's own message for a row it could not read names only the
+    /// field, its cause the value.
+    #[error("database: {}", with_causes(.0))]
     Query(#[from] diesel::result::Error),
     #[error("migrations: {0}")]
     Migration(String),
     #[error("database task: {0}")]
     Task(String),
+}
+
+/// An error's message followed by its causes'.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 impl DbError {

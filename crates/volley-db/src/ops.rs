@@ -12,6 +12,8 @@ use diesel::sql_types::{Array, BigInt, Text};
 use serde_json::Value;
 use volley_domain::{JobStatus, Transition};
 
+use crate::columns::{DbStatus, Parsed};
+use crate::guard::{Sql, from, to};
 use crate::schema::{batches, jobs};
 use crate::{Db, DbError};
 
@@ -60,27 +62,70 @@ fn statuses(t: Transition) -> Vec<&'static str> {
         .collect()
 }
 
+static EXPIRE: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET status = {to}, finished_at = now(), updated_at = now(), \
+         outcomes = outcomes + 1, lease_until = NULL, error_type = 'expired', \
+         error_message = 'the job was not started within ' || ($1 / 1000) || \
+           ' s of being accepted', \
+         last_error = COALESCE(last_error, 'expired') \
+         WHERE {from} AND started_at IS NULL \
+           AND available_at < now() - $1 * interval '1 millisecond'",
+        to = to(Transition::Expire),
+        from = from("status", Transition::Expire),
+    )
+});
+
+// `LEAST`: a job waiting out a retry backoff becomes due now, and a job never started keeps
+// its expiry clock. Messages are for jobs waiting for a claim.
+static REDISPATCH_QUEUED: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET dispatched_at = NULL, available_at = LEAST(available_at, now()), \
+         updated_at = now() WHERE batch_id = $1 AND {claimable}",
+        claimable = from("status", Transition::Claim),
+    )
+});
+
+static REDISPATCH_ABANDONED: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET status = {to}, dispatched_at = NULL, available_at = now(), \
+         lease_until = NULL, updated_at = now(), \
+         last_error = 'worker lost; re-dispatched by an operator' \
+         WHERE batch_id = $1 AND {from} AND lease_until < now()",
+        to = to(Transition::Requeue),
+        from = from("status", Transition::Requeue),
+    )
+});
+
+// The sources are bound (`$2`), as they were before the statements were rendered.
+// `started_at = NULL` restarts the expiry clock from now (`available_at`).
+static RETRY: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET status = {to}, attempt_base = attempt, \
+         operator_retries = operator_retries + 1, \
+         last_error = COALESCE(error_message, last_error), \
+         result = NULL, error_type = NULL, error_message = NULL, \
+         prompt_tokens = NULL, completion_tokens = NULL, total_tokens = NULL, \
+         started_at = NULL, finished_at = NULL, lease_until = NULL, \
+         dispatched_at = NULL, available_at = now(), updated_at = now() \
+         WHERE batch_id = $1 AND status = ANY($2) RETURNING id",
+        to = to(Transition::Retry),
+    )
+});
+
 impl Db {
     /// Fails every QUEUED job not started within `expire_after_ms` of becoming available
     /// (accepted, or re-run by an operator) with type `expired`; 0 turns expiry off. Claims
-    /// refuse such jobs meanwhile ([`Db::claim_unexpired`]), so none starts late.
+    /// refuse such jobs meanwhile ([`Db::claim`]), so none starts late.
     pub async fn expire(&self, expire_after_ms: u64) -> Result<usize, DbError> {
         if expire_after_ms == 0 {
             return Ok(0);
         }
         let ms = crate::millis(expire_after_ms);
         self.run(move |conn| {
-            Ok(diesel::sql_query(
-                "UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), \
-                 outcomes = outcomes + 1, lease_until = NULL, error_type = 'expired', \
-                 error_message = 'the job was not started within ' || ($1 / 1000) || \
-                   ' s of being accepted', \
-                 last_error = COALESCE(last_error, 'expired') \
-                 WHERE status = 'QUEUED' AND started_at IS NULL \
-                   AND available_at < now() - $1 * interval '1 millisecond'",
-            )
-            .bind::<BigInt, _>(ms)
-            .execute(&mut **conn)?)
+            Ok(diesel::sql_query(EXPIRE.as_str())
+                .bind::<BigInt, _>(ms)
+                .execute(&mut **conn)?)
         })
         .await
     }
@@ -101,30 +146,20 @@ impl Db {
                 if !exists {
                     return Ok(None);
                 }
-                // `LEAST`: a job waiting out a retry backoff becomes due now, and a job never
-                // started keeps its expiry clock.
-                let queued = diesel::sql_query(
-                    "UPDATE jobs SET dispatched_at = NULL, available_at = LEAST(available_at, now()), \
-                     updated_at = now() WHERE batch_id = $1 AND status = 'QUEUED'",
-                )
-                .bind::<BigInt, _>(batch_id)
-                .execute(conn)?;
-                let abandoned = diesel::sql_query(
-                    "UPDATE jobs SET status = 'QUEUED', dispatched_at = NULL, available_at = now(), \
-                     lease_until = NULL, updated_at = now(), \
-                     last_error = 'worker lost; re-dispatched by an operator' \
-                     WHERE batch_id = $1 AND status = 'PROCESSING' AND lease_until < now()",
-                )
-                .bind::<BigInt, _>(batch_id)
-                .execute(conn)?;
-                let rows: Vec<(String, i64)> = jobs::table
+                let queued = diesel::sql_query(REDISPATCH_QUEUED.as_str())
+                    .bind::<BigInt, _>(batch_id)
+                    .execute(conn)?;
+                let abandoned = diesel::sql_query(REDISPATCH_ABANDONED.as_str())
+                    .bind::<BigInt, _>(batch_id)
+                    .execute(conn)?;
+                let rows: Vec<(DbStatus, i64)> = jobs::table
                     .filter(jobs::batch_id.eq(batch_id))
                     .group_by(jobs::status)
                     .select((jobs::status, diesel::dsl::count_star()))
                     .load(conn)?;
                 let count = |pred: &dyn Fn(JobStatus) -> bool| -> usize {
                     rows.iter()
-                        .filter(|(s, _)| s.parse::<JobStatus>().is_ok_and(pred))
+                        .filter(|(Parsed(s), _)| pred(*s))
                         .map(|(_, n)| *n as usize)
                         .sum()
                 };
@@ -161,20 +196,10 @@ impl Db {
                     #[diesel(sql_type = BigInt)]
                     id: i64,
                 }
-                // `started_at = NULL` restarts the expiry clock from now (`available_at`).
-                let ids: Vec<Id> = diesel::sql_query(
-                    "UPDATE jobs SET status = 'QUEUED', attempt_base = attempt, \
-                     operator_retries = operator_retries + 1, \
-                     last_error = COALESCE(error_message, last_error), \
-                     result = NULL, error_type = NULL, error_message = NULL, \
-                     prompt_tokens = NULL, completion_tokens = NULL, total_tokens = NULL, \
-                     started_at = NULL, finished_at = NULL, lease_until = NULL, \
-                     dispatched_at = NULL, available_at = now(), updated_at = now() \
-                     WHERE batch_id = $1 AND status = ANY($2) RETURNING id",
-                )
-                .bind::<BigInt, _>(batch_id)
-                .bind::<Array<Text>, _>(&from)
-                .load(conn)?;
+                let ids: Vec<Id> = diesel::sql_query(RETRY.as_str())
+                    .bind::<BigInt, _>(batch_id)
+                    .bind::<Array<Text>, _>(&from)
+                    .load(conn)?;
                 let mut ids: Vec<i64> = ids.into_iter().map(|r| r.id).collect();
                 ids.sort_unstable();
                 Ok(Some(ids))

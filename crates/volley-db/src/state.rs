@@ -8,57 +8,143 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Int4, Jsonb, Nullable, Text};
 use serde_json::Value;
 
-use crate::batches::JobDispatch;
+use volley_domain::{Claim, Dispatch, Event, JobStatus, Outcome, Transition};
+
+use crate::batches::DispatchRow;
+use crate::columns::DbStatus;
+use crate::guard::{Sql, from, lit, outcome_from, to};
 use crate::schema::jobs;
 use crate::{Db, DbError, Manager, millis};
 use diesel::r2d2::PooledConnection;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// The caller now runs the job; outcomes must carry this attempt number.
-    Claimed {
-        attempt: i32,
-        /// The attempt counted from the latest operator retry (equal to `attempt` for a job
-        /// never retried by hand): what the worker's retry budget goes by.
-        round_attempt: i32,
-    },
-    /// Someone else runs it, or it has finished or been cancelled.
-    Refused,
-    NotFound,
-}
+// The statements below take every state they test or set from the domain's transition table
+// (`crate::guard`); `tests/transitions.rs` runs each against every state.
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub total_tokens: i64,
-}
+// `status || ''` rather than `status`: it keeps the planner on the primary key. On a table
+// whose statistics are missing or stale (a fresh install, or a backlog that grew since the last
+// ANALYZE) it took QUEUED for rare and read every QUEUED entry of `jobs_unfinished` to find
+// these few ids: 15,000 entries per claim in the benchmark. The same guard finds jobs by id in
+// `mark_dispatched`.
+static CLAIM: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET status = {to}, attempt = attempt + 1, \
+         started_at = COALESCE(started_at, now()), \
+         lease_until = now() + $2 * interval '1 millisecond', updated_at = now() \
+         WHERE id = ANY($1) AND {from} \
+           AND ($3 = 0 OR started_at IS NOT NULL \
+                OR available_at > now() - $3 * interval '1 millisecond') \
+         RETURNING id, attempt, attempt - attempt_base AS round_attempt",
+        to = to(Transition::Claim),
+        from = from("status || ''", Transition::Claim),
+    )
+});
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    Succeeded {
-        result: Value,
-        usage: Option<Usage>,
-        /// Media the worker stored for this attempt (see `jobs.media_keys`).
-        media_keys: Vec<String>,
-    },
-    Failed {
-        error_type: String,
-        message: String,
-    },
-    /// Hand the job back to the queue after `delay_ms`.
-    Retry {
-        error: String,
-        delay_ms: i64,
-    },
-}
+// A lease belongs to a claimed job: the state a claim leads to.
+static RENEW: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs AS j SET lease_until = now() + $3 * interval '1 millisecond' \
+         FROM unnest($1::bigint[], $2::int[]) AS v(id, attempt) \
+         WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = {held} \
+         RETURNING j.id",
+        held = lit(Transition::Claim.target()),
+    )
+});
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    pub job_id: i64,
-    pub attempt: i32,
-    pub outcome: Outcome,
-}
+static FAIL_REFUSED: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET status = {to}, result = NULL, error_type = $3, \
+         error_message = $4, last_error = $4, finished_at = now(), \
+         lease_until = NULL, outcomes = outcomes + 1, updated_at = now() \
+         WHERE id = $1 AND attempt = $2 AND {from} \
+         RETURNING id, status",
+        to = to(Transition::Fail),
+        from = from("status", Transition::Fail),
+    )
+});
+
+// Through the batch's jobs (`jobs_by_batch`), not every QUEUED entry of `jobs_unfinished`
+// (see `CLAIM`): this runs on every pass. Messages are for jobs waiting for a claim.
+static UNCONFIRMED: Sql = Sql::new(|| {
+    format!(
+        "WITH b AS (UPDATE batches SET published_at = now() \
+           WHERE published_at IS NULL \
+             AND created_at < now() - $1 * interval '1 millisecond' \
+           RETURNING id) \
+         UPDATE jobs SET dispatched_at = NULL \
+         WHERE batch_id IN (SELECT id FROM b) AND {claimable}",
+        claimable = from("status || ''", Transition::Claim),
+    )
+});
+
+static LOST_FAILED: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET status = {to}, finished_at = now(), updated_at = now(), \
+         lease_until = NULL, outcomes = outcomes + 1, error_type = 'worker_lost', \
+         error_message = 'the worker running the job stopped answering on its last attempt', \
+         last_error = 'worker lost' \
+         WHERE {from} AND lease_until < now() \
+           AND attempt - attempt_base >= $1",
+        to = to(Transition::Fail),
+        from = from("status", Transition::Fail),
+    )
+});
+
+static LEASES_EXPIRED: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET status = {to}, dispatched_at = NULL, available_at = now(), \
+         lease_until = NULL, updated_at = now(), last_error = 'worker lost; retrying' \
+         WHERE {from} AND lease_until < now()",
+        to = to(Transition::Requeue),
+        from = from("status", Transition::Requeue),
+    )
+});
+
+static REDISPATCH_LOST: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET dispatched_at = NULL WHERE {claimable} \
+         AND dispatched_at < now() - $1 * interval '1 millisecond'",
+        claimable = from("status", Transition::Claim),
+    )
+});
+
+// `v.status` is each event's target state; a requeue (`Transition::Requeue`) goes back to the
+// outbox instead of finishing.
+// The same statement tells every gateway which batches changed (`NOTIFY`, delivered at commit,
+// one per statement whatever the number of jobs), so their event streams wake up. A SELECT in
+// WITH runs only as far as it is read: the count reads it whole.
+static APPLY_EVENTS: Sql = Sql::new(|| {
+    format!(
+        "WITH u AS (UPDATE jobs AS j SET \
+           status = v.status, \
+           result = v.result, \
+           error_type = v.error_type, \
+           error_message = v.error_message, \
+           last_error = COALESCE(v.last_error, j.last_error), \
+           prompt_tokens = v.pt, completion_tokens = v.ct, total_tokens = v.tt, \
+           finished_at = CASE WHEN v.status = {requeued} THEN NULL ELSE now() END, \
+           available_at = CASE WHEN v.status = {requeued} \
+             THEN now() + v.delay_ms * interval '1 millisecond' ELSE j.available_at END, \
+           dispatched_at = CASE WHEN v.status = {requeued} THEN NULL ELSE j.dispatched_at END, \
+           lease_until = NULL, \
+           outcomes = j.outcomes + CASE WHEN v.status = {requeued} THEN 0 ELSE 1 END, \
+           media_keys = CASE WHEN v.media_keys IS NULL THEN NULL \
+             ELSE ARRAY(SELECT jsonb_array_elements_text(v.media_keys)) END, \
+           updated_at = now() \
+         FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], \
+                     $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
+                     $11::bigint[], $12::jsonb[]) \
+           AS v(id, attempt, status, result, error_type, error_message, last_error, \
+                pt, ct, tt, delay_ms, media_keys) \
+         WHERE j.id = v.id AND j.attempt = v.attempt AND {from} \
+         RETURNING j.id, j.status, j.batch_id), \
+         b AS (SELECT string_agg(DISTINCT batch_id::text, ',') AS ids FROM u), \
+         n AS (SELECT pg_notify($13, CASE WHEN length(ids) > $14 THEN $15 ELSE ids END) \
+               FROM b WHERE ids IS NOT NULL) \
+         SELECT u.id, u.status FROM u CROSS JOIN (SELECT count(*) AS k FROM n) c",
+        requeued = to(Transition::Requeue),
+        from = outcome_from("j.status", "v.status"),
+    )
+});
 
 /// How [`Db::apply_each`] fails a job whose event the database refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +157,7 @@ pub struct Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EachResult {
     /// Applied: the job's new status.
-    Applied(String),
+    Applied(JobStatus),
     /// Duplicate, stale or late: nothing to change.
     Ignored,
     /// Refused (why); the job was failed with the [`Refusal`] instead.
@@ -113,43 +199,25 @@ struct IdStatus {
     #[diesel(sql_type = BigInt)]
     id: i64,
     #[diesel(sql_type = Text)]
-    status: String,
+    status: DbStatus,
 }
 
 impl Db {
-    /// Claims many jobs in one statement. Answers in the order asked.
-    pub async fn claim(&self, ids: Vec<i64>, lease_ms: u64) -> Result<Vec<(i64, Claim)>, DbError> {
-        self.claim_unexpired(ids, lease_ms, 0).await
-    }
-
-    /// [`Db::claim`], refusing jobs not started within `expire_after_ms` of becoming
-    /// available (accepted, or re-run by an operator; 0: no expiry); the sweeper then fails
-    /// them as `expired` (see [`Db::expire`]).
-    pub async fn claim_unexpired(
+    /// Claims many jobs in one statement; answers in the order asked. Refuses jobs not
+    /// started within `expire_after_ms` of becoming available (accepted, or re-run by an
+    /// operator; 0: no expiry); the sweeper then fails them as `expired` (see [`Db::expire`]).
+    pub async fn claim(
         &self,
         ids: Vec<i64>,
         lease_ms: u64,
         expire_after_ms: u64,
     ) -> Result<Vec<(i64, Claim)>, DbError> {
         self.run(move |conn| {
-            // `status || ''` rather than `status`: it keeps the planner on the primary key. On
-            // a table whose statistics are missing or stale (a fresh install, or a backlog that
-            // grew since the last ANALYZE) it took QUEUED for rare and read every QUEUED entry
-            // of `jobs_unfinished` to find these few ids: 15,000 entries per claim in the
-            // benchmark. The same guard finds jobs by id in `mark_dispatched`.
-            let claimed: Vec<Claimed> = diesel::sql_query(
-                "UPDATE jobs SET status = 'PROCESSING', attempt = attempt + 1, \
-                 started_at = COALESCE(started_at, now()), \
-                 lease_until = now() + $2 * interval '1 millisecond', updated_at = now() \
-                 WHERE id = ANY($1) AND status || '' = 'QUEUED' \
-                   AND ($3 = 0 OR started_at IS NOT NULL \
-                        OR available_at > now() - $3 * interval '1 millisecond') \
-                 RETURNING id, attempt, attempt - attempt_base AS round_attempt",
-            )
-            .bind::<Array<BigInt>, _>(&ids)
-            .bind::<BigInt, _>(lease_ms as i64)
-            .bind::<BigInt, _>(millis(expire_after_ms))
-            .load(&mut **conn)?;
+            let claimed: Vec<Claimed> = diesel::sql_query(CLAIM.as_str())
+                .bind::<Array<BigInt>, _>(&ids)
+                .bind::<BigInt, _>(lease_ms as i64)
+                .bind::<BigInt, _>(millis(expire_after_ms))
+                .load(&mut **conn)?;
             let claimed: HashMap<i64, (i32, i32)> = claimed
                 .into_iter()
                 .map(|r| (r.id, (r.attempt, r.round_attempt)))
@@ -198,16 +266,11 @@ impl Db {
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = held.into_iter().unzip();
         self.run(move |conn| {
-            let rows: Vec<JobId> = diesel::sql_query(
-                "UPDATE jobs AS j SET lease_until = now() + $3 * interval '1 millisecond' \
-                 FROM unnest($1::bigint[], $2::int[]) AS v(id, attempt) \
-                 WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
-                 RETURNING j.id",
-            )
-            .bind::<Array<BigInt>, _>(&ids)
-            .bind::<Array<Int4>, _>(&attempts)
-            .bind::<BigInt, _>(lease_ms as i64)
-            .load(&mut **conn)?;
+            let rows: Vec<JobId> = diesel::sql_query(RENEW.as_str())
+                .bind::<Array<BigInt>, _>(&ids)
+                .bind::<Array<Int4>, _>(&attempts)
+                .bind::<BigInt, _>(lease_ms as i64)
+                .load(&mut **conn)?;
             Ok(rows.into_iter().map(|r| r.id).collect())
         })
         .await
@@ -215,7 +278,7 @@ impl Db {
 
     /// Applies outcome events in one statement. Returns `(job id, new status)` for each event
     /// that changed something; the others were duplicates, stale or late (job cancelled).
-    pub async fn apply_events(&self, events: Vec<Event>) -> Result<Vec<(i64, String)>, DbError> {
+    pub async fn apply_events(&self, events: Vec<Event>) -> Result<Vec<(i64, JobStatus)>, DbError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -247,18 +310,13 @@ impl Db {
                     }
                     Err(err) => event_error(conn, err)?,
                 };
-                let failed: Result<Vec<IdStatus>, diesel::result::Error> = diesel::sql_query(
-                    "UPDATE jobs SET status = 'FAILED', result = NULL, error_type = $3, \
-                     error_message = $4, last_error = $4, finished_at = now(), \
-                     lease_until = NULL, outcomes = outcomes + 1, updated_at = now() \
-                     WHERE id = $1 AND attempt = $2 AND status = 'PROCESSING' \
-                     RETURNING id, status",
-                )
-                .bind::<BigInt, _>(job_id)
-                .bind::<Int4, _>(attempt)
-                .bind::<Text, _>(&refusal.error_type)
-                .bind::<Text, _>(&refusal.message)
-                .load(&mut **conn);
+                let failed: Result<Vec<IdStatus>, diesel::result::Error> =
+                    diesel::sql_query(FAIL_REFUSED.as_str())
+                        .bind::<BigInt, _>(job_id)
+                        .bind::<Int4, _>(attempt)
+                        .bind::<Text, _>(&refusal.error_type)
+                        .bind::<Text, _>(&refusal.message)
+                        .load(&mut **conn);
                 out.push(match failed {
                     Ok(rows) if rows.is_empty() => EachResult::Ignored,
                     Ok(_) => EachResult::FailedInstead(refused),
@@ -274,16 +332,17 @@ impl Db {
 
     /// Jobs that are QUEUED with no confirmed message and due: committed but never
     /// confirmed on the broker, handed back by a retry, or marked for re-dispatch.
-    pub async fn due_for_dispatch(&self, limit: i64) -> Result<Vec<JobDispatch>, DbError> {
+    pub async fn due_for_dispatch(&self, limit: i64) -> Result<Vec<Dispatch>, DbError> {
         self.run(move |conn| {
-            Ok(jobs::table
-                .filter(jobs::status.eq("QUEUED"))
+            let rows: Vec<DispatchRow> = jobs::table
+                .filter(jobs::status.eq(JobStatus::Queued.as_str()))
                 .filter(jobs::dispatched_at.is_null())
                 .filter(jobs::available_at.le(diesel::dsl::now))
                 .order(jobs::available_at)
                 .limit(limit)
-                .select(JobDispatch::as_select())
-                .load(&mut **conn)?)
+                .select(DispatchRow::as_select())
+                .load(&mut **conn)?;
+            Ok(rows.into_iter().map(Dispatch::from).collect())
         })
         .await
     }
@@ -300,41 +359,17 @@ impl Db {
         redispatch_after_ms: Option<u64>,
     ) -> Result<SweepReport, DbError> {
         self.run(move |conn| {
-            // Through the batch's jobs (`jobs_by_batch`), not every QUEUED entry of
-            // `jobs_unfinished` (see `Db::claim_unexpired`): this runs on every pass.
-            let unconfirmed = diesel::sql_query(
-                "WITH b AS (UPDATE batches SET published_at = now() \
-                   WHERE published_at IS NULL \
-                     AND created_at < now() - $1 * interval '1 millisecond' \
-                   RETURNING id) \
-                 UPDATE jobs SET dispatched_at = NULL \
-                 WHERE batch_id IN (SELECT id FROM b) AND status || '' = 'QUEUED'",
-            )
-            .bind::<BigInt, _>(millis(dispatch_grace_ms))
-            .execute(&mut **conn)?;
-            let lost_failed = diesel::sql_query(
-                "UPDATE jobs SET status = 'FAILED', finished_at = now(), updated_at = now(), \
-                 lease_until = NULL, outcomes = outcomes + 1, error_type = 'worker_lost', \
-                 error_message = 'the worker running the job stopped answering on its last attempt', \
-                 last_error = 'worker lost' \
-                 WHERE status = 'PROCESSING' AND lease_until < now() \
-                   AND attempt - attempt_base >= $1",
-            )
-            .bind::<Int4, _>(max_attempts as i32)
-            .execute(&mut **conn)?;
-            let leases_expired = diesel::sql_query(
-                "UPDATE jobs SET status = 'QUEUED', dispatched_at = NULL, available_at = now(), \
-                 lease_until = NULL, updated_at = now(), last_error = 'worker lost; retrying' \
-                 WHERE status = 'PROCESSING' AND lease_until < now()",
-            )
-            .execute(&mut **conn)?;
+            let unconfirmed = diesel::sql_query(UNCONFIRMED.as_str())
+                .bind::<BigInt, _>(millis(dispatch_grace_ms))
+                .execute(&mut **conn)?;
+            let lost_failed = diesel::sql_query(LOST_FAILED.as_str())
+                .bind::<Int4, _>(max_attempts as i32)
+                .execute(&mut **conn)?;
+            let leases_expired = diesel::sql_query(LEASES_EXPIRED.as_str()).execute(&mut **conn)?;
             let redispatched = match redispatch_after_ms {
-                Some(ms) => diesel::sql_query(
-                    "UPDATE jobs SET dispatched_at = NULL WHERE status = 'QUEUED' \
-                     AND dispatched_at < now() - $1 * interval '1 millisecond'",
-                )
-                .bind::<BigInt, _>(millis(ms))
-                .execute(&mut **conn)?,
+                Some(ms) => diesel::sql_query(REDISPATCH_LOST.as_str())
+                    .bind::<BigInt, _>(millis(ms))
+                    .execute(&mut **conn)?,
                 None => 0,
             };
             Ok(SweepReport {
@@ -352,7 +387,7 @@ impl Db {
 fn apply_on(
     conn: &mut PooledConnection<Manager>,
     events: Vec<Event>,
-) -> Result<Vec<(i64, String)>, diesel::result::Error> {
+) -> Result<Vec<(i64, JobStatus)>, diesel::result::Error> {
     let mut seen = HashSet::new();
     let mut ids = Vec::new();
     let mut attempts = Vec::new();
@@ -373,20 +408,21 @@ fn apply_on(
         ids.push(e.job_id);
         attempts.push(e.attempt);
         let mut keys = None;
-        let (status, result, et, em, le, usage, delay) = match e.outcome {
+        // The state the outcome's transition leads to: `v.status` in the statement.
+        statuses.push(e.outcome.transition().target().as_str());
+        let (result, et, em, le, usage, delay) = match e.outcome {
             Outcome::Succeeded {
                 result,
                 usage,
                 media_keys,
             } => {
                 keys = (!media_keys.is_empty()).then(|| Value::from(media_keys));
-                ("PROCESSED", Some(result), None, None, None, usage, 0)
+                (Some(result), None, None, None, usage, 0)
             }
             Outcome::Failed {
                 error_type,
                 message,
             } => (
-                "FAILED",
                 None,
                 Some(error_type),
                 Some(message.clone()),
@@ -394,11 +430,8 @@ fn apply_on(
                 None,
                 0,
             ),
-            Outcome::Retry { error, delay_ms } => {
-                ("QUEUED", None, None, None, Some(error), None, delay_ms)
-            }
+            Outcome::Retry { error, delay_ms } => (None, None, None, Some(error), None, delay_ms),
         };
-        statuses.push(status.to_owned());
         results.push(result);
         error_types.push(et);
         error_messages.push(em);
@@ -412,55 +445,24 @@ fn apply_on(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    // The same statement tells every gateway which batches changed (`NOTIFY`, delivered at
-    // commit, one per statement whatever the number of jobs), so their event streams wake
-    // up. A SELECT in WITH runs only as far as it is read: the count reads it whole.
-    let rows: Vec<IdStatus> = diesel::sql_query(
-                "WITH u AS (UPDATE jobs AS j SET \
-                   status = v.status, \
-                   result = v.result, \
-                   error_type = v.error_type, \
-                   error_message = v.error_message, \
-                   last_error = COALESCE(v.last_error, j.last_error), \
-                   prompt_tokens = v.pt, completion_tokens = v.ct, total_tokens = v.tt, \
-                   finished_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE now() END, \
-                   available_at = CASE WHEN v.status = 'QUEUED' \
-                     THEN now() + v.delay_ms * interval '1 millisecond' ELSE j.available_at END, \
-                   dispatched_at = CASE WHEN v.status = 'QUEUED' THEN NULL ELSE j.dispatched_at END, \
-                   lease_until = NULL, \
-                   outcomes = j.outcomes + CASE WHEN v.status = 'QUEUED' THEN 0 ELSE 1 END, \
-                   media_keys = CASE WHEN v.media_keys IS NULL THEN NULL \
-                     ELSE ARRAY(SELECT jsonb_array_elements_text(v.media_keys)) END, \
-                   updated_at = now() \
-                 FROM unnest($1::bigint[], $2::int[], $3::text[], $4::jsonb[], $5::text[], \
-                             $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], \
-                             $11::bigint[], $12::jsonb[]) \
-                   AS v(id, attempt, status, result, error_type, error_message, last_error, \
-                        pt, ct, tt, delay_ms, media_keys) \
-                 WHERE j.id = v.id AND j.attempt = v.attempt AND j.status = 'PROCESSING' \
-                 RETURNING j.id, j.status, j.batch_id), \
-                 b AS (SELECT string_agg(DISTINCT batch_id::text, ',') AS ids FROM u), \
-                 n AS (SELECT pg_notify($13, CASE WHEN length(ids) > $14 THEN $15 ELSE ids END) \
-                       FROM b WHERE ids IS NOT NULL) \
-                 SELECT u.id, u.status FROM u CROSS JOIN (SELECT count(*) AS k FROM n) c",
-            )
-            .bind::<Array<BigInt>, _>(&ids)
-            .bind::<Array<Int4>, _>(&attempts)
-            .bind::<Array<Text>, _>(&statuses)
-            .bind::<Array<Nullable<Jsonb>>, _>(&results)
-            .bind::<Array<Nullable<Text>>, _>(&error_types)
-            .bind::<Array<Nullable<Text>>, _>(&error_messages)
-            .bind::<Array<Nullable<Text>>, _>(&last_errors)
-            .bind::<Array<Nullable<BigInt>>, _>(&tokens[0])
-            .bind::<Array<Nullable<BigInt>>, _>(&tokens[1])
-            .bind::<Array<Nullable<BigInt>>, _>(&tokens[2])
-            .bind::<Array<BigInt>, _>(&delays)
-            .bind::<Array<Nullable<Jsonb>>, _>(&media_keys)
-            .bind::<Text, _>(crate::progress::BATCH_CHANNEL)
-            .bind::<Int4, _>(crate::progress::MAX_PAYLOAD)
-            .bind::<Text, _>(crate::progress::ALL_BATCHES)
-            .load(&mut **conn)?;
-    Ok(rows.into_iter().map(|r| (r.id, r.status)).collect())
+    let rows: Vec<IdStatus> = diesel::sql_query(APPLY_EVENTS.as_str())
+        .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Array<Int4>, _>(&attempts)
+        .bind::<Array<Text>, _>(&statuses)
+        .bind::<Array<Nullable<Jsonb>>, _>(&results)
+        .bind::<Array<Nullable<Text>>, _>(&error_types)
+        .bind::<Array<Nullable<Text>>, _>(&error_messages)
+        .bind::<Array<Nullable<Text>>, _>(&last_errors)
+        .bind::<Array<Nullable<BigInt>>, _>(&tokens[0])
+        .bind::<Array<Nullable<BigInt>>, _>(&tokens[1])
+        .bind::<Array<Nullable<BigInt>>, _>(&tokens[2])
+        .bind::<Array<BigInt>, _>(&delays)
+        .bind::<Array<Nullable<Jsonb>>, _>(&media_keys)
+        .bind::<Text, _>(crate::progress::BATCH_CHANNEL)
+        .bind::<Int4, _>(crate::progress::MAX_PAYLOAD)
+        .bind::<Text, _>(crate::progress::ALL_BATCHES)
+        .load(&mut **conn)?;
+    Ok(rows.into_iter().map(|r| (r.id, r.status.0)).collect())
 }
 
 /// Why an event's statement failed, when the event is at fault rather than the connection

@@ -3,8 +3,8 @@
 
 use serde_json::json;
 use volley_db::testing::TestDatabase;
-use volley_db::{Claim, Db, EachResult, Event, NewJob, Outcome, Refusal, Usage};
-use volley_domain::BatchStatus;
+use volley_db::{Db, EachResult, NewJob, Refusal};
+use volley_domain::{BatchStatus, Claim, Event, JobStatus, Outcome, Usage};
 
 fn jobs(n: usize) -> Vec<NewJob> {
     (0..n)
@@ -66,7 +66,7 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
     let (b, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
     let first = db
-        .claim(vec![ids[0], ids[0], 999_999], 60_000)
+        .claim(vec![ids[0], ids[0], 999_999], 60_000, 0)
         .await
         .unwrap();
     assert_eq!(
@@ -80,7 +80,7 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
     assert_eq!(first[2].1, Claim::NotFound);
     // A redelivered message cannot claim a running job again.
     assert_eq!(
-        db.claim(vec![ids[0]], 60_000).await.unwrap()[0].1,
+        db.claim(vec![ids[0]], 60_000, 0).await.unwrap()[0].1,
         Claim::Refused
     );
 
@@ -95,7 +95,7 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
         .apply_events(vec![ok(ids[0], 1), ok(ids[0], 1)])
         .await
         .unwrap();
-    assert_eq!(applied, vec![(ids[0], "PROCESSED".to_string())]);
+    assert_eq!(applied, vec![(ids[0], JobStatus::Processed)]);
     assert!(
         db.apply_events(vec![ok(ids[0], 1)])
             .await
@@ -103,11 +103,11 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
             .is_empty()
     );
     let job = db.get_job("o", ids[0]).await.unwrap().unwrap();
-    assert_eq!(job.status, "PROCESSED");
+    assert_eq!(job.status, JobStatus::Processed);
     assert_eq!(job.total_tokens, Some(3));
 
     // Retry hands the job back; the next claim is attempt 2 and the old attempt is fenced off.
-    db.claim(vec![ids[1]], 60_000).await.unwrap();
+    db.claim(vec![ids[1]], 60_000, 0).await.unwrap();
     let retry = Event {
         job_id: ids[1],
         attempt: 1,
@@ -118,7 +118,7 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
     };
     assert_eq!(db.apply_events(vec![retry]).await.unwrap().len(), 1);
     assert_eq!(
-        db.claim(vec![ids[1]], 60_000).await.unwrap()[0].1,
+        db.claim(vec![ids[1]], 60_000, 0).await.unwrap()[0].1,
         Claim::Claimed {
             attempt: 2,
             round_attempt: 2
@@ -140,11 +140,11 @@ async fn claims_are_exclusive_and_outcomes_fenced() {
     };
     db.apply_events(vec![failed]).await.unwrap();
     let j = db.get_job("o", ids[1]).await.unwrap().unwrap();
-    assert_eq!((j.status.as_str(), j.attempt), ("FAILED", 2));
+    assert_eq!((j.status, j.attempt), (JobStatus::Failed, 2));
     assert_eq!(j.error_message.as_deref(), Some("bad"));
 
     // Cancel: the running job is cancelled, the finished ones stay, a late result is dropped.
-    db.claim(vec![ids[2]], 60_000).await.unwrap();
+    db.claim(vec![ids[2]], 60_000, 0).await.unwrap();
     let (view, _, cancelled) = db.cancel_batch("o", b.id).await.unwrap().unwrap();
     assert_eq!(cancelled, vec![ids[2]]);
     assert_eq!(view.counts.status(), BatchStatus::Done);
@@ -224,13 +224,13 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     db.mark_dispatched(vec![ids[0], ids[1]]).await.unwrap();
 
     // A claim whose lease runs out goes back to the queue.
-    db.claim(vec![ids[0]], 1).await.unwrap();
+    db.claim(vec![ids[0]], 1, 0).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let r = db.sweep(4, 600_000, Some(600_000)).await.unwrap();
     assert_eq!(r.leases_expired, 1);
     assert!(due_ids(&db).await.contains(&ids[0]));
     // Renewal: a live claim stays, a stale attempt is not renewed.
-    db.claim(vec![ids[0]], 60_000).await.unwrap();
+    db.claim(vec![ids[0]], 60_000, 0).await.unwrap();
     assert_eq!(
         db.renew(vec![(ids[0], 2), (ids[1], 1)], 60_000)
             .await
@@ -238,13 +238,13 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
         vec![ids[0]]
     );
     // On the last attempt a lost worker fails the job instead.
-    db.claim(vec![ids[1]], 1).await.unwrap();
+    db.claim(vec![ids[1]], 1, 0).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     let r = db.sweep(1, 600_000, Some(600_000)).await.unwrap();
     assert_eq!(r.lost_failed, 1);
     assert_eq!(
         db.get_job("o", ids[1]).await.unwrap().unwrap().status,
-        "FAILED"
+        JobStatus::Failed
     );
 }
 
@@ -272,7 +272,7 @@ async fn a_batch_read_by_key_checks_the_key_and_sums_usage() {
     let bob = db.create_key("bob", None).await.unwrap().secret;
     let (b, d) = db.create_batch("alice", None, jobs(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
-    db.claim(ids.clone(), 60_000).await.unwrap();
+    db.claim(ids.clone(), 60_000, 0).await.unwrap();
     db.apply_events(vec![ok(ids[0], 1), ok(ids[1], 1)])
         .await
         .unwrap();
@@ -288,9 +288,9 @@ async fn a_batch_read_by_key_checks_the_key_and_sums_usage() {
     assert_eq!(summaries.iter().map(|j| j.id).collect::<Vec<_>>(), ids);
     assert_eq!(
         (
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.total_tokens,
+            usage.tokens.prompt_tokens,
+            usage.tokens.completion_tokens,
+            usage.tokens.total_tokens,
             usage.jobs
         ),
         (2, 4, 6, 2)
@@ -387,7 +387,7 @@ async fn media_keys_are_stored_with_the_outcome() {
     let (_t, db) = setup().await;
     let (_, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
-    db.claim(ids.clone(), 60_000).await.unwrap();
+    db.claim(ids.clone(), 60_000, 0).await.unwrap();
     let keys = vec![
         "batches/1/2-a1-0-aa.png".to_owned(),
         "batches/1/2-a1-1-bb.png".to_owned(),
@@ -521,7 +521,7 @@ async fn an_unstorable_event_fails_only_its_own_job() {
     let (_t, db) = setup().await;
     let (_, d) = db.create_batch("o", None, jobs(4), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
-    db.claim(ids.clone(), 60_000).await.unwrap();
+    db.claim(ids.clone(), 60_000, 0).await.unwrap();
     let nul_result = Event {
         job_id: ids[1],
         attempt: 1,
@@ -559,24 +559,24 @@ async fn an_unstorable_event_fails_only_its_own_job() {
         .await
         .unwrap();
     assert_eq!(each.len(), 5);
-    assert_eq!(each[0], EachResult::Applied("PROCESSED".into()));
+    assert_eq!(each[0], EachResult::Applied(JobStatus::Processed));
     assert!(matches!(each[1], EachResult::FailedInstead(_)), "{each:?}");
     assert!(matches!(each[2], EachResult::FailedInstead(_)), "{each:?}");
-    assert_eq!(each[3], EachResult::Applied("PROCESSED".into()));
+    assert_eq!(each[3], EachResult::Applied(JobStatus::Processed));
     assert_eq!(
         each[4],
         EachResult::Ignored,
         "a stale attempt stays fenced off"
     );
     for (i, want) in [
-        (0, "PROCESSED"),
-        (1, "FAILED"),
-        (2, "FAILED"),
-        (3, "PROCESSED"),
+        (0, JobStatus::Processed),
+        (1, JobStatus::Failed),
+        (2, JobStatus::Failed),
+        (3, JobStatus::Processed),
     ] {
         let job = db.get_job("o", ids[i]).await.unwrap().unwrap();
         assert_eq!(job.status, want, "job {i}");
-        if want == "FAILED" {
+        if want == JobStatus::Failed {
             assert_eq!(job.error_type.as_deref(), Some("invalid_output"));
         }
     }
@@ -602,7 +602,7 @@ async fn finished_jobs_are_read_in_pages_and_custom_ids_kept() {
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
     // Jobs 0, 2, 4, 5 succeed; 6 is cancelled; 1 and 3 stay queued.
     let done = [ids[0], ids[2], ids[4], ids[5]];
-    db.claim(done.to_vec(), 60_000).await.unwrap();
+    db.claim(done.to_vec(), 60_000, 0).await.unwrap();
     db.apply_events(done.iter().map(|id| ok(*id, 1)).collect())
         .await
         .unwrap();
@@ -682,7 +682,7 @@ async fn applying_outcomes_notifies_the_changed_batches_once() {
     let (b, db_jobs) = db.create_batch("alice", None, jobs(1), 0).await.unwrap();
     let (c, dc) = db.create_batch("alice", None, jobs(1), 0).await.unwrap();
     let ids: Vec<i64> = da.iter().chain(&db_jobs).chain(&dc).map(|j| j.id).collect();
-    db.claim(ids, 60_000).await.unwrap();
+    db.claim(ids, 60_000, 0).await.unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let listener = listen(t.url.clone(), move |c| {
         let _ = tx.send(c);

@@ -3,12 +3,14 @@
 //! **Architecture invariant:** this crate knows nothing of HTTP, AMQP or SQL. Wire formats are
 //! converted to these types at the edges (gateway, queue boundary, database layer).
 
+mod job;
 mod state;
 pub mod text;
 mod types;
 pub mod validate;
 
-pub use state::{BatchCounts, BatchStatus, JobStatus, Transition};
+pub use job::{BatchUsage, Claim, Dispatch, Event, Outcome, Usage};
+pub use state::{BatchCounts, BatchStatus, JobStatus, Rule, Transition};
 pub use types::{Endpoint, InferenceType, ParseError};
 pub use validate::{
     BatchRejection, CUSTOM_ID_RULE, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch,

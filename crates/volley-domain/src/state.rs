@@ -14,20 +14,70 @@ pub enum JobStatus {
     Cancelled,
 }
 
-/// The kinds of state change; the database layer turns each into one conditional update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The kinds of state change; the database layer turns each into conditional updates whose
+/// guards and targets it renders from [`Transition::rule`], so the SQL cannot drift from this
+/// table (volley-db's `transitions` test runs every pair against PostgreSQL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transition {
     /// A worker claimed the job (attempt + 1).
     Claim,
-    /// A retryable failure hands the job back to the queue.
+    /// A retryable failure, or a lost worker with attempts left, hands the job back to the
+    /// queue.
     Requeue,
     Succeed,
+    /// A worker's failure, an outcome the database refused, or a worker lost on its last
+    /// attempt.
     Fail,
+    /// A job not started within the expiry window fails before it ever ran.
+    Expire,
     Cancel,
     /// An operator re-runs a FAILED job (`batchctl batches retry-failed`): it goes back to
     /// QUEUED under the same id, and its attempt number keeps counting so that outcomes of
     /// earlier attempts stay fenced off.
     Retry,
+}
+
+/// Where a transition may start and where it leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub from: &'static [JobStatus],
+    pub to: JobStatus,
+}
+
+impl Transition {
+    pub const ALL: [Transition; 7] = [
+        Transition::Claim,
+        Transition::Requeue,
+        Transition::Succeed,
+        Transition::Fail,
+        Transition::Expire,
+        Transition::Cancel,
+        Transition::Retry,
+    ];
+
+    /// The transition table: the one place that says which states a transition leaves from
+    /// and which state it reaches.
+    pub const fn rule(self) -> Rule {
+        use JobStatus::*;
+        let (from, to): (&'static [JobStatus], JobStatus) = match self {
+            Transition::Claim => (&[Queued], Processing),
+            // Outcomes come from the attempt that runs the job: PROCESSING only, so an
+            // outcome arriving after a requeue (same attempt, QUEUED) changes nothing.
+            Transition::Requeue => (&[Processing], Queued),
+            Transition::Succeed => (&[Processing], Processed),
+            Transition::Fail => (&[Processing], Failed),
+            Transition::Expire => (&[Queued], Failed),
+            Transition::Cancel => (&[Queued, Processing], Cancelled),
+            // The only way out of a terminal state, and only by an operator's hand.
+            Transition::Retry => (&[Failed], Queued),
+        };
+        Rule { from, to }
+    }
+
+    /// The state the transition leads to.
+    pub const fn target(self) -> JobStatus {
+        self.rule().to
+    }
 }
 
 impl JobStatus {
@@ -58,27 +108,13 @@ impl JobStatus {
 
     /// The state a transition leads to from `self`, or `None` if it is not allowed from here.
     pub fn apply(self, t: Transition) -> Option<JobStatus> {
-        use JobStatus::*;
-        match (self, t) {
-            (Queued, Transition::Claim) => Some(Processing),
-            (Processing, Transition::Requeue) => Some(Queued),
-            (Processing, Transition::Succeed) => Some(Processed),
-            (Processing, Transition::Fail) => Some(Failed),
-            // Expiry and "provider refused the request before we started" fail a queued job.
-            (Queued, Transition::Fail) => Some(Failed),
-            (Queued | Processing, Transition::Cancel) => Some(Cancelled),
-            // The only way out of a terminal state, and only by an operator's hand.
-            (Failed, Transition::Retry) => Some(Queued),
-            _ => None,
-        }
+        let rule = t.rule();
+        rule.from.contains(&self).then_some(rule.to)
     }
 
     /// The states a transition may start from; the database layer guards updates with this.
     pub fn sources(t: Transition) -> Vec<JobStatus> {
-        JobStatus::ALL
-            .into_iter()
-            .filter(|s| s.apply(t).is_some())
-            .collect()
+        t.rule().from.to_vec()
     }
 }
 
@@ -171,13 +207,10 @@ mod tests {
     fn terminal_states_never_move() {
         // Workers, events and sweeps never move a finished job; only an operator's Retry does.
         for s in JobStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
-            for t in [
-                Transition::Claim,
-                Transition::Requeue,
-                Transition::Succeed,
-                Transition::Fail,
-                Transition::Cancel,
-            ] {
+            for t in Transition::ALL
+                .into_iter()
+                .filter(|&t| t != Transition::Retry)
+            {
                 assert_eq!(s.apply(t), None, "{s} must not accept {t:?}");
             }
         }
@@ -196,6 +229,36 @@ mod tests {
         assert_eq!(
             JobStatus::sources(Transition::Cancel),
             vec![JobStatus::Queued, JobStatus::Processing]
+        );
+    }
+
+    #[test]
+    fn all_lists_every_transition() {
+        // A new variant fails to compile here until it is listed in `ALL` (and so reaches
+        // the database's transition test).
+        for t in Transition::ALL {
+            match t {
+                Transition::Claim
+                | Transition::Requeue
+                | Transition::Succeed
+                | Transition::Fail
+                | Transition::Expire
+                | Transition::Cancel
+                | Transition::Retry => {}
+            }
+        }
+        assert_eq!(
+            Transition::ALL.len(),
+            Transition::ALL
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+        );
+        // Queued jobs fail only by expiring; a late worker outcome cannot fail them.
+        assert_eq!(JobStatus::Queued.apply(Transition::Fail), None);
+        assert_eq!(
+            JobStatus::Queued.apply(Transition::Expire),
+            Some(JobStatus::Failed)
         );
     }
 

@@ -1,9 +1,14 @@
-//! Volley's wire messages (prost). Convert to domain types at the queue boundary.
+//! Volley's wire formats between its own services: the RabbitMQ messages (prost, generated
+//! from `proto/volley.proto`) and the JSON bodies of batch-state's internal API
+//! ([`state_api`]). They convert to the domain's types here (`convert.rs`), and only here.
 
 #[allow(clippy::all)]
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/volley.v1.rs"));
 }
+
+mod convert;
+pub mod state_api;
 
 pub use generated::*;
 pub use prost::Message;

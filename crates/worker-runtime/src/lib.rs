@@ -32,7 +32,7 @@ use volley_telemetry::metrics::JobMeters;
 pub use providers::{Job, Output, ProviderError, Providers};
 /// The queue boundary's decoder, public for the property tests.
 pub use run::decode;
-pub use state_client::{ClaimResult, StateClient};
+pub use state_client::StateClient;
 
 /// A job this worker is running.
 struct InFlight {

@@ -15,13 +15,10 @@ use volley_amqp::lapin::options::{
 };
 use volley_amqp::lapin::types::FieldTable;
 use volley_amqp::{connect, consumer_channel, declare_topology};
-use volley_domain::{Endpoint, InferenceType};
-use volley_proto::{
-    Control, Failed, JobEvent, JobMessage, Message, Retry, Succeeded, control, job_event,
-};
+use volley_domain::{Claim, Dispatch, InferenceType, Outcome};
+use volley_proto::{Control, JobEvent, JobMessage, Message, control};
 
 use crate::providers::{Job, Output, ProviderError};
-use crate::state_client::ClaimResult;
 use crate::{InFlight, Worker};
 use tracing::Instrument;
 use volley_telemetry::metrics::JobOutcome;
@@ -110,31 +107,23 @@ async fn consume(
 /// Checks a message against the worker's type and turns it into a job.
 pub fn decode(kind: InferenceType, payload: &[u8]) -> Result<(Job, i64), String> {
     let m = JobMessage::decode(payload).map_err(|e| format!("not a JobMessage: {e}"))?;
-    let endpoint: Endpoint = m.endpoint.parse().map_err(|e| format!("{e}"))?;
-    if endpoint.inference_type() != kind || m.inference_type != kind.as_str() {
+    let d = Dispatch::try_from(m)?;
+    if d.inference_type != kind {
         return Err(format!(
             "a {} job ({}) on the {} queue",
-            m.inference_type, m.endpoint, kind
+            d.inference_type, d.endpoint, kind
         ));
-    }
-    if m.job_id <= 0 {
-        return Err(format!("bad job id {}", m.job_id));
-    }
-    let body: serde_json::Value =
-        serde_json::from_slice(&m.body_json).map_err(|e| format!("body is not JSON: {e}"))?;
-    if !body.is_object() {
-        return Err("body is not a JSON object".into());
     }
     Ok((
         Job {
-            id: m.job_id,
-            batch_id: m.batch_id,
+            id: d.id,
+            batch_id: d.batch_id,
             attempt: 0,
-            endpoint,
-            model: m.model,
-            body,
+            endpoint: d.endpoint,
+            model: d.model,
+            body: d.body,
         },
-        m.accepted_at_ms,
+        d.accepted_at_ms,
     ))
 }
 
@@ -210,7 +199,7 @@ async fn claim_and_start(
     }
     for (p, claim) in pending.into_iter().zip(claims) {
         match claim {
-            ClaimResult::Claimed {
+            Claim::Claimed {
                 attempt,
                 round_attempt,
             } => {
@@ -227,7 +216,7 @@ async fn claim_and_start(
                     .instrument(span),
                 );
             }
-            ClaimResult::Refused | ClaimResult::NotFound => {
+            Claim::Refused | Claim::NotFound => {
                 // Redelivered, duplicated, cancelled or finished: nothing to do.
                 tracing::debug!(parent: &p.span, job.id = p.job.id, "job not claimable; dropped the message");
             }
@@ -243,7 +232,7 @@ async fn claim_with_retry(
     ids: &[i64],
     pending: &[Pending],
     stop: &CancellationToken,
-) -> Option<Vec<ClaimResult>> {
+) -> Option<Vec<Claim>> {
     for tries in 1..=20u32 {
         // One request for the whole batch: its span is a child of the first job's consumer
         // span and linked to the others', so each job's trace shows its claim.
@@ -343,20 +332,12 @@ async fn report(
 ) {
     let max = w.settings.worker.max_attempts as i32;
     let (mut outcome, label) = match result {
-        Ok(mut out) => (
-            job_event::Outcome::Succeeded(Succeeded {
-                result_json: {
-                    // What PostgreSQL cannot store (U+0000) is replaced here, at the edge.
-                    volley_domain::text::clean_json(&mut out.result);
-                    serde_json::to_vec(&out.result).unwrap_or_default()
-                },
-                usage: out.usage.map(|u| volley_proto::Usage {
-                    prompt_tokens: u.prompt_tokens,
-                    completion_tokens: u.completion_tokens,
-                    total_tokens: u.total_tokens,
-                }),
+        Ok(out) => (
+            Outcome::Succeeded {
+                result: out.result,
+                usage: out.usage,
                 media_keys: out.media_keys,
-            }),
+            },
             "succeeded",
         ),
         Err(ProviderError::Cancelled) => {
@@ -380,43 +361,37 @@ async fn report(
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or_else(|| backoff_ms(w, round_attempt));
             (
-                job_event::Outcome::Retry(Retry {
+                Outcome::Retry {
                     error: message,
                     delay_ms,
-                }),
+                },
                 "retry",
             )
         }
         Err(ProviderError::Retryable { message, .. }) => (
-            job_event::Outcome::Failed(Failed {
+            Outcome::Failed {
                 error_type: "provider_error".into(),
                 message: format!("gave up after {round_attempt} attempts: {message}"),
-            }),
+            },
             "failed",
         ),
         Err(ProviderError::Fatal {
             error_type,
             message,
         }) => (
-            job_event::Outcome::Failed(Failed {
+            Outcome::Failed {
                 error_type: error_type.into(),
                 message,
-            }),
+            },
             "failed",
         ),
     };
-    match &mut outcome {
-        job_event::Outcome::Failed(f) => {
-            volley_domain::text::clean_string(&mut f.error_type);
-            volley_domain::text::clean_string(&mut f.message);
-        }
-        job_event::Outcome::Retry(r) => volley_domain::text::clean_string(&mut r.error),
-        job_event::Outcome::Succeeded(_) => {}
-    }
+    // What PostgreSQL cannot store (U+0000) is replaced here, at the edge.
+    outcome.clean();
     let event = JobEvent {
         job_id: job.id,
         attempt: job.attempt,
-        outcome: Some(outcome),
+        outcome: Some(outcome.into()),
         at_ms: chrono::Utc::now().timestamp_millis(),
         batch_id: job.batch_id,
         inference_type: job.endpoint.inference_type().as_str().to_owned(),
@@ -694,10 +669,13 @@ pub async fn hand_back_all(w: &Worker) {
         .map(|(id, attempt, batch_id)| JobEvent {
             job_id: *id,
             attempt: *attempt,
-            outcome: Some(job_event::Outcome::Retry(Retry {
-                error: "worker shut down; handed back".into(),
-                delay_ms: 0,
-            })),
+            outcome: Some(
+                Outcome::Retry {
+                    error: "worker shut down; handed back".into(),
+                    delay_ms: 0,
+                }
+                .into(),
+            ),
             at_ms: chrono::Utc::now().timestamp_millis(),
             batch_id: *batch_id,
             inference_type: w.kind.as_str().to_owned(),

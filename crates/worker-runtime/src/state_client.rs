@@ -2,21 +2,11 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::json;
 use tracing::{Instrument, Span};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClaimResult {
-    /// The attempt number (the fencing token outcomes carry) and the attempt counted from the
-    /// latest operator retry (what the retry budget goes by).
-    Claimed {
-        attempt: i32,
-        round_attempt: i32,
-    },
-    Refused,
-    NotFound,
-}
+use volley_domain::Claim;
+use volley_proto::state_api::{
+    ClaimAnswer, ClaimsAnswer, ClaimsRequest, LeasesAnswer, LeasesRequest,
+};
 
 #[derive(Clone)]
 pub struct StateClient {
@@ -24,25 +14,6 @@ pub struct StateClient {
     /// The shared secret batch-state's internal API asks for (empty: none, dev mode).
     token: String,
     http: reqwest::Client,
-}
-
-#[derive(Deserialize)]
-struct ClaimAnswer {
-    job_id: i64,
-    result: String,
-    attempt: i32,
-    #[serde(default)]
-    round_attempt: i32,
-}
-
-#[derive(Deserialize)]
-struct Claims {
-    claims: Vec<ClaimAnswer>,
-}
-
-#[derive(Deserialize)]
-struct Alive {
-    alive: Vec<i64>,
 }
 
 impl StateClient {
@@ -68,7 +39,7 @@ impl StateClient {
 
     /// Claims many jobs in one request; one answer per id asked, in the order asked. `span`
     /// is the request's client span (batch-state's server span continues it).
-    pub async fn claim(&self, job_ids: &[i64], span: Span) -> anyhow::Result<Vec<ClaimResult>> {
+    pub async fn claim(&self, job_ids: &[i64], span: Span) -> anyhow::Result<Vec<Claim>> {
         if !span.is_disabled() {
             span.record(
                 "server.address",
@@ -82,12 +53,14 @@ impl StateClient {
                 |rb, (k, v)| rb.header(k, v),
             );
         let resp = rb
-            .json(&json!({ "job_ids": job_ids }))
+            .json(&ClaimsRequest {
+                job_ids: job_ids.to_vec(),
+            })
             .send()
             .instrument(span.clone())
             .await?;
         span.record("http.response.status_code", resp.status().as_u16());
-        let r = resp.error_for_status()?.json::<Claims>().await?;
+        let r = resp.error_for_status()?.json::<ClaimsAnswer>().await?;
         answers(job_ids, r.claims)
     }
 
@@ -95,11 +68,13 @@ impl StateClient {
     pub async fn renew(&self, held: &[(i64, i32)]) -> anyhow::Result<Vec<i64>> {
         let r = self
             .authorized(self.http.post(format!("{}/internal/leases", self.base)))
-            .json(&json!({"held": held}))
+            .json(&LeasesRequest {
+                held: held.to_vec(),
+            })
             .send()
             .await?
             .error_for_status()?
-            .json::<Alive>()
+            .json::<LeasesAnswer>()
             .await?;
         Ok(r.alive)
     }
@@ -114,7 +89,7 @@ impl StateClient {
 
 /// Matches batch-state's answers to the ids asked. Batch-state answers in the order asked; an
 /// answer missing or out of place is an error rather than a guess, since it hands out work.
-fn answers(asked: &[i64], got: Vec<ClaimAnswer>) -> anyhow::Result<Vec<ClaimResult>> {
+fn answers(asked: &[i64], got: Vec<ClaimAnswer>) -> anyhow::Result<Vec<Claim>> {
     if got.len() != asked.len() {
         anyhow::bail!(
             "batch-state answered {} claims for {} jobs",
@@ -129,20 +104,7 @@ fn answers(asked: &[i64], got: Vec<ClaimAnswer>) -> anyhow::Result<Vec<ClaimResu
             if a.job_id != *id {
                 anyhow::bail!("batch-state answered for job {} in place of {id}", a.job_id);
             }
-            Ok(match a.result.as_str() {
-                "claimed" if a.attempt > 0 => ClaimResult::Claimed {
-                    attempt: a.attempt,
-                    // An older batch-state does not send it: no operator retries there.
-                    round_attempt: if a.round_attempt > 0 {
-                        a.round_attempt
-                    } else {
-                        a.attempt
-                    },
-                },
-                "claimed" => anyhow::bail!("batch-state claimed job {id} without an attempt"),
-                "not_found" => ClaimResult::NotFound,
-                _ => ClaimResult::Refused,
-            })
+            a.claim().map_err(anyhow::Error::msg)
         })
         .collect()
 }
@@ -151,10 +113,17 @@ fn answers(asked: &[i64], got: Vec<ClaimAnswer>) -> anyhow::Result<Vec<ClaimResu
 mod tests {
     use super::*;
 
+    use volley_proto::state_api::ClaimResult;
+
     fn a(job_id: i64, result: &str, attempt: i32) -> ClaimAnswer {
+        let result = match result {
+            "claimed" => ClaimResult::Claimed,
+            "not_found" => ClaimResult::NotFound,
+            _ => ClaimResult::Refused,
+        };
         ClaimAnswer {
             job_id,
-            result: result.into(),
+            result,
             attempt,
             round_attempt: 0,
         }
@@ -170,12 +139,12 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ClaimResult::Claimed {
+                Claim::Claimed {
                     attempt: 2,
                     round_attempt: 2
                 },
-                ClaimResult::Refused,
-                ClaimResult::NotFound
+                Claim::Refused,
+                Claim::NotFound
             ]
         );
     }

@@ -37,12 +37,7 @@ pub struct Job {
     pub body: Value,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt_tokens: i64,
-    pub completion_tokens: i64,
-    pub total_tokens: i64,
-}
+pub use volley_domain::Usage;
 
 #[derive(Debug, Clone)]
 pub struct Output {
