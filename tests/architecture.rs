@@ -1,6 +1,6 @@
 //! The crate graph ARCHITECTURE.md describes, checked against `cargo metadata`: the domain
-//! crate stays free of frameworks, no worker can reach the database, and the database crate
-//! builds no wire messages.
+//! crate stays free of frameworks, no worker can reach the database, the database crate
+//! builds no wire messages, and services speak to RabbitMQ only through volley-amqp.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -112,6 +112,24 @@ fn the_database_crate_builds_no_messages() {
         assert!(
             !reached.contains(forbidden),
             "volley-db reaches {forbidden}"
+        );
+    }
+}
+
+#[test]
+fn services_reach_the_broker_only_through_volley_amqp() {
+    let g = graph();
+    // The walk sees lapin where it is: under volley-amqp.
+    assert!(g["volley-amqp"].contains("lapin"));
+    let services: Vec<&String> = g
+        .keys()
+        .filter(|n| ["gateway", "batch-state"].contains(&n.as_str()) || n.starts_with("worker-"))
+        .collect();
+    assert!(services.len() >= 8, "service crates: {services:?}");
+    for s in services {
+        assert!(
+            !g[s].contains("lapin"),
+            "{s} depends on lapin directly: consume and publish through volley-amqp"
         );
     }
 }

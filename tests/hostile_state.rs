@@ -215,12 +215,11 @@ async fn services_refuse_weak_internal_tokens_outside_dev_mode() {
         s.dev_mode = false;
         s.state.internal_token = volley_config::Secret::new(token);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let err = batch_state::start_on(s.clone(), listener)
+        let err = batch_state::start(s.clone(), listener)
             .err()
             .expect("batch-state started with a weak token");
         assert!(err.to_string().contains("VOLLEY_INTERNAL_TOKEN"), "{err}");
-        s.worker.addr = "127.0.0.1:0".into();
-        let err = worker_runtime::start(InferenceType::Llm, s)
+        let err = worker_runtime::start(InferenceType::Llm, s, volley::local_listener())
             .err()
             .expect("a worker started with a weak token");
         assert!(err.to_string().contains("VOLLEY_INTERNAL_TOKEN"), "{err}");

@@ -43,9 +43,7 @@ async fn same_key_replays_other_body_refused_in_flight_conflicts() {
     // A second gateway replica on the same database and broker.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url_b = format!("http://{}", listener.local_addr().unwrap());
-    let gw = gateway::Gateway::build_on(s.settings.clone(), listener).unwrap();
-    let handle = gw.handle();
-    let task = tokio::spawn(gw.run());
+    let gw = gateway::start(s.settings.clone(), listener).unwrap();
 
     let (st, replayed, first) = post(&s.http, &s.url, &s.key, Some("retry-1"), &body("a")).await;
     assert_eq!(st, 202, "{first}");
@@ -107,7 +105,6 @@ async fn same_key_replays_other_body_refused_in_flight_conflicts() {
         .await;
     assert_eq!(done["processed"], 2, "{done}");
 
-    handle.stop(true).await;
-    let _ = task.await;
+    gw.stop().await.unwrap();
     s.stop().await;
 }

@@ -570,10 +570,7 @@ async fn gateway_readiness_turns_false_while_draining() {
     let names = volley_amqp::Names::new(&settings.queue_prefix);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let gw = gateway::Gateway::build_on(settings, listener).unwrap();
-    let drain = gw.drain_switch();
-    let handle = gw.handle();
-    let task = tokio::spawn(gw.run());
+    let gw = gateway::start(settings, listener).unwrap();
     let http = reqwest::Client::new();
     let get = |path: &'static str| {
         let (http, base) = (http.clone(), base.clone());
@@ -588,13 +585,12 @@ async fn gateway_readiness_turns_false_while_draining() {
         assert!(Instant::now() < deadline, "the gateway never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    drain.drain();
+    gw.drain();
     let (status, body) = get("/readyz").await;
     assert_eq!(status, 503);
     assert_eq!(body["draining"], true);
     assert_eq!(get("/healthz").await.0, 200, "alive while draining");
-    handle.stop(true).await;
-    task.await.unwrap().unwrap();
+    gw.stop().await.unwrap();
     // The readiness probe declared this test's topology: remove it.
     let conn = volley_amqp::connect(&volley::amqp_url(), "volley-test-cleanup")
         .await

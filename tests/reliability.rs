@@ -6,13 +6,13 @@
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::{Value, json};
-use volley::{Options, Stack};
-use volley_amqp::lapin::BasicProperties;
-use volley_amqp::lapin::options::{
+use lapin::BasicProperties;
+use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
-use volley_amqp::lapin::types::FieldTable;
+use lapin::types::FieldTable;
+use serde_json::{Value, json};
+use volley::{Options, Stack};
 use volley_chaos::infra::{RabbitNode, RabbitOptions};
 use volley_db::NewJob;
 use volley_db::testing::TestDatabase;
@@ -180,7 +180,12 @@ async fn jobs_not_started_in_time_expire_and_are_never_claimed() {
         assert_eq!(job["attempts"], 0, "{job}");
     }
     // A worker arriving later finds their messages and is refused: they stay expired.
-    let w = worker_runtime::start(InferenceType::Llm, s.settings.clone()).unwrap();
+    let w = worker_runtime::start(
+        InferenceType::Llm,
+        s.settings.clone(),
+        volley::local_listener(),
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for j in &jobs {
         let (_, job) = s.get(&format!("/v1/jobs/{j}")).await;
@@ -189,7 +194,7 @@ async fn jobs_not_started_in_time_expire_and_are_never_claimed() {
             (Some("FAILED"), Some(0))
         );
     }
-    w.stop(Duration::from_millis(200)).await;
+    w.stop().await.unwrap();
     s.stop().await;
 }
 
@@ -259,7 +264,12 @@ async fn redispatch_recovers_lost_messages_and_leaves_running_jobs_alone() {
         .unwrap();
     assert_eq!(purged, 3);
     let _ = conn.close(200, "".into()).await;
-    let w = worker_runtime::start(InferenceType::Llm, s.settings.clone()).unwrap();
+    let w = worker_runtime::start(
+        InferenceType::Llm,
+        s.settings.clone(),
+        volley::local_listener(),
+    )
+    .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, b) = s.get(&format!("/v1/batches/{lost}")).await;
     assert_eq!(b["queued"], 3, "nothing to consume: {b}");
@@ -294,7 +304,7 @@ async fn redispatch_recovers_lost_messages_and_leaves_running_jobs_alone() {
         (Some("PROCESSED"), Some(1))
     );
     assert_eq!(s.sim().stats().by_path.get("/v1/completions"), Some(&4));
-    w.stop(Duration::from_millis(200)).await;
+    w.stop().await.unwrap();
     s.stop().await;
 }
 

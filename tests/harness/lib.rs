@@ -40,6 +40,11 @@ pub fn base_settings() -> Settings {
     s
 }
 
+/// A listener on a free loopback port, for a service to serve on.
+pub fn local_listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
 pub struct Stack {
     pub url: String,
     pub key: String,
@@ -47,31 +52,23 @@ pub struct Stack {
     pub settings: Settings,
     pub sim: Option<SimHandle>,
     pub http: reqwest::Client,
-    gateway: Option<GatewayTask>,
+    gateway: Option<gateway::Running>,
     state: Option<batch_state::Running>,
     workers: Vec<worker_runtime::Running>,
     _media: tempfile::TempDir,
     _database: TestDatabase,
 }
 
-struct GatewayTask {
-    handle: gateway::ServerHandle,
-    drain: gateway::DrainSwitch,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
 /// Another gateway replica on a stack's database and broker (see [`Stack::replica`]).
 pub struct Replica {
     pub url: String,
-    gateway: GatewayTask,
+    gateway: gateway::Running,
 }
 
 impl Replica {
     /// Drains (readiness off, event streams ended) and stops it.
     pub async fn stop(self) {
-        self.gateway.drain.drain();
-        self.gateway.handle.stop(true).await;
-        let _ = self.gateway.task.await;
+        self.gateway.stop().await.unwrap();
     }
 }
 
@@ -132,15 +129,12 @@ impl Stack {
         tweak(&mut s);
         s.validate().unwrap();
 
-        let state = batch_state::start_on(s.clone(), st_listener).unwrap();
-        let gw = gateway::Gateway::build_on(s.clone(), gw_listener).unwrap();
-        let handle = gw.handle();
-        let drain = gw.drain_switch();
-        let task = tokio::spawn(gw.run());
+        let state = batch_state::start(s.clone(), st_listener).unwrap();
+        let gateway = gateway::start(s.clone(), gw_listener).unwrap();
         let workers = opts
             .workers
             .iter()
-            .map(|k| worker_runtime::start(*k, s.clone()).unwrap())
+            .map(|k| worker_runtime::start(*k, s.clone(), local_listener()).unwrap())
             .collect();
         let key = db.create_key("alice", None).await.unwrap().secret;
         let stack = Stack {
@@ -153,11 +147,7 @@ impl Stack {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
-            gateway: Some(GatewayTask {
-                handle,
-                drain,
-                task,
-            }),
+            gateway: Some(gateway),
             state: Some(state),
             workers,
             _media: media,
@@ -175,10 +165,7 @@ impl Stack {
         let mut s = self.settings.clone();
         s.gateway.addr = listener.local_addr().unwrap().to_string();
         tweak(&mut s);
-        let gw = gateway::Gateway::build_on(s, listener).unwrap();
-        let handle = gw.handle();
-        let drain = gw.drain_switch();
-        let task = tokio::spawn(gw.run());
+        let gateway = gateway::start(s, listener).unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = self.http.get(format!("{url}/readyz")).send().await
@@ -189,14 +176,7 @@ impl Stack {
             assert!(Instant::now() < deadline, "{url} never became ready");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Replica {
-            url,
-            gateway: GatewayTask {
-                handle,
-                drain,
-                task,
-            },
-        }
+        Replica { url, gateway }
     }
 
     /// Waits until the gateway, batch-state and every worker report ready.
@@ -378,16 +358,13 @@ impl Stack {
 
     async fn shutdown(&mut self) {
         for w in self.workers.drain(..) {
-            w.stop(Duration::from_millis(500)).await;
+            w.stop().await.unwrap();
         }
         if let Some(g) = self.gateway.take() {
-            // Ends open event streams, which a graceful stop would wait for.
-            g.drain.drain();
-            g.handle.stop(true).await;
-            let _ = g.task.await;
+            g.stop().await.unwrap();
         }
         if let Some(s) = self.state.take() {
-            s.stop().await;
+            s.stop().await.unwrap();
         }
         if let Some(sim) = self.sim.take() {
             sim.stop().await;

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
-use volley_amqp::lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
-use volley_amqp::lapin::types::FieldTable;
-use volley_amqp::{Names, connect, consumer_channel, declare_topology};
+use volley_amqp::{Consumer, ConsumerConfig, Names, Source};
 use volley_db::{Db, EachResult, Refusal};
 use volley_domain::JobStatus;
 use volley_domain::{Event, Outcome};
@@ -71,44 +69,37 @@ pub fn decode_with_context(payload: &[u8]) -> Result<(Event, EventContext), Stri
 
 /// Runs until `stop`, reconnecting after broker failures.
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
-    while !stop.is_cancelled() {
-        match consume(&shared, &stop).await {
-            Ok(()) => return,
-            Err(e) => {
-                shared.set_consuming(false);
-                tracing::warn!(error = %e, "events consumer lost; reconnecting");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()> {
     let s = &shared.settings;
     let names = Names::new(&s.queue_prefix);
-    let queue = names.events_queue();
-    let conn = connect(&s.amqp_url, "volley-batch-state-events").await?;
     let batch = s.state.event_batch.max(1);
-    let ch = consumer_channel(&conn, (batch * 2).min(u16::MAX as usize) as u16).await?;
-    declare_topology(&ch, &names).await?;
-    let mut consumer = ch
-        .basic_consume(
-            names.events_queue().as_str().into(),
-            "batch-state".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    shared.set_consuming(true);
+    let config = ConsumerConfig {
+        url: s.amqp_url.clone(),
+        connection_name: "volley-batch-state-events".into(),
+        source: Source::Queue(names.events_queue()),
+        names,
+        prefetch: Some((batch * 2).min(u16::MAX as usize) as u16),
+        tag: "batch-state".into(),
+    };
+    volley_amqp::consumer::run(
+        config,
+        stop.clone(),
+        |up| shared.set_consuming(up),
+        |consumer| consume(&shared, &stop, consumer),
+    )
+    .await;
+}
+
+async fn consume(
+    shared: &Shared,
+    stop: &CancellationToken,
+    mut consumer: Consumer,
+) -> anyhow::Result<()> {
+    let queue = consumer.queue().to_owned();
+    let batch = shared.settings.state.event_batch.max(1);
     loop {
         let first = tokio::select! {
             _ = stop.cancelled() => {
-                let _ = conn.close(200, "shutdown".into()).await;
+                consumer.close("shutdown").await;
                 return Ok(());
             }
             d = consumer.next() => d,
@@ -148,11 +139,7 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
                 Err(why) => {
                     tracing::warn!(reason = %why, "dead-lettering an undecodable event");
                     shared.metrics.amqp.dead_lettered(&queue);
-                    d.nack(BasicNackOptions {
-                        requeue: false,
-                        ..Default::default()
-                    })
-                    .await?;
+                    consumer.dead_letter(d.delivery_tag).await?;
                 }
             }
         }
@@ -162,18 +149,10 @@ async fn consume(shared: &Shared, stop: &CancellationToken) -> anyhow::Result<()
         // rather than wedging every later outcome; settled before the multiple ack below.
         for i in refused {
             shared.metrics.amqp.dead_lettered(&queue);
-            ch.basic_nack(
-                tags[i],
-                BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                },
-            )
-            .await?;
+            consumer.dead_letter(tags[i]).await?;
         }
         record_applied(shared, received, applied);
-        ch.basic_ack(tag, BasicAckOptions { multiple: true })
-            .await?;
+        consumer.ack_through(tag).await?;
     }
 }
 

@@ -63,8 +63,10 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops consuming, lets in-flight requests finish, waits for the loops to end.
-    pub async fn stop(self) {
+    /// Graceful stop: readiness off, stops consuming (unapplied events stay on the queue),
+    /// lets in-flight requests finish, waits for the loops to end, closes the broker
+    /// connection. `Result` for the shape every service shares; nothing here fails.
+    pub async fn stop(self) -> anyhow::Result<()> {
         self.shared.draining.store(true, Ordering::Relaxed);
         self.stop.cancel();
         self.server.stop(true).await;
@@ -72,6 +74,7 @@ impl Running {
             let _ = t.await;
         }
         self.shared.broker.close().await;
+        Ok(())
     }
 
     pub fn shared(&self) -> &Arc<Shared> {
@@ -79,15 +82,9 @@ impl Running {
     }
 }
 
-/// Binds and starts everything on the current runtime.
-pub fn start(settings: Settings) -> anyhow::Result<Running> {
-    let listener = TcpListener::bind(&settings.state.addr)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.state.addr))?;
-    start_on(settings, listener)
-}
-
-/// [`start`] on a listener the caller bound.
-pub fn start_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Running> {
+/// Starts everything on the current runtime, serving on a listener the caller bound (the
+/// binary binds `state.addr`, tests port 0).
+pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Running> {
     settings.check_internal_token()?;
     let internal = auth::InternalToken::new(settings.state.internal_token.expose());
     if internal.is_open() {

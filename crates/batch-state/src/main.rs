@@ -1,3 +1,4 @@
+use std::net::TcpListener;
 use std::process::ExitCode;
 
 use volley_config::Settings;
@@ -12,7 +13,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let running = match batch_state::start(settings) {
+    let running = match TcpListener::bind(&settings.state.addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.state.addr))
+        .and_then(|listener| batch_state::start(settings, listener))
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("batch-state: {e:#}");
@@ -22,7 +26,13 @@ async fn main() -> ExitCode {
     tracing::info!(port = running.port, "batch-state listening");
     volley_telemetry::shutdown_signal().await;
     tracing::info!("shutting down");
-    running.stop().await;
+    let code = match running.stop().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "batch-state stopped");
+            ExitCode::FAILURE
+        }
+    };
     telemetry.shutdown().await;
-    ExitCode::SUCCESS
+    code
 }

@@ -77,15 +77,10 @@ pub async fn sweep_once(
         }
         let full = due.len() as i64 == PAGE;
         let messages: Vec<JobMessage> = due.iter().map(JobMessage::from).collect();
-        let results = broker.publish_jobs(&messages).await?;
-        let confirmed: Vec<i64> = messages
-            .iter()
-            .zip(&results)
-            .filter(|(_, r)| r.is_ok())
-            .map(|(m, _)| m.job_id)
-            .collect();
-        let n = confirmed.len();
-        db.mark_dispatched(confirmed).await?;
+        // These jobs are not marked as dispatched: only those confirmed are marked.
+        let confirms = broker.publish_jobs_confirmed(&messages).await?;
+        let n = confirms.confirmed.len();
+        db.mark_dispatched(confirms.confirmed).await?;
         published += n;
         if n < messages.len() {
             anyhow::bail!("{} job messages were not confirmed", messages.len() - n);

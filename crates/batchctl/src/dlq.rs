@@ -10,13 +10,13 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use serde_json::{Value, json};
-use volley_amqp::Names;
-use volley_amqp::lapin::options::{
+use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
 };
-use volley_amqp::lapin::types::{AMQPValue, FieldTable};
-use volley_amqp::lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use serde_json::{Value, json};
+use volley_amqp::Names;
 use volley_domain::InferenceType;
 use volley_proto::{JobEvent, JobMessage, Message, job_event};
 
@@ -390,7 +390,7 @@ pub async fn replay(get: &Channel, publish: &Channel, d: &DeadLetter) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use volley_amqp::lapin::types::{FieldArray, LongString, ShortString};
+    use lapin::types::{FieldArray, LongString, ShortString};
 
     fn names() -> Names {
         Names::new("volley")

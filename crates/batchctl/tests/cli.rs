@@ -4,9 +4,9 @@
 
 use std::process::{Command, Output};
 
+use lapin::Channel;
+use lapin::options::{BasicGetOptions, BasicNackOptions};
 use serde_json::{Value, json};
-use volley_amqp::lapin::Channel;
-use volley_amqp::lapin::options::{BasicGetOptions, BasicNackOptions};
 use volley_amqp::{Broker, Names, connect, declare_topology, delete_topology, queue_depth};
 use volley_db::NewJob;
 use volley_db::testing::TestDatabase;

@@ -16,7 +16,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use actix_web::dev::{Server, Service};
+use actix_web::dev::Service;
 use actix_web::http::header;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use volley_amqp::{Broker, Names};
@@ -26,7 +26,6 @@ use volley_domain::Limits;
 use volley_media::{MediaStore, Signer};
 use volley_telemetry::Metrics;
 
-pub use actix_web::dev::ServerHandle;
 pub use error::ApiError;
 use error::ErrorBody;
 
@@ -52,11 +51,12 @@ pub struct AppState {
 /// before answering, which pushes back on clients instead of queueing without bound.
 const BACKGROUND_PUBLISHES: usize = 64;
 
-/// A built gateway, bound but not yet serving.
-pub struct Gateway {
-    port: u16,
+/// A running gateway.
+pub struct Running {
+    pub port: u16,
     metrics_port: Option<u16>,
-    server: Server,
+    server: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
     broker: Arc<Broker>,
     draining: Arc<AtomicBool>,
     hub: Arc<events::Hub>,
@@ -64,197 +64,151 @@ pub struct Gateway {
     changes: volley_db::progress::Listener,
 }
 
-impl Gateway {
-    /// Binds `settings.gateway.addr` (port 0 picks one) and builds the app. Nothing here waits
-    /// for PostgreSQL or RabbitMQ: `/readyz` reports them until they are there.
-    pub fn build(settings: Settings) -> anyhow::Result<Gateway> {
-        let listener = TcpListener::bind(&settings.gateway.addr)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.gateway.addr))?;
-        Gateway::build_on(settings, listener)
-    }
-
-    /// [`Gateway::build`] on a listener the caller bound (tests bind port 0 first, to know
-    /// the public URL before building).
-    pub fn build_on(settings: Settings, listener: TcpListener) -> anyhow::Result<Gateway> {
-        let port = listener.local_addr()?.port();
-        // An internal listener for `/metrics` alone, kept off the public port.
-        let metrics_listener = match &settings.gateway.metrics_addr {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?,
-            ),
-            None => None,
-        };
-        let metrics_port = match &metrics_listener {
-            Some(l) => Some(l.local_addr()?.port()),
-            None => None,
-        };
-        let limiter = limits::KeyLimiter::new(&settings.gateway);
-        let db = Db::new(&settings.database_url, settings.database_pool_size)?;
-        let metrics = Metrics::new()?;
-        let broker = Arc::new(
-            Broker::new(
-                &settings.amqp_url,
-                "volley-gateway",
-                Names::new(&settings.queue_prefix),
-            )
-            .with_metrics(metrics.clone()),
-        );
-        let draining = Arc::new(AtomicBool::new(false));
-        let media = MediaStore::from_settings(&settings.media)?;
-        let signer = Signer::new(settings.media.signing_key.expose().as_bytes());
-        let workers = settings.gateway.workers.max(1);
-        let document = web::Data::new(openapi::build(&settings)?);
-        let hub = Arc::new(events::Hub::new(
-            settings.gateway.sse_max_streams_per_key,
-            &metrics,
-        )?);
-        let changes = {
-            let hub = hub.clone();
-            volley_db::progress::listen(settings.database_url.clone(), move |c| hub.changed(c))?
-        };
-        let eta = eta::EtaCache::new(settings.gateway.eta_window_secs);
-        let state = web::Data::new(AppState {
-            settings: Arc::new(settings),
-            limits: Limits::default(),
-            db,
-            broker: broker.clone(),
-            media,
-            signer,
-            metrics: metrics.clone(),
-            draining: draining.clone(),
-            publishing: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_PUBLISHES)),
-            hub: hub.clone(),
-            eta,
-        });
-        let server = HttpServer::new(move || {
-            let limiter = limiter.clone();
-            App::new()
-                // Inside Observe, so refused requests are counted too.
-                .wrap_fn(move |req, srv| {
-                    let admitted = match port_role(&req, metrics_port) {
-                        PortRole::Public => req
-                            .headers()
-                            .get(header::AUTHORIZATION)
-                            .map(|h| limiter.admit(h.as_bytes()))
-                            .transpose()
-                            .map(Option::flatten),
-                        PortRole::NotHere => Err(ApiError::NotFound("route")),
-                        PortRole::Internal => Ok(None),
-                    };
-                    let call = admitted.map(|slot| (srv.call(req), slot));
-                    async move {
-                        let (call, slot) = call?;
-                        let res = call.await;
-                        // The key's in-flight slot is held until the handler has answered.
-                        drop(slot);
-                        res
-                    }
-                })
-                .wrap(volley_telemetry::http::Observe::new(
-                    "gateway",
-                    metrics.clone(),
-                ))
-                .app_data(state.clone())
-                .app_data(document.clone())
-                // A path segment that does not decode (`%ff`) is no such thing, in our shape.
-                .app_data(
-                    web::PathConfig::default()
-                        .error_handler(|_, _| ApiError::NotFound("route").into()),
-                )
-                .service(volley_telemetry::http::metrics_resource(metrics.clone()))
-                .configure(routes::configure)
-                .configure(admin::configure)
-                .configure(console::configure)
-                .route("/openapi.json", web::get().to(openapi::openapi_json))
-                .default_service(web::to(not_routed))
-        })
-        .workers(workers)
-        .disable_signals()
-        .shutdown_timeout(30)
-        .listen(listener)?;
-        let server = match metrics_listener {
-            Some(l) => server.listen(l)?,
-            None => server,
-        }
-        .run();
-        Ok(Gateway {
-            port,
-            metrics_port,
-            server,
-            broker,
-            draining,
-            hub,
-            changes,
-        })
-    }
-
-    /// Turns readiness off (before a graceful stop), so no new requests are routed here, and
-    /// ends the event streams, which a graceful stop would otherwise wait for.
-    pub fn drain_switch(&self) -> DrainSwitch {
-        DrainSwitch {
-            draining: self.draining.clone(),
-            hub: self.hub.clone(),
-        }
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
+impl Running {
     /// The internal metrics port, when `gateway.metrics_addr` is set.
     pub fn metrics_port(&self) -> Option<u16> {
         self.metrics_port
     }
 
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+    /// Turns readiness off, so the load balancer stops routing requests here; [`Running::stop`]
+    /// does this first.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        // Event streams end now (a graceful stop would otherwise wait for them); their clients
+        // reconnect, with Last-Event-ID, to another replica.
+        self.hub.close();
     }
 
-    /// Serves until the handle stops it.
-    pub async fn run(self) -> std::io::Result<()> {
-        let r = self.server.await;
+    /// Graceful stop: readiness off, in-flight requests finish (up to 30 s), then the broker
+    /// connection closes. `Err` only when the server itself failed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.drain();
+        self.server.stop(true).await;
+        let served = self.task.await;
         self.hub.close();
         self.changes.stop().await;
         self.broker.close().await;
-
-        r
+        served??;
+        Ok(())
     }
 }
 
-/// What no route took: 405 with `Allow` when the path is a route's but the method is not
-/// (the methods come from the API document, which a test keeps equal to the routes), else 404.
-async fn not_routed(
-    req: actix_web::HttpRequest,
-    doc: web::Data<openapi::Document>,
-) -> Result<HttpResponse, ApiError> {
-    let allow = req
-        .resource_map()
-        .match_pattern(req.path())
-        .and_then(|p| doc.allowed(&p).map(str::to_owned));
-    match allow {
-        Some(allow) => Err(ApiError::MethodNotAllowed {
-            method: req.method().to_string(),
-            allow,
-        }),
-        None => Ok(HttpResponse::NotFound().json(ErrorBody::new("not_found", "no such route"))),
+/// Builds the gateway on a listener the caller bound (the binary binds `gateway.addr`, tests
+/// port 0) and starts serving on the current runtime. Nothing here waits for PostgreSQL or
+/// RabbitMQ: `/readyz` reports them until they are there.
+pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Running> {
+    let port = listener.local_addr()?.port();
+    // An internal listener for `/metrics` alone, kept off the public port.
+    let metrics_listener = match &settings.gateway.metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics: {e}"))?,
+        ),
+        None => None,
+    };
+    let metrics_port = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?.port()),
+        None => None,
+    };
+    let limiter = limits::KeyLimiter::new(&settings.gateway);
+    let db = Db::new(&settings.database_url, settings.database_pool_size)?;
+    let metrics = Metrics::new()?;
+    let broker = Arc::new(
+        Broker::new(
+            &settings.amqp_url,
+            "volley-gateway",
+            Names::new(&settings.queue_prefix),
+        )
+        .with_metrics(metrics.clone()),
+    );
+    let draining = Arc::new(AtomicBool::new(false));
+    let media = MediaStore::from_settings(&settings.media)?;
+    let signer = Signer::new(settings.media.signing_key.expose().as_bytes());
+    let workers = settings.gateway.workers.max(1);
+    let document = web::Data::new(openapi::build(&settings)?);
+    let hub = Arc::new(events::Hub::new(
+        settings.gateway.sse_max_streams_per_key,
+        &metrics,
+    )?);
+    let changes = {
+        let hub = hub.clone();
+        volley_db::progress::listen(settings.database_url.clone(), move |c| hub.changed(c))?
+    };
+    let eta = eta::EtaCache::new(settings.gateway.eta_window_secs);
+    let state = web::Data::new(AppState {
+        settings: Arc::new(settings),
+        limits: Limits::default(),
+        db,
+        broker: broker.clone(),
+        media,
+        signer,
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+        publishing: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_PUBLISHES)),
+        hub: hub.clone(),
+        eta,
+    });
+    let server = HttpServer::new(move || {
+        let limiter = limiter.clone();
+        App::new()
+            // Inside Observe, so refused requests are counted too.
+            .wrap_fn(move |req, srv| {
+                let admitted = match port_role(&req, metrics_port) {
+                    PortRole::Public => req
+                        .headers()
+                        .get(header::AUTHORIZATION)
+                        .map(|h| limiter.admit(h.as_bytes()))
+                        .transpose()
+                        .map(Option::flatten),
+                    PortRole::NotHere => Err(ApiError::NotFound("route")),
+                    PortRole::Internal => Ok(None),
+                };
+                let call = admitted.map(|slot| (srv.call(req), slot));
+                async move {
+                    let (call, slot) = call?;
+                    let res = call.await;
+                    // The key's in-flight slot is held until the handler has answered.
+                    drop(slot);
+                    res
+                }
+            })
+            .wrap(volley_telemetry::http::Observe::new(
+                "gateway",
+                metrics.clone(),
+            ))
+            .app_data(state.clone())
+            .app_data(document.clone())
+            // A path segment that does not decode (`%ff`) is no such thing, in our shape.
+            .app_data(
+                web::PathConfig::default().error_handler(|_, _| ApiError::NotFound("route").into()),
+            )
+            .service(volley_telemetry::http::metrics_resource(metrics.clone()))
+            .configure(routes::configure)
+            .configure(admin::configure)
+            .configure(console::configure)
+            .route("/openapi.json", web::get().to(openapi::openapi_json))
+            .default_service(web::to(not_routed))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(30)
+    .listen(listener)?;
+    let server = match metrics_listener {
+        Some(l) => server.listen(l)?,
+        None => server,
     }
-}
-
-/// Flips the gateway's readiness off and ends its event streams; see
-/// [`Gateway::drain_switch`].
-#[derive(Clone)]
-pub struct DrainSwitch {
-    draining: Arc<AtomicBool>,
-    hub: Arc<events::Hub>,
-}
-
-impl DrainSwitch {
-    pub fn drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        // Streams end now; their clients reconnect (with Last-Event-ID) to another replica.
-        self.hub.close();
-    }
+    .run();
+    let handle = server.handle();
+    Ok(Running {
+        port,
+        metrics_port,
+        server: handle,
+        task: tokio::spawn(server),
+        broker,
+        draining,
+        hub,
+        changes,
+    })
 }
 
 /// What a request may reach, by the listener it came in on.
@@ -277,5 +231,24 @@ fn port_role(req: &actix_web::dev::ServiceRequest, metrics_port: Option<u16>) ->
         (true, true) => PortRole::Internal,
         (false, false) => PortRole::Public,
         _ => PortRole::NotHere,
+    }
+}
+
+/// What no route took: 405 with `Allow` when the path is a route's but the method is not
+/// (the methods come from the API document, which a test keeps equal to the routes), else 404.
+async fn not_routed(
+    req: actix_web::HttpRequest,
+    doc: web::Data<openapi::Document>,
+) -> Result<HttpResponse, ApiError> {
+    let allow = req
+        .resource_map()
+        .match_pattern(req.path())
+        .and_then(|p| doc.allowed(&p).map(str::to_owned));
+    match allow {
+        Some(allow) => Err(ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            allow,
+        }),
+        None => Ok(HttpResponse::NotFound().json(ErrorBody::new("not_found", "no such route"))),
     }
 }

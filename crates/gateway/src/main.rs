@@ -1,41 +1,41 @@
+use std::net::TcpListener;
+use std::process::ExitCode;
+
 use volley_config::Settings;
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let telemetry = volley_telemetry::init("gateway");
     let settings = match Settings::load() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("gateway: {e}");
-            return std::process::ExitCode::from(2);
+            return ExitCode::from(2);
         }
     };
     // The gateway signs media links: a known or guessable key would let anyone forge them.
     if let Err(e) = settings.check_media_signing_key() {
         eprintln!("gateway: {e}");
-        return std::process::ExitCode::from(2);
+        return ExitCode::from(2);
     }
-    let gateway = match gateway::Gateway::build(settings) {
-        Ok(g) => g,
+    let running = match TcpListener::bind(&settings.gateway.addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.gateway.addr))
+        .and_then(|listener| gateway::start(settings, listener))
+    {
+        Ok(r) => r,
         Err(e) => {
             eprintln!("gateway: {e:#}");
-            return std::process::ExitCode::from(1);
+            return ExitCode::FAILURE;
         }
     };
-    tracing::info!(port = gateway.port(), "gateway listening");
-    let handle = gateway.handle();
-    let drain = gateway.drain_switch();
-    tokio::spawn(async move {
-        volley_telemetry::shutdown_signal().await;
-        tracing::info!("shutting down: finishing in-flight requests");
-        drain.drain();
-        handle.stop(true).await;
-    });
-    let code = match gateway.run().await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    tracing::info!(port = running.port, "gateway listening");
+    volley_telemetry::shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let code = match running.stop().await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "gateway stopped");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     };
     telemetry.shutdown().await;

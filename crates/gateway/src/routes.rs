@@ -296,17 +296,13 @@ pub(crate) async fn create_batch(
 async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<JobMessage>) {
     match tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        state.broker.publish_jobs(&messages),
+        state.broker.publish_jobs_confirmed(&messages),
     )
     .await
     {
-        Ok(Ok(results)) => {
-            let unconfirmed: Vec<i64> = messages
-                .iter()
-                .zip(&results)
-                .filter(|(_, r)| r.is_err())
-                .map(|(m, _)| m.job_id)
-                .collect();
+        Ok(Ok(confirms)) => {
+            // The jobs went in marked as dispatched: only those not confirmed are cleared.
+            let unconfirmed = confirms.unconfirmed;
             if !unconfirmed.is_empty() {
                 tracing::warn!(
                     batch.id = batch_id,

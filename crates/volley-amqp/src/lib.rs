@@ -9,6 +9,7 @@
 //!   the delivery limit) and routes it, by the source queue's name, to `<queue>.dlq`.
 //! - `P.control` (fanout) broadcasts cancellations to every worker.
 
+pub mod consumer;
 pub mod depths;
 pub mod trace;
 
@@ -30,7 +31,7 @@ use volley_domain::InferenceType;
 use volley_proto::{Control, JobEvent, JobMessage};
 use volley_telemetry::Metrics;
 
-pub use lapin;
+pub use consumer::{Consumer, ConsumerConfig, Delivery, Source};
 
 /// How many times a message may be delivered before its queue dead-letters it. Quorum queues
 /// count redeliveries themselves, so a message that kills its consumer cannot loop forever.
@@ -357,16 +358,7 @@ impl Broker {
             .map(|(p, destination, span)| async move {
                 let r = match p {
                     Err(e) => Err(AmqpError::Lapin(e)),
-                    Ok(confirm) => {
-                        match tokio::time::timeout(Duration::from_secs(30), confirm).await {
-                            Err(_) => Err(AmqpError::Timeout),
-                            Ok(Err(e)) => Err(AmqpError::Lapin(e)),
-                            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-                            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable),
-                            Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
-                            Ok(Ok(Confirmation::NotRequested)) => Err(AmqpError::NoConfirm),
-                        }
-                    }
+                    Ok(confirm) => settle(confirm).await,
                 };
                 if r.is_err() {
                     volley_telemetry::trace::record_error(&span);
@@ -417,6 +409,15 @@ impl Broker {
         self.publish_many(out).await
     }
 
+    /// Publishes jobs (as [`Broker::publish_jobs`]) and sorts their ids by whether the broker
+    /// confirmed their messages: what the outbox records after a publish. The gateway
+    /// (a new batch) and batch-state's sweeper (jobs due again) record it differently, since
+    /// their jobs start out marked differently, but both go through here.
+    pub async fn publish_jobs_confirmed(&self, jobs: &[JobMessage]) -> Result<Confirms, AmqpError> {
+        let results = self.publish_jobs(jobs).await?;
+        Ok(Confirms::sort(jobs, &results))
+    }
+
     pub async fn publish_events(
         &self,
         events: &[JobEvent],
@@ -446,21 +447,39 @@ impl Broker {
         self.publish_many(out).await
     }
 
+    /// Broadcasts a control message to every worker. A nack is an error, not retried here.
+    ///
+    /// *Why not retry:* a control message only speeds up what PostgreSQL already decided (a
+    /// cancel is committed before it is broadcast), and a worker that misses it learns the
+    /// same at its next lease renewal (`state.lease_ms / 3`); its late outcome is discarded
+    /// by the status guard. The gateway publishes it while the client waits for its cancel
+    /// to be answered, so a retry loop would hold that answer up for a broker in trouble.
+    /// The caller logs the error, and it is counted (`nacked`) like any other publish.
     pub async fn publish_control(&self, c: &Control) -> Result<(), AmqpError> {
-        // A fanout with no bound worker queue is fine: nothing is running to abort.
+        let destination = self.names.control_exchange();
         let live = self.live().await?;
-        let confirm = live
+        // Not `mandatory`: a fanout with no bound worker queue is fine, nothing runs to abort.
+        let published = live
             .channel
             .basic_publish(
-                self.names.control_exchange().as_str().into(),
+                destination.as_str().into(),
                 "".into(),
                 BasicPublishOptions::default(),
                 &c.encode_to_vec(),
                 BasicProperties::default(),
             )
-            .await?;
-        confirm.await?;
-        Ok(())
+            .await;
+        let r = match published {
+            Err(e) => Err(AmqpError::Lapin(e)),
+            Ok(confirm) => settle(confirm).await,
+        };
+        if matches!(r, Err(AmqpError::Lapin(_) | AmqpError::Timeout)) {
+            self.forget().await;
+        }
+        if let Some(m) = &self.metrics {
+            m.amqp.published(&destination, publish_result(&r));
+        }
+        r
     }
 
     /// Publishes raw bytes to a queue through the default exchange (used to replay
@@ -504,6 +523,40 @@ pub struct Outgoing {
     pub headers: Vec<(String, String)>,
     /// The span the producer span is a child of; the current span when `None`.
     pub parent: Option<tracing::Span>,
+}
+
+/// Waits for a publisher confirm: a nack, a returned (unroutable) message, no confirm within
+/// 30 s or a lost channel is an error.
+async fn settle(confirm: lapin::PublisherConfirm) -> Result<(), AmqpError> {
+    match tokio::time::timeout(Duration::from_secs(30), confirm).await {
+        Err(_) => Err(AmqpError::Timeout),
+        Ok(Err(e)) => Err(AmqpError::Lapin(e)),
+        Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+        Ok(Ok(Confirmation::Ack(Some(_)))) => Err(AmqpError::Unroutable),
+        Ok(Ok(Confirmation::Nack(_))) => Err(AmqpError::Nacked),
+        Ok(Ok(Confirmation::NotRequested)) => Err(AmqpError::NoConfirm),
+    }
+}
+
+/// Job ids by whether the broker confirmed their messages, each list in publishing order.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Confirms {
+    pub confirmed: Vec<i64>,
+    pub unconfirmed: Vec<i64>,
+}
+
+impl Confirms {
+    /// Pairs each job with its publish result (one per job, in order).
+    fn sort(jobs: &[JobMessage], results: &[Result<(), AmqpError>]) -> Confirms {
+        let mut c = Confirms::default();
+        for (j, r) in jobs.iter().zip(results) {
+            match r {
+                Ok(()) => c.confirmed.push(j.job_id),
+                Err(_) => c.unconfirmed.push(j.job_id),
+            }
+        }
+        c
+    }
 }
 
 /// The label a publish result is counted under.
@@ -579,6 +632,31 @@ mod tests {
         }
         let e = parse_url("amqp://guest:s3cret@host:notaport/").unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn confirms_sort_jobs_by_their_own_result() {
+        let jobs: Vec<JobMessage> = [7, 3, 9, 4]
+            .into_iter()
+            .map(|job_id| JobMessage {
+                job_id,
+                ..Default::default()
+            })
+            .collect();
+        let results = vec![
+            Ok(()),
+            Err(AmqpError::Nacked),
+            Ok(()),
+            Err(AmqpError::Unroutable),
+        ];
+        assert_eq!(
+            Confirms::sort(&jobs, &results),
+            Confirms {
+                confirmed: vec![7, 9],
+                unconfirmed: vec![3, 4],
+            }
+        );
+        assert_eq!(Confirms::sort(&[], &[]), Confirms::default());
     }
 
     #[test]

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use volley_amqp::lapin::BasicProperties;
-use volley_amqp::lapin::options::{
+use lapin::BasicProperties;
+use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use volley_amqp::lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use volley_db::{Db, NewJob};
 use volley_domain::{Event, Outcome};
 

@@ -88,9 +88,11 @@ impl Running {
         &self.worker
     }
 
-    /// Graceful stop: stop taking jobs, let running ones finish within `grace`, hand the rest
-    /// back to the queue, then close.
-    pub async fn stop(self, grace: Duration) {
+    /// Graceful stop: stop taking jobs, let running ones finish within
+    /// `worker.shutdown_grace_secs`, hand the rest back to the queue, then close. `Result`
+    /// for the shape every service shares; nothing here fails.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let grace = Duration::from_secs(self.worker.settings.worker.shutdown_grace_secs);
         self.worker.draining.store(true, Ordering::Relaxed);
         self.stop_consuming.cancel();
         let _ = self.consumer.await;
@@ -107,14 +109,19 @@ impl Running {
         }
         self.server.stop(true).await;
         self.worker.broker.close().await;
+        Ok(())
     }
 }
 
-/// Builds the worker for `kind` and starts consuming on the current runtime.
-pub fn start(kind: InferenceType, settings: Settings) -> anyhow::Result<Running> {
+/// Builds the worker for `kind` and starts consuming on the current runtime, serving its
+/// health endpoints on a listener the caller bound (the binary binds `worker.addr`, tests
+/// port 0).
+pub fn start(
+    kind: InferenceType,
+    settings: Settings,
+    listener: TcpListener,
+) -> anyhow::Result<Running> {
     settings.check_internal_token()?;
-    let listener = TcpListener::bind(&settings.worker.addr)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.worker.addr))?;
     let port = listener.local_addr()?.port();
     let settings = Arc::new(settings);
     let report_slots = usize::from(settings.worker.concurrency);
@@ -213,8 +220,10 @@ pub async fn main(kind: InferenceType) -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
-    let running = match start(kind, settings) {
+    let running = match TcpListener::bind(&settings.worker.addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", settings.worker.addr))
+        .and_then(|listener| start(kind, settings, listener))
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("worker-{}: {e:#}", kind.key());
@@ -224,7 +233,13 @@ pub async fn main(kind: InferenceType) -> std::process::ExitCode {
     tracing::info!(port = running.port, inference_type = %kind, "worker started");
     volley_telemetry::shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight jobs");
-    running.stop(grace).await;
+    let code = match running.stop().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "worker stopped");
+            std::process::ExitCode::FAILURE
+        }
+    };
     telemetry.shutdown().await;
-    std::process::ExitCode::SUCCESS
+    code
 }

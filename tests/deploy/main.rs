@@ -15,6 +15,22 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use volley_config::{ENV_KEYS, Settings};
 
+mod binaries;
+mod compose;
+mod dockerfile;
+mod env;
+mod files;
+mod kustomize;
+mod yaml;
+
+use binaries::*;
+use compose::*;
+use dockerfile::*;
+use env::*;
+use files::*;
+use kustomize::*;
+use yaml::*;
+
 /// The binaries of the design. Checked even before their crates exist (their deploy files are
 /// written ahead); any other `crates/*/src/main.rs` is checked as well.
 const PLANNED: &[&str] = &[
@@ -41,851 +57,6 @@ const SECRET_ENV: &[&str] = &[
     "VOLLEY_AMQP_URL",
     "VOLLEY_MEDIA_SIGNING_KEY",
     "VOLLEY_INTERNAL_TOKEN",
-];
-
-// ---------------------------------------------------------------------------------------------
-// Files
-
-fn root() -> PathBuf {
-    fs::canonicalize(env!("CARGO_MANIFEST_DIR")).unwrap()
-}
-
-fn rel(p: &Path) -> String {
-    let p = fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    p.strip_prefix(root()).unwrap_or(&p).display().to_string()
-}
-
-fn read(p: &Path) -> String {
-    fs::read_to_string(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", rel(p)))
-}
-
-fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    let mut paths: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
-    paths.sort();
-    for p in paths {
-        if p.is_dir() {
-            files_under(&p, out);
-        } else {
-            out.push(p);
-        }
-    }
-}
-
-fn is_yaml(p: &Path) -> bool {
-    matches!(
-        p.extension().and_then(|e| e.to_str()),
-        Some("yaml") | Some("yml")
-    )
-}
-
-/// Every YAML file of the deployment: deploy/**.yaml and docker-compose.yml.
-fn yaml_files() -> Vec<PathBuf> {
-    let mut all = Vec::new();
-    files_under(&root().join("deploy"), &mut all);
-    let mut out: Vec<PathBuf> = all.into_iter().filter(|p| is_yaml(p)).collect();
-    out.push(root().join("docker-compose.yml"));
-    out
-}
-
-/// Every text file this test treats as "deploy files" (for the environment-name checks).
-fn deploy_text_files() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    files_under(&root().join("deploy"), &mut out);
-    for f in ["docker-compose.yml", "Dockerfile", ".dockerignore"] {
-        out.push(root().join(f));
-    }
-    out
-}
-
-/// Splits a YAML stream into documents and parses each (merge keys `<<` applied).
-fn parse_docs(path: &Path) -> Result<Vec<Value>, String> {
-    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", rel(path)))?;
-    let mut chunks = vec![String::new()];
-    for line in text.lines() {
-        if line.trim_end() == "---" || line.starts_with("--- ") {
-            chunks.push(String::new());
-            if let Some(rest) = line.strip_prefix("--- ") {
-                chunks.last_mut().unwrap().push_str(rest);
-                chunks.last_mut().unwrap().push('\n');
-            }
-        } else {
-            let last = chunks.last_mut().unwrap();
-            last.push_str(line);
-            last.push('\n');
-        }
-    }
-    let mut docs = Vec::new();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let mut v: Value = serde_yaml::from_str(chunk)
-            .map_err(|e| format!("{} (document {}): {e}", rel(path), i + 1))?;
-        v.apply_merge()
-            .map_err(|e| format!("{} (document {}): {e}", rel(path), i + 1))?;
-        if !v.is_null() {
-            docs.push(v);
-        }
-    }
-    Ok(docs)
-}
-
-fn docs(path: &Path) -> Vec<Value> {
-    parse_docs(path).unwrap_or_else(|e| panic!("invalid YAML: {e}"))
-}
-
-fn report(what: &str, errors: Vec<String>) {
-    assert!(
-        errors.is_empty(),
-        "{what}: {} problem(s):\n  - {}",
-        errors.len(),
-        errors.join("\n  - ")
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Binaries
-
-fn binaries_on_disk() -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for e in fs::read_dir(root().join("crates")).unwrap() {
-        let e = e.unwrap();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if DEV_TOOLS.contains(&name.as_str()) {
-            continue;
-        }
-        if e.path().join("src").join("main.rs").is_file() {
-            out.insert(e.file_name().to_string_lossy().into_owned());
-        }
-    }
-    out
-}
-
-fn binaries() -> BTreeSet<String> {
-    let mut b = binaries_on_disk();
-    b.extend(PLANNED.iter().map(|s| s.to_string()));
-    b
-}
-
-/// Long-running binaries (everything but the CLI).
-fn services() -> Vec<String> {
-    binaries().into_iter().filter(|b| b != CLI).collect()
-}
-
-fn worker_key(bin: &str) -> Option<&str> {
-    bin.strip_prefix("worker-")
-}
-
-fn workers() -> Vec<String> {
-    binaries()
-        .into_iter()
-        .filter(|b| worker_key(b).is_some())
-        .collect()
-}
-
-/// The `*_ADDR` variable a binary listens on.
-fn addr_var(bin: &str) -> Option<&'static str> {
-    match bin {
-        "gateway" => Some("VOLLEY_GATEWAY_ADDR"),
-        "batch-state" => Some("VOLLEY_STATE_ADDR"),
-        SIM => Some("VOLLEY_SIM_ADDR"),
-        b if worker_key(b).is_some() => Some("VOLLEY_WORKER_ADDR"),
-        _ => None,
-    }
-}
-
-/// Variables a binary must be given (besides RUST_LOG).
-fn required_env(bin: &str) -> Vec<&'static str> {
-    match bin {
-        "gateway" => vec![
-            "VOLLEY_CONFIG",
-            "VOLLEY_DATABASE_URL",
-            "VOLLEY_AMQP_URL",
-            "VOLLEY_GATEWAY_ADDR",
-            "VOLLEY_PUBLIC_URL",
-            "VOLLEY_MEDIA_DIR",
-            "VOLLEY_MEDIA_SIGNING_KEY",
-        ],
-        "batch-state" => vec![
-            "VOLLEY_CONFIG",
-            "VOLLEY_DATABASE_URL",
-            "VOLLEY_AMQP_URL",
-            "VOLLEY_STATE_ADDR",
-            "VOLLEY_PUBLIC_URL",
-            "VOLLEY_MEDIA_SIGNING_KEY",
-            "VOLLEY_INTERNAL_TOKEN",
-        ],
-        CLI => vec!["VOLLEY_DATABASE_URL"],
-        SIM => vec!["VOLLEY_SIM_ADDR"],
-        b if worker_key(b).is_some() => vec![
-            "VOLLEY_CONFIG",
-            "VOLLEY_AMQP_URL",
-            "VOLLEY_STATE_URL",
-            "VOLLEY_WORKER_ADDR",
-            "VOLLEY_WORKER_CONCURRENCY",
-            "VOLLEY_PUBLIC_URL",
-            "VOLLEY_MEDIA_DIR",
-            "VOLLEY_MEDIA_SIGNING_KEY",
-            "VOLLEY_INTERNAL_TOKEN",
-        ],
-        _ => vec![],
-    }
-}
-
-/// Variables a binary must NOT be given: workers hold no database credentials.
-fn forbidden_env(bin: &str) -> Vec<&'static str> {
-    if worker_key(bin).is_some() || bin == SIM {
-        vec!["VOLLEY_DATABASE_URL", "VOLLEY_DATABASE_POOL_SIZE"]
-    } else {
-        vec![]
-    }
-}
-
-/// Binaries that share the media store (gateway serves files, workers write them).
-fn uses_media(bin: &str) -> bool {
-    bin == "gateway" || worker_key(bin).is_some()
-}
-
-fn readiness_path(bin: &str) -> &'static str {
-    // The simulator serves /healthz only.
-    if bin == SIM { "/healthz" } else { "/readyz" }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Environment names
-
-/// `VOLLEY_...` tokens of a text (`<NAME>` placeholders kept); prefix mentions such as
-/// `VOLLEY_*` are skipped.
-fn volley_tokens(text: &str) -> BTreeSet<String> {
-    let b = text.as_bytes();
-    let mut out = BTreeSet::new();
-    let mut i = 0;
-    while let Some(pos) = text[i..].find("VOLLEY_") {
-        let start = i + pos;
-        let preceded = start > 0 && (b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_');
-        let mut end = start + "VOLLEY_".len();
-        while end < b.len()
-            && (b[end].is_ascii_uppercase()
-                || b[end].is_ascii_digit()
-                || b[end] == b'_'
-                || b[end] == b'<'
-                || b[end] == b'>')
-        {
-            end += 1;
-        }
-        let tok = &text[start..end];
-        if !preceded && !tok.ends_with('_') {
-            out.insert(tok.to_owned());
-        }
-        i = end;
-    }
-    out
-}
-
-/// Does `token` match an ENV_KEYS entry, where `<NAME>` is a wildcard?
-fn key_matches(pattern: &str, token: &str) -> bool {
-    let (Some(lt), Some(gt)) = (pattern.find('<'), pattern.find('>')) else {
-        return pattern == token;
-    };
-    let (prefix, suffix) = (&pattern[..lt], &pattern[gt + 1..]);
-    if token.len() <= prefix.len() + suffix.len()
-        || !token.starts_with(prefix)
-        || !token.ends_with(suffix)
-    {
-        return false;
-    }
-    let middle = &token[prefix.len()..token.len() - suffix.len()];
-    (middle.starts_with('<') && middle.ends_with('>'))
-        || middle
-            .bytes()
-            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == b'_')
-}
-
-/// The simulator's own variables: SIM_KEYS plus every `VOLLEY_SIM_*` its source names.
-fn sim_keys() -> BTreeSet<String> {
-    let mut keys: BTreeSet<String> = SIM_KEYS.iter().map(|s| s.to_string()).collect();
-    let mut files = Vec::new();
-    files_under(&root().join("crates").join(SIM).join("src"), &mut files);
-    for f in files {
-        keys.extend(
-            volley_tokens(&read(&f))
-                .into_iter()
-                .filter(|t| t.starts_with("VOLLEY_SIM_")),
-        );
-    }
-    keys
-}
-
-fn known_env(token: &str, sim: &BTreeSet<String>) -> bool {
-    sim.contains(token) || ENV_KEYS.iter().any(|(k, _)| key_matches(k, token))
-}
-
-// ---------------------------------------------------------------------------------------------
-// YAML helpers
-
-fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
-    let mut cur = v;
-    for k in path {
-        cur = cur.get(*k)?;
-    }
-    Some(cur)
-}
-
-fn seq(v: Option<&Value>) -> &[Value] {
-    v.and_then(|v| v.as_sequence())
-        .map(|s| s.as_slice())
-        .unwrap_or(&[])
-}
-
-fn scalar(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-fn text(v: &Value, path: &[&str]) -> Option<String> {
-    at(v, path).and_then(scalar)
-}
-
-fn int(v: &Value, path: &[&str]) -> Option<i64> {
-    text(v, path).and_then(|s| s.parse().ok())
-}
-
-fn labels(v: Option<&Value>) -> BTreeMap<String, String> {
-    v.and_then(|v| v.as_mapping())
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((scalar(k)?, scalar(v)?)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Port of a `host:port` address or a URL.
-fn port_of(addr: &str) -> Option<u16> {
-    let hostport = addr.split("://").last()?.split('/').next()?;
-    let hostport = hostport.rsplit('@').next()?;
-    hostport.rsplit(':').next()?.parse().ok()
-}
-
-/// Host of a URL (`scheme://[user@]host[:port]/...`).
-fn url_host(url: &str) -> Option<String> {
-    let (_, rest) = url.split_once("://")?;
-    let hostport = rest.split('/').next()?.rsplit('@').next()?;
-    Some(hostport.split(':').next()?.to_owned())
-}
-
-fn is_local_host(h: &str) -> bool {
-    matches!(h, "localhost" | "127.0.0.1" | "0.0.0.0" | "[::1]" | "")
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kubernetes: kustomize layers (resources, plus environment added by JSON patches)
-
-#[derive(Clone, Debug)]
-enum EnvSrc {
-    Lit(String),
-    Secret { name: String, key: String },
-    ConfigMap { name: String, key: String },
-    Other,
-}
-
-fn env_entry(e: &Value) -> Option<(String, EnvSrc)> {
-    let name = text(e, &["name"])?;
-    let src = if let Some(v) = e.get("value") {
-        EnvSrc::Lit(scalar(v).unwrap_or_default())
-    } else if let Some(r) = at(e, &["valueFrom", "secretKeyRef"]) {
-        EnvSrc::Secret {
-            name: text(r, &["name"]).unwrap_or_default(),
-            key: text(r, &["key"]).unwrap_or_default(),
-        }
-    } else if let Some(r) = at(e, &["valueFrom", "configMapKeyRef"]) {
-        EnvSrc::ConfigMap {
-            name: text(r, &["name"]).unwrap_or_default(),
-            key: text(r, &["key"]).unwrap_or_default(),
-        }
-    } else {
-        EnvSrc::Other
-    };
-    Some((name, src))
-}
-
-#[derive(Clone, Debug)]
-struct Res {
-    file: PathBuf,
-    doc: Value,
-    /// Env entries that the layers' JSON patches append to the first container.
-    added_env: Vec<(String, EnvSrc)>,
-}
-
-impl Res {
-    fn kind(&self) -> String {
-        text(&self.doc, &["kind"]).unwrap_or_default()
-    }
-    fn name(&self) -> String {
-        text(&self.doc, &["metadata", "name"]).unwrap_or_default()
-    }
-    fn at(&self) -> String {
-        format!("{} {} ({})", self.kind(), self.name(), rel(&self.file))
-    }
-    fn containers(&self) -> &[Value] {
-        let spec = if self.kind() == "Job" || self.kind() == "Deployment" {
-            at(&self.doc, &["spec", "template", "spec", "containers"])
-        } else {
-            None
-        };
-        seq(spec)
-    }
-    fn pod_spec(&self) -> Option<&Value> {
-        at(&self.doc, &["spec", "template", "spec"])
-    }
-    fn env(&self, container_index: usize) -> BTreeMap<String, EnvSrc> {
-        let mut env: BTreeMap<String, EnvSrc> = self
-            .containers()
-            .get(container_index)
-            .map(|c| seq(c.get("env")).iter().filter_map(env_entry).collect())
-            .unwrap_or_default();
-        if container_index == 0 {
-            env.extend(self.added_env.iter().cloned());
-        }
-        env
-    }
-}
-
-fn kustomization(dir: &Path) -> Value {
-    let docs = docs(&dir.join("kustomization.yaml"));
-    docs.into_iter().next().unwrap_or(Value::Null)
-}
-
-fn list_strings(v: Option<&Value>) -> Vec<String> {
-    seq(v).iter().filter_map(scalar).collect()
-}
-
-fn selector_matches(selector: &str, l: &BTreeMap<String, String>) -> bool {
-    selector.split(',').all(|kv| match kv.split_once('=') {
-        Some((k, v)) => l.get(k.trim()).map(String::as_str) == Some(v.trim()),
-        None => false,
-    })
-}
-
-/// Builds a kustomize directory: its resources (recursively) with the environment entries
-/// that its JSON6902 patches append. Problems (missing files, patches matching nothing) are
-/// collected into `problems`.
-fn build(dir: &Path, problems: &mut Vec<String>) -> Vec<Res> {
-    let k = kustomization(dir);
-    let kfile = rel(&dir.join("kustomization.yaml"));
-    let mut out = Vec::new();
-    for r in list_strings(k.get("resources")) {
-        let p = dir.join(&r);
-        if p.is_dir() {
-            out.extend(build(&p, problems));
-        } else if p.is_file() {
-            for d in docs(&p) {
-                out.push(Res {
-                    file: p.clone(),
-                    doc: d,
-                    added_env: vec![],
-                });
-            }
-        } else {
-            problems.push(format!("{kfile}: resource {r} does not exist"));
-        }
-    }
-    for patch in seq(k.get("patches")) {
-        let Some(path) = text(patch, &["path"]) else {
-            continue;
-        };
-        let p = dir.join(&path);
-        if !p.is_file() {
-            problems.push(format!("{kfile}: patch {path} does not exist"));
-            continue;
-        }
-        let pdocs = docs(&p);
-        let target = patch.get("target");
-        let matches = |r: &Res, smp: Option<&Value>| -> bool {
-            if let Some(t) = target {
-                text(t, &["kind"]).is_none_or(|k| k == r.kind())
-                    && text(t, &["name"]).is_none_or(|n| n == r.name())
-                    && text(t, &["labelSelector"]).is_none_or(|s| {
-                        selector_matches(&s, &labels(at(&r.doc, &["metadata", "labels"])))
-                    })
-            } else if let Some(smp) = smp {
-                text(smp, &["kind"]) == Some(r.kind())
-                    && text(smp, &["metadata", "name"]) == Some(r.name())
-            } else {
-                false
-            }
-        };
-        let smp = pdocs.first().filter(|d| d.is_mapping());
-        let mut hit = 0;
-        for r in out.iter_mut() {
-            if !matches(r, smp) {
-                continue;
-            }
-            hit += 1;
-            for op in pdocs.iter().flat_map(|d| seq(Some(d))) {
-                let is_env_add = text(op, &["op"]).as_deref() == Some("add")
-                    && text(op, &["path"]).is_some_and(|p| p.ends_with("/containers/0/env/-"));
-                if is_env_add && let Some(e) = op.get("value").and_then(env_entry) {
-                    r.added_env.push(e);
-                }
-            }
-        }
-        if hit == 0 {
-            problems.push(format!(
-                "{kfile}: patch {path} matches no resource of this layer"
-            ));
-        }
-    }
-    out
-}
-
-struct Layer {
-    name: String,
-    dir: PathBuf,
-    res: Vec<Res>,
-    problems: Vec<String>,
-}
-
-impl Layer {
-    fn of_kind(&self, kind: &str) -> Vec<&Res> {
-        self.res.iter().filter(|r| r.kind() == kind).collect()
-    }
-    fn find(&self, kind: &str, name: &str) -> Option<&Res> {
-        self.res
-            .iter()
-            .find(|r| r.kind() == kind && r.name() == name)
-    }
-    /// The catalogue file the layer's `volley-config` ConfigMap is generated from.
-    fn catalogue(&self) -> Option<PathBuf> {
-        catalogue_of(&self.dir)
-    }
-}
-
-fn catalogue_of(dir: &Path) -> Option<PathBuf> {
-    let k = kustomization(dir);
-    for g in seq(k.get("configMapGenerator")) {
-        if text(g, &["name"]).as_deref() == Some("volley-config") {
-            let f = list_strings(g.get("files")).into_iter().next()?;
-            let f = f.rsplit('=').next().unwrap().to_owned();
-            return Some(dir.join(f));
-        }
-    }
-    for r in list_strings(k.get("resources")) {
-        let p = dir.join(r);
-        if p.is_dir()
-            && let Some(c) = catalogue_of(&p)
-        {
-            return Some(c);
-        }
-    }
-    None
-}
-
-/// Keys of the ConfigMaps a kustomize directory generates (overlays merge into their bases).
-fn generated_configmaps(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
-    let k = kustomization(dir);
-    let mut out = BTreeMap::new();
-    for r in list_strings(k.get("resources")) {
-        let p = dir.join(r);
-        if p.is_dir() {
-            out.extend(generated_configmaps(&p));
-        }
-    }
-    for g in seq(k.get("configMapGenerator")) {
-        let Some(name) = text(g, &["name"]) else {
-            continue;
-        };
-        let mut keys: BTreeSet<String> = list_strings(g.get("literals"))
-            .iter()
-            .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
-            .collect();
-        keys.extend(list_strings(g.get("files")).iter().map(|f| {
-            match f.split_once('=') {
-                Some((k, _)) => k.to_owned(),
-                None => Path::new(f)
-                    .file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned(),
-            }
-        }));
-        let entry = out.entry(name).or_insert_with(BTreeSet::new);
-        if text(g, &["behavior"]).as_deref() == Some("replace") {
-            entry.clear();
-        }
-        entry.extend(keys);
-    }
-    out
-}
-
-/// Secret name -> keys, from deploy/base/secrets.example.yaml (the documented Secret).
-fn example_secrets() -> BTreeMap<String, BTreeSet<String>> {
-    docs(
-        &root()
-            .join("deploy")
-            .join("base")
-            .join("secrets.example.yaml"),
-    )
-    .iter()
-    .filter(|d| text(d, &["kind"]).as_deref() == Some("Secret"))
-    .map(|d| {
-        let keys = ["stringData", "data"]
-            .iter()
-            .filter_map(|f| d.get(*f).and_then(|m| m.as_mapping()))
-            .flat_map(|m| m.keys().filter_map(scalar))
-            .collect();
-        (text(d, &["metadata", "name"]).unwrap_or_default(), keys)
-    })
-    .collect()
-}
-
-fn layers() -> Vec<Layer> {
-    let mut dirs = vec![("base".to_owned(), root().join("deploy").join("base"))];
-    let overlays = root().join("deploy").join("overlays");
-    let mut names: Vec<_> = fs::read_dir(&overlays)
-        .map(|d| d.map(|e| e.unwrap().path()).collect())
-        .unwrap_or_else(|_| Vec::new());
-    names.sort();
-    for p in names {
-        if p.join("kustomization.yaml").is_file() {
-            let n = p.file_name().unwrap().to_string_lossy().into_owned();
-            dirs.push((n, p));
-        }
-    }
-    dirs.into_iter()
-        .map(|(name, dir)| {
-            let mut problems = Vec::new();
-            let res = build(&dir, &mut problems);
-            Layer {
-                name,
-                dir,
-                res,
-                problems,
-            }
-        })
-        .collect()
-}
-
-fn layer<'a>(ls: &'a [Layer], name: &str) -> &'a Layer {
-    ls.iter()
-        .find(|l| l.name == name)
-        .unwrap_or_else(|| panic!("deploy/overlays/{name}/kustomization.yaml is missing"))
-}
-
-/// `volley/<bin>` from `volley/<bin>:tag` (or a registry path ending in it).
-fn image_repo(image: &str) -> String {
-    let last = image.rsplit('/').next().unwrap_or(image);
-    let name = last.split(':').next().unwrap_or(last);
-    let parent = image.rsplit('/').nth(1).unwrap_or("");
-    format!("{parent}/{name}")
-}
-
-fn container_port(c: &Value, port: &Value) -> Option<i64> {
-    if let Some(n) = port.as_i64() {
-        return Some(n);
-    }
-    let name = port.as_str()?;
-    if let Ok(n) = name.parse() {
-        return Some(n);
-    }
-    seq(c.get("ports"))
-        .iter()
-        .find(|p| text(p, &["name"]).as_deref() == Some(name))
-        .and_then(|p| int(p, &["containerPort"]))
-}
-
-/// Runs the literal environment of a service through Volley's own settings loader.
-fn settings_accept(
-    catalogue: &Path,
-    env: &BTreeMap<String, EnvSrc>,
-    sim: &BTreeSet<String>,
-) -> Result<Settings, String> {
-    let mut map: HashMap<String, String> = HashMap::new();
-    for (k, v) in env {
-        if !k.starts_with("VOLLEY_") || sim.contains(k) || k == "VOLLEY_CONFIG" {
-            continue;
-        }
-        let value = match v {
-            EnvSrc::Lit(s) => s.clone(),
-            // Secret/ConfigMap values are not known here; a placeholder still lets the loader
-            // check the name (e.g. that VOLLEY_PROVIDER_<NAME>_API_KEY names a provider).
-            _ if k.ends_with("_URL") => "http://placeholder".to_owned(),
-            _ => "placeholder".to_owned(),
-        };
-        map.insert(k.clone(), value);
-    }
-    map.insert(
-        "VOLLEY_CONFIG".to_owned(),
-        catalogue.to_string_lossy().into_owned(),
-    );
-    Settings::load_from(&map).map_err(|e| e.to_string())
-}
-
-// ---------------------------------------------------------------------------------------------
-// docker-compose.yml
-
-fn compose() -> Value {
-    docs(&root().join("docker-compose.yml"))
-        .into_iter()
-        .next()
-        .unwrap()
-}
-
-fn compose_env(svc: &Value) -> BTreeMap<String, EnvSrc> {
-    let mut out = BTreeMap::new();
-    match svc.get("environment") {
-        Some(Value::Mapping(m)) => {
-            for (k, v) in m {
-                if let Some(k) = scalar(k) {
-                    out.insert(k, EnvSrc::Lit(scalar(v).unwrap_or_default()));
-                }
-            }
-        }
-        Some(Value::Sequence(s)) => {
-            for e in s.iter().filter_map(scalar) {
-                let (k, v) = e.split_once('=').unwrap_or((&e, ""));
-                out.insert(k.to_owned(), EnvSrc::Lit(v.to_owned()));
-            }
-        }
-        _ => {}
-    }
-    out
-}
-
-/// (source, target) of a compose service's volumes.
-fn compose_mounts(svc: &Value) -> Vec<(String, String)> {
-    seq(svc.get("volumes"))
-        .iter()
-        .filter_map(|v| match v {
-            Value::String(s) => {
-                let mut parts = s.split(':');
-                Some((parts.next()?.to_owned(), parts.next()?.to_owned()))
-            }
-            Value::Mapping(_) => Some((text(v, &["source"])?, text(v, &["target"])?)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The http URL of a compose health check, if any.
-fn healthcheck_url(svc: &Value) -> Option<String> {
-    let test = svc.get("healthcheck")?.get("test")?;
-    let parts: Vec<String> = match test {
-        Value::Sequence(s) => s.iter().filter_map(scalar).collect(),
-        v => vec![scalar(v)?],
-    };
-    parts
-        .iter()
-        .flat_map(|p| p.split_whitespace())
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_owned)
-}
-
-/// Seconds of a compose duration (`90s`, `5m`, `1h30m`, `1m30s`).
-fn duration_secs(s: &str) -> Option<u64> {
-    let (mut total, mut num) = (0u64, String::new());
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-        } else {
-            let n: u64 = num.parse().ok()?;
-            num.clear();
-            total += n * match c {
-                'h' => 3600,
-                'm' => 60,
-                's' => 1,
-                _ => return None,
-            };
-        }
-    }
-    if num.is_empty() { Some(total) } else { None }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dockerfile
-
-#[derive(Debug)]
-struct Stage {
-    name: String,
-    from: String,
-    instrs: Vec<(String, String)>,
-}
-
-fn dockerfile() -> Vec<Stage> {
-    let text = read(&root().join("Dockerfile"));
-    let mut logical = Vec::new();
-    let mut cur = String::new();
-    for line in text.lines() {
-        let t = line.trim();
-        if t.starts_with('#') || (t.is_empty() && cur.is_empty()) {
-            continue;
-        }
-        if let Some(body) = t.strip_suffix('\\') {
-            cur.push_str(body);
-            cur.push(' ');
-        } else {
-            cur.push_str(t);
-            if !cur.trim().is_empty() {
-                logical.push(cur.trim().to_owned());
-            }
-            cur.clear();
-        }
-    }
-    let mut stages: Vec<Stage> = Vec::new();
-    for l in logical {
-        let (instr, args) = l.split_once(char::is_whitespace).unwrap_or((&l, ""));
-        let instr = instr.to_ascii_uppercase();
-        if instr == "FROM" {
-            let words: Vec<&str> = args
-                .split_whitespace()
-                .filter(|w| !w.starts_with("--"))
-                .collect();
-            let name = match words.as_slice() {
-                [_, as_, n] if as_.eq_ignore_ascii_case("as") => (*n).to_owned(),
-                _ => format!("#{}", stages.len()),
-            };
-            stages.push(Stage {
-                name,
-                from: words.first().copied().unwrap_or("").to_owned(),
-                instrs: vec![],
-            });
-        } else if let Some(s) = stages.last_mut() {
-            s.instrs.push((instr, args.trim().to_owned()));
-        }
-    }
-    stages
-}
-
-/// A stage and the stages it is built FROM, nearest first.
-fn chain<'a>(stages: &'a [Stage], name: &str) -> Vec<&'a Stage> {
-    let mut out = Vec::new();
-    let mut next = stages.iter().find(|s| s.name == name);
-    while let Some(s) = next {
-        out.push(s);
-        next = stages
-            .iter()
-            .find(|p| p.name == s.from && !out.iter().any(|o| o.name == p.name));
-    }
-    out
-}
-
-const BUILD_TOOLS: &[&str] = &[
-    "build-essential",
-    "gcc",
-    "g++",
-    "clang",
-    "make",
-    "cmake",
-    "pkg-config",
-    "libpq-dev",
-    "libssl-dev",
-    "cargo",
-    "rustc",
-    "protobuf-compiler",
 ];
 
 // =============================================================================================
@@ -2396,4 +1567,72 @@ fn deploy_files_hold_no_machine_specific_paths() {
         }
     }
     report("machine-specific paths", errors);
+}
+
+/// Where kubectl is installed, the overlays it renders hold the same resources as the in-repo
+/// resolver finds, with the same environment variables in each workload's first container
+/// (JSON patches applied). Without kubectl there is nothing to compare with: every other
+/// check reads the resolver alone.
+#[test]
+fn the_resolver_agrees_with_kubectl_kustomize() {
+    let mut errors = Vec::new();
+    for l in layers() {
+        let rendered = match kubectl_render(&l.dir) {
+            None => {
+                eprintln!("kubectl is not installed: the resolver is not compared with it");
+                return;
+            }
+            Some(Err(e)) => {
+                errors.push(e);
+                continue;
+            }
+            Some(Ok(docs)) => docs,
+        };
+        let env_names = |containers: &[Value]| -> Vec<String> {
+            containers
+                .first()
+                .map(|c| {
+                    seq(c.get("env"))
+                        .iter()
+                        .filter_map(|e| text(e, &["name"]))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let theirs: BTreeSet<_> = rendered
+            .iter()
+            .filter_map(|d| {
+                let kind = text(d, &["kind"]).unwrap_or_default();
+                let containers = seq(at(d, &["spec", "template", "spec", "containers"]));
+                comparable(
+                    &kind,
+                    &text(d, &["metadata", "name"]).unwrap_or_default(),
+                    if kind == "Job" || kind == "Deployment" {
+                        env_names(containers)
+                    } else {
+                        Vec::new()
+                    },
+                )
+            })
+            .collect();
+        let ours: BTreeSet<_> = l
+            .res
+            .iter()
+            .filter_map(|r| comparable(&r.kind(), &r.name(), r.env(0).into_keys().collect()))
+            .collect();
+        for missing in theirs.difference(&ours) {
+            errors.push(format!(
+                "{}: kubectl renders {missing:?}, the resolver does not",
+                l.name
+            ));
+        }
+        for extra in ours.difference(&theirs) {
+            errors.push(format!(
+                "{}: the resolver finds {extra:?}, kubectl does not render it",
+                l.name
+            ));
+        }
+        assert!(!theirs.is_empty(), "{}: kubectl rendered nothing", l.name);
+    }
+    report("the in-repo kustomize resolver against kubectl", errors);
 }
