@@ -7,14 +7,52 @@
 use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 use volley_amqp::Names;
 use volley_amqp::depths::read_once;
 use volley_domain::InferenceType;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
+use crate::openapi::schema;
 use crate::routes::{UNKNOWN_KEY, bearer};
+
+/// What the operator page shows. Fields in alphabetical order: the bytes clients always got
+/// (see `views`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AdminStatus {
+    pub errors: SourceErrors,
+    #[schema(schema_with = schema::object_admin_status)]
+    pub object: &'static str,
+    /// One row per inference type, then the events queue (`name` = `events`).
+    pub queues: Vec<QueueRow>,
+}
+
+/// Which source could not be read (`null` when it was).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SourceErrors {
+    pub database: Option<String>,
+    pub rabbitmq: Option<String>,
+}
+
+/// One queue: RabbitMQ's numbers (`null` when RabbitMQ could not be read) and PostgreSQL's
+/// (`null` for the events queue, or when PostgreSQL could not be read).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueRow {
+    pub consumers: Option<u32>,
+    pub dead_letters: Option<u32>,
+    /// Present on the rows of job queues when PostgreSQL was read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = schema::inference_type)]
+    pub inference_type: Option<&'static str>,
+    pub name: &'static str,
+    pub oldest_wait_secs: Option<f64>,
+    pub processing: Option<i64>,
+    pub queue: String,
+    pub queued: Option<i64>,
+    pub ready: Option<u32>,
+}
 
 /// A broker that accepts a connection but never answers must not hold the request.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,7 +61,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/admin/status", web::get().to(status));
 }
 
-async fn status(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// What `batchctl status` shows, per inference type (admin keys only).
+#[utoipa::path(
+    get, path = "/v1/admin/status", tag = "operations",
+    responses(
+        (status = 200, description = "Queues and jobs per inference type", body = AdminStatus),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 403, description = "Not an admin key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
+pub(crate) async fn status(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let key = bearer(&req)?;
     if !state.db.key_is_admin(key).await?.ok_or(UNKNOWN_KEY)? {
         return Err(ApiError::Forbidden(
@@ -49,13 +102,14 @@ async fn status(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         tracing::warn!(error = %e, "admin status: PostgreSQL unreachable");
         "PostgreSQL unreachable".to_owned()
     });
-    let depth = |queue: &str| -> Value {
+    // (messages ready, consumers) of a queue.
+    let depth = |queue: &str| -> (Option<u32>, Option<u32>) {
         match &queues {
             Ok(all) => all
                 .iter()
                 .find(|d| d.queue == queue)
-                .map_or(json!([null, null]), |d| json!([d.messages, d.consumers])),
-            Err(_) => json!([null, null]),
+                .map_or((None, None), |d| (Some(d.messages), Some(d.consumers))),
+            Err(_) => (None, None),
         }
     };
     let rows = InferenceType::ALL
@@ -64,33 +118,34 @@ async fn status(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
         .chain([("events", names.events_queue(), None)]);
     let mut out = Vec::new();
     for (name, queue, db_type) in rows {
-        let d = depth(&queue);
-        let dlq = depth(&Names::dlq(&queue));
-        let mut row = json!({
-            "name": name,
-            "queue": queue,
-            "ready": d[0],
-            "consumers": d[1],
-            "dead_letters": dlq[0],
-            "queued": null,
-            "processing": null,
-            "oldest_wait_secs": null,
-        });
+        let (ready, consumers) = depth(&queue);
+        let (dead_letters, _) = depth(&Names::dlq(&queue));
+        let mut row = QueueRow {
+            consumers,
+            dead_letters,
+            inference_type: None,
+            name,
+            oldest_wait_secs: None,
+            processing: None,
+            queue,
+            queued: None,
+            ready,
+        };
         if let (Some(t), Ok(jobs)) = (db_type, &jobs) {
             let j = jobs.iter().find(|j| j.inference_type == t);
-            row["inference_type"] = json!(t);
-            row["queued"] = json!(j.map_or(0, |j| j.queued));
-            row["processing"] = json!(j.map_or(0, |j| j.processing));
-            row["oldest_wait_secs"] = json!(j.and_then(|j| j.oldest_wait_secs));
+            row.inference_type = Some(t);
+            row.queued = Some(j.map_or(0, |j| j.queued));
+            row.processing = Some(j.map_or(0, |j| j.processing));
+            row.oldest_wait_secs = j.and_then(|j| j.oldest_wait_secs);
         }
         out.push(row);
     }
-    Ok(HttpResponse::Ok().json(json!({
-        "object": "admin_status",
-        "queues": out,
-        "errors": {
-            "rabbitmq": queues.as_ref().err(),
-            "database": jobs.as_ref().err(),
+    Ok(HttpResponse::Ok().json(AdminStatus {
+        errors: SourceErrors {
+            database: jobs.err(),
+            rabbitmq: queues.err(),
         },
-    })))
+        object: "admin_status",
+        queues: out,
+    }))
 }

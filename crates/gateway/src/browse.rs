@@ -7,12 +7,11 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use volley_db::listing::{BatchFilter, Cursor, JobFilter};
 use volley_domain::{BatchStatus, CUSTOM_ID_RULE, FieldError, JobStatus, is_custom_id};
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::routes::{links, owner, parse_id};
 use crate::views;
 
@@ -147,6 +146,25 @@ pub(crate) fn job_status(raw: Option<&str>) -> Result<Option<JobStatus>, ApiErro
     }
 }
 
+/// Your batches, newest first, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/batches", tag = "batches",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Batches per page (default 50)"),
+        ("after" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The last id of the previous page (not with `before`)"),
+        ("before" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The first id of the next page, to page back (not with `after`)"),
+        ("status" = Option<String>, Query, description = "Only batches in this status (any case; empty for all)"),
+        ("label" = Option<String>, Query, max_length = 256, pattern = r"^[^\u0000]*$", description = "Only batches with this label"),
+    ),
+    responses(
+        (status = 200, description = "A page of batches", body = views::BatchList),
+        (status = 400, description = "A bad `limit`, `after`, `before`, `status` or `label`, or both `after` and `before`", body = ErrorBody),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn list_batches(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -159,10 +177,34 @@ pub async fn list_batches(
         .db
         .list_batches_page(&owner, filter, cursor, limit)
         .await?;
-    let data: Vec<Value> = page.items.iter().map(views::batch).collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
+    Ok(HttpResponse::Ok().json(views::BatchList {
+        data: page.items.iter().map(views::batch).collect(),
+        has_more: page.has_more,
+        object: "list",
+    }))
 }
 
+/// A batch's jobs with their results, in order, a page at a time.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}/jobs", tag = "jobs",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+        ("status" = Option<String>, Query, description = "Only jobs in this status (any case; empty for all)"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 256, description = "Jobs per page (default 100)"),
+        ("after" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The last job id of the previous page (not with `before`)"),
+        ("before" = Option<i64>, Query, minimum = 1, maximum = 9223372036854775807_i64, description = "The first job id of the next page, to page back (not with `after`)"),
+        ("custom_id" = Option<String>, Query, pattern = "^[A-Za-z0-9_.:-]{1,64}$", description = "Only the job with this `custom_id`"),
+    ),
+    responses(
+        (status = 200, description = "A page of jobs", body = views::JobList),
+        (status = 400, description = "A bad `status`, `limit`, `after`, `before` or `custom_id`, or both `after` and `before`", body = ErrorBody),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 404, description = "No such batch for this key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn list_jobs(
     req: HttpRequest,
     path: web::Path<String>,
@@ -179,6 +221,9 @@ pub async fn list_jobs(
         .await?
         .ok_or(ApiError::NotFound("batch"))?;
     let links = links(&state);
-    let data: Vec<Value> = page.items.iter().map(|j| views::job(j, &links)).collect();
-    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data, "has_more": page.has_more})))
+    Ok(HttpResponse::Ok().json(views::JobList {
+        data: page.items.iter().map(|j| views::job(j, &links)).collect(),
+        has_more: page.has_more,
+        object: "list",
+    }))
 }

@@ -54,17 +54,40 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/console/{file}", web::get().to(asset));
 }
 
-async fn to_console() -> HttpResponse {
+#[utoipa::path(
+    get, path = "/", tag = "console",
+    responses((status = 302, description = "Redirect to `/console/`",
+        headers(("Location" = String, description = "`/console/`")))),
+)]
+pub(crate) async fn to_console() -> HttpResponse {
     HttpResponse::Found()
         .insert_header((header::LOCATION, "/console/"))
         .finish()
 }
 
-async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(
+    get, path = "/console/", tag = "console",
+    responses(
+        (status = 200, description = "The console's page", body = String, content_type = "text/html; charset=utf-8"),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+    ),
+)]
+pub(crate) async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     serve(&req, &state, "index.html")
 }
 
-async fn asset(
+#[utoipa::path(
+    get, path = "/console/{file}", tag = "console",
+    params(("file" = String, Path, example = "app.js", description = "`index.html`, `app.js`, `api.js`, `app.css` or `favicon.svg`")),
+    responses(
+        (status = 200, description = "The file", content(
+            (String = "text/javascript; charset=utf-8"), (String = "text/css; charset=utf-8"),
+            (String = "text/html; charset=utf-8"), (String = "image/svg+xml"))),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+        (status = 404, description = "No such file", body = crate::error::ErrorBody),
+    ),
+)]
+pub(crate) async fn asset(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
@@ -99,9 +122,10 @@ fn origin(url: &str) -> Option<&str> {
 
 fn serve(req: &HttpRequest, state: &AppState, name: &str) -> HttpResponse {
     let Some(a) = ASSETS.iter().find(|a| a.name == name) else {
-        return HttpResponse::NotFound().json(serde_json::json!({
-            "error": {"type": "not_found", "message": "no such console file"}
-        }));
+        return HttpResponse::NotFound().json(crate::error::ErrorBody::new(
+            "not_found",
+            "no such console file",
+        ));
     };
     let fresh = req
         .headers()

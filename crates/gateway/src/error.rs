@@ -3,8 +3,52 @@
 
 use actix_web::http::{StatusCode, header};
 use actix_web::{HttpResponse, ResponseError};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 use volley_domain::FieldError;
+
+use crate::openapi::schema;
+
+/// Every error body: `{"error": {"type": ..., "message": ...}}`, and for `invalid_request` the
+/// bad fields under `errors`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// Fields in alphabetical order: the bytes clients always got (see `views`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Every bad item or field (`invalid_request` only; absent when the request as a whole is
+    /// the problem).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldErrorBody>>,
+    pub message: String,
+    #[serde(rename = "type")]
+    #[schema(schema_with = schema::error_type)]
+    pub kind: &'static str,
+}
+
+/// One bad field: `index` is the item's position in `requests`, or `null` for the request as a
+/// whole; `field` is a path from the body, such as `requests[2].body.messages[0].role`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FieldErrorBody {
+    pub field: String,
+    pub index: Option<usize>,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(kind: &'static str, message: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                errors: None,
+                message: message.into(),
+                kind,
+            },
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -46,6 +90,9 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    /// The path exists, but not with this method; `allow` lists those it has.
+    #[error("{method} is not allowed here; allowed: {allow}")]
+    MethodNotAllowed { method: String, allow: String },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -58,7 +105,33 @@ impl ApiError {
         }
     }
 
-    fn kind(&self) -> &'static str {
+    /// One error of each kind, for the API document's list of error types per status.
+    pub(crate) fn every_kind() -> Vec<ApiError> {
+        vec![
+            ApiError::invalid(""),
+            ApiError::TooLarge(String::new()),
+            ApiError::BodyTooLarge(String::new()),
+            ApiError::AsyncDisabled,
+            ApiError::Unauthorized(""),
+            ApiError::NotFound(""),
+            ApiError::Forbidden(String::new()),
+            ApiError::Unavailable,
+            ApiError::IdempotencyMismatch,
+            ApiError::IdempotencyInFlight,
+            ApiError::RequestTimeout(String::new()),
+            ApiError::RateLimited {
+                message: "",
+                retry_after_secs: 1,
+            },
+            ApiError::MethodNotAllowed {
+                method: String::new(),
+                allow: String::new(),
+            },
+            ApiError::Internal(anyhow::anyhow!("")),
+        ]
+    }
+
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             ApiError::InvalidRequest { .. } => "invalid_request",
             ApiError::TooLarge(_) | ApiError::BodyTooLarge(_) => "too_large",
@@ -72,6 +145,7 @@ impl ApiError {
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::OverQuota { .. } => "rate_limited",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -101,6 +175,7 @@ impl ResponseError for ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::OverQuota { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -109,14 +184,20 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(cause) = self {
             tracing::error!(error = format!("{cause:#}"), "request failed");
         }
-        let mut error = json!({"type": self.kind(), "message": self.to_string()});
+        let mut body = ErrorBody::new(self.kind(), self.to_string());
         if let ApiError::InvalidRequest { errors, .. } = self
             && !errors.is_empty()
         {
-            error["errors"] = errors
-                .iter()
-                .map(|e| json!({"index": e.index, "field": e.field, "message": e.message}))
-                .collect();
+            body.error.errors = Some(
+                errors
+                    .iter()
+                    .map(|e| FieldErrorBody {
+                        field: e.field.clone(),
+                        index: e.index,
+                        message: e.message.clone(),
+                    })
+                    .collect(),
+            );
         }
         let mut resp = HttpResponse::build(self.status_code());
         if matches!(self, ApiError::Unauthorized(_)) {
@@ -131,10 +212,50 @@ impl ResponseError for ApiError {
         {
             resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
         }
+        if let ApiError::MethodNotAllowed { allow, .. } = self {
+            resp.insert_header((header::ALLOW, allow.as_str()));
+        }
         if matches!(self, ApiError::RequestTimeout(_)) {
             // The rest of the body may still be on its way: do not read it as a next request.
             resp.insert_header((header::CONNECTION, "close"));
         }
-        resp.json(json!({ "error": error }))
+        resp.json(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    async fn bytes(e: ApiError) -> String {
+        let body = e.error_response().into_body();
+        let b = actix_web::body::to_bytes(body).await.unwrap();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    /// The bytes clients got when the body was a `serde_json::json!` map.
+    #[actix_web::test]
+    async fn error_bytes() {
+        assert_eq!(
+            bytes(ApiError::NotFound("batch")).await,
+            r#"{"error":{"message":"batch not found","type":"not_found"}}"#
+        );
+        let e = ApiError::InvalidRequest {
+            message: "m".into(),
+            errors: vec![FieldError {
+                index: None,
+                field: "label".into(),
+                message: "must be a string".into(),
+            }],
+        };
+        assert_eq!(
+            bytes(e).await,
+            r#"{"error":{"errors":[{"field":"label","index":null,"message":"must be a string"}],"message":"m","type":"invalid_request"}}"#
+        );
+        assert_eq!(
+            bytes(ApiError::invalid("x")).await,
+            r#"{"error":{"message":"x","type":"invalid_request"}}"#
+        );
     }
 }

@@ -300,6 +300,26 @@ fn last_event_id(req: &HttpRequest, total: usize) -> Result<Option<Cursor>, ApiE
         .map_err(ApiError::invalid)
 }
 
+/// Live progress of a batch as Server-Sent Events.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}/events", tag = "batches",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+        ("Last-Event-ID" = Option<String>, Header, max_length = 66,
+            description = "Resume after this event (an id this stream sent)"),
+    ),
+    responses(
+        (status = 200, description = "`progress` events (the batch's status and counts), a \
+            `job` event per finished job, then `done`; the stream ends after `done`",
+            body = String, content_type = "text/event-stream"),
+        (status = 400, description = "A `Last-Event-ID` this stream did not send", body = crate::error::ErrorBody),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = crate::error::ErrorBody),
+        (status = 404, description = "No such batch for this key", body = crate::error::ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = crate::error::ErrorBody),
+        (status = 503, description = "Shutting down, or the database is unreachable", body = crate::error::ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn batch_events(
     req: HttpRequest,
     path: web::Path<String>,

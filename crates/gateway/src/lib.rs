@@ -7,6 +7,7 @@ mod error;
 mod eta;
 mod events;
 mod limits;
+pub mod openapi;
 mod results;
 mod routes;
 mod views;
@@ -27,6 +28,7 @@ use volley_media::{MediaStore, Signer};
 use volley_telemetry::Metrics;
 
 pub use error::ApiError;
+use error::ErrorBody;
 
 pub struct AppState {
     pub settings: Arc<Settings>,
@@ -126,6 +128,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
     let media = MediaStore::from_settings(&settings.media)?;
     let signer = Signer::new(settings.media.signing_key.expose().as_bytes());
     let workers = settings.gateway.workers.max(1);
+    let document = web::Data::new(openapi::build(&settings)?);
     let hub = Arc::new(events::Hub::new(
         settings.gateway.sse_max_streams_per_key,
         &metrics,
@@ -179,6 +182,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
                 metrics.clone(),
             ))
             .app_data(state.clone())
+            .app_data(document.clone())
             // A path segment that does not decode (`%ff`) is no such thing, in our shape.
             .app_data(
                 web::PathConfig::default().error_handler(|_, _| ApiError::NotFound("route").into()),
@@ -187,11 +191,8 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
             .configure(routes::configure)
             .configure(admin::configure)
             .configure(console::configure)
-            .default_service(web::to(|| async {
-                HttpResponse::NotFound().json(serde_json::json!({
-                    "error": {"type": "not_found", "message": "no such route"}
-                }))
-            }))
+            .route("/openapi.json", web::get().to(openapi::openapi_json))
+            .default_service(web::to(not_routed))
     })
     .workers(workers)
     .disable_signals()
@@ -235,5 +236,24 @@ fn port_role(req: &actix_web::dev::ServiceRequest, metrics_port: Option<u16>) ->
         (true, true) => PortRole::Internal,
         (false, false) => PortRole::Public,
         _ => PortRole::NotHere,
+    }
+}
+
+/// What no route took: 405 with `Allow` when the path is a route's but the method is not
+/// (the methods come from the API document, which a test keeps equal to the routes), else 404.
+async fn not_routed(
+    req: actix_web::HttpRequest,
+    doc: web::Data<openapi::Document>,
+) -> Result<HttpResponse, ApiError> {
+    let allow = req
+        .resource_map()
+        .match_pattern(req.path())
+        .and_then(|p| doc.allowed(&p).map(str::to_owned));
+    match allow {
+        Some(allow) => Err(ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            allow,
+        }),
+        None => Ok(HttpResponse::NotFound().json(ErrorBody::new("not_found", "no such route"))),
     }
 }

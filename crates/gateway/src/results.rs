@@ -29,7 +29,7 @@ use crate::views;
 const PAGE_ROWS: i64 = 64;
 
 /// One line of the results: a finished job.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResultLine {
     /// The job's id.
     pub id: String,
@@ -38,9 +38,11 @@ pub struct ResultLine {
     pub endpoint: String,
     pub model: String,
     /// PROCESSED, FAILED or CANCELLED.
+    #[schema(schema_with = crate::openapi::schema::job_status)]
     pub status: String,
     /// The provider's answer, media as signed links (as on `GET /v1/jobs/{id}`); `null`
     /// unless PROCESSED.
+    #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     /// Why the job failed; `null` unless FAILED.
     pub error: Option<ResultError>,
@@ -48,14 +50,14 @@ pub struct ResultLine {
     pub usage: Option<ResultUsage>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResultError {
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResultUsage {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
@@ -163,6 +165,26 @@ where
     .try_flatten()
 }
 
+/// The batch's finished jobs as NDJSON, one `ResultLine` per line, in submission order.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}/results", tag = "batches",
+    params(
+        ("id" = String, Path, description = "The batch id"),
+        ("status" = Option<String>, Query,
+            description = "Only these finished statuses, comma-separated, any case"),
+    ),
+    responses(
+        (status = 200, description = "One JSON object (`ResultLine`) per line, one line per \
+            finished job; the stream ends early (no final chunk) on a database error",
+            body = String, content_type = "application/x-ndjson"),
+        (status = 400, description = "A bad `status`", body = crate::error::ErrorBody),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = crate::error::ErrorBody),
+        (status = 404, description = "No such batch for this key", body = crate::error::ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = crate::error::ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = crate::error::ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn batch_results(
     req: HttpRequest,
     path: web::Path<String>,

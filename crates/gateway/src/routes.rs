@@ -2,14 +2,14 @@ use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tracing::Instrument;
 use volley_db::{Idempotent, NewJob};
 use volley_domain::{BatchRejection, validate_batch};
 use volley_proto::{CancelJobs, Control, JobMessage, control};
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::views::{self, MediaLinks};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -45,11 +45,22 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = views::Health)),
+)]
+pub(crate) async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(views::Health { status: "ok" })
 }
 
-async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(
+    get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready: PostgreSQL and RabbitMQ reachable, not draining", body = views::Readiness),
+        (status = 503, description = "Not ready (or shutting down)", body = views::Readiness),
+    ),
+)]
+pub(crate) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let db = state.db.ping().await;
     let broker = tokio::time::timeout(
         std::time::Duration::from_secs(3),
@@ -59,7 +70,11 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     .map(|r| r.is_ok())
     .unwrap_or(false);
     let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let body = json!({"database": db, "rabbitmq": broker, "draining": draining});
+    let body = views::Readiness {
+        database: db,
+        draining,
+        rabbitmq: broker,
+    };
     if db && broker && !draining {
         HttpResponse::Ok().json(body)
     } else {
@@ -173,7 +188,30 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
         .ok_or_else(|| ApiError::invalid("Idempotency-Key must be 1-255 visible ASCII characters"))
 }
 
-async fn create_batch(
+/// Submit a batch: validated whole (every bad item is named), committed, then run.
+#[utoipa::path(
+    post, path = "/v1/batches", tag = "batches",
+    request_body(content = crate::openapi::BatchRequest, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255,
+        pattern = "^[!-~]+$",
+        description = "Makes retries safe: the same key (per API key, 24 h) and body replay the \
+            original 202; another body is 422; a request still in flight with it is 409.")),
+    responses(
+        (status = 202, description = "Accepted: the batch and every job are committed", body = views::Batch,
+            headers(("Idempotent-Replayed" = String, description = "`true` on a replayed answer"))),
+        (status = 400, description = "`invalid_request` (malformed body or items, every bad item \
+            listed; malformed Idempotency-Key) or `too_large` (more than 256 requests)", body = ErrorBody),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 408, description = "The body did not arrive in time", body = ErrorBody),
+        (status = 409, description = "A request with this Idempotency-Key is in flight", body = ErrorBody),
+        (status = 413, description = "The body is larger than the gateway accepts", body = ErrorBody),
+        (status = 422, description = "The Idempotency-Key was used with another body", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "`async_disabled`, or the database is unreachable", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
+pub(crate) async fn create_batch(
     req: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
@@ -339,7 +377,20 @@ async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<
     }
 }
 
-async fn get_batch(
+/// A batch: counts, token usage and a link to each job.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}", tag = "batches",
+    params(("id" = String, Path, description = "The id (a positive integer; anything else is 404)")),
+    responses(
+        (status = 200, description = "The batch", body = views::BatchDetail),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 404, description = "No such batch for this key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
+pub(crate) async fn get_batch(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
@@ -358,20 +409,32 @@ async fn get_batch(
         .ok_or(UNKNOWN_KEY)?
         .ok_or(ApiError::NotFound("batch"))?;
     let mut v = views::batch_with_jobs(&b, &jobs, &state.settings.gateway.public_url);
-    v["usage"] = views::usage(&usage);
+    v.usage = Some(views::usage(&usage));
     // An addition: when the batch should finish, from measured throughput (see eta.rs).
     let unfinished = jobs
         .iter()
         .filter(|j| !j.status.is_terminal())
         .map(|j| j.inference_type.as_str());
     let estimate = state.eta.estimate(&state.db, id, unfinished);
-    if let (Value::Object(v), Ok(Value::Object(e))) = (&mut v, serde_json::to_value(&estimate)) {
-        v.extend(e);
-    }
+    v.estimated_completion_at = Some(estimate.estimated_completion_at);
+    v.estimated_seconds_remaining = Some(estimate.estimated_seconds_remaining);
     Ok(HttpResponse::Ok().json(v))
 }
 
-async fn cancel_batch(
+/// Cancels every QUEUED or PROCESSING job of the batch; returns the updated batch.
+#[utoipa::path(
+    post, path = "/v1/batches/{id}/cancel", tag = "batches",
+    params(("id" = String, Path, description = "The id (a positive integer; anything else is 404)")),
+    responses(
+        (status = 200, description = "The batch after the cancel", body = views::BatchDetail),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 404, description = "No such batch for this key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
+pub(crate) async fn cancel_batch(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
@@ -449,7 +512,20 @@ pub(crate) fn links(state: &AppState) -> MediaLinks<'_> {
     }
 }
 
-async fn get_job(
+/// A job: status, attempts, timestamps, its request and its result (media as signed URLs).
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The id (a positive integer; anything else is 404)")),
+    responses(
+        (status = 200, description = "The job", body = views::Job),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 404, description = "No such job for this key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
+pub(crate) async fn get_job(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
@@ -463,11 +539,24 @@ async fn get_job(
         .ok_or(ApiError::NotFound("job"))?;
     let mut v = views::job(&job, &links(&state));
     // An addition to the contract: the body the job was submitted with.
-    v["request"] = request;
+    v.request = Some(request);
     Ok(HttpResponse::Ok().json(v))
 }
 
-async fn cancel_job(
+/// Cancels one job if it is QUEUED or PROCESSING; returns the job.
+#[utoipa::path(
+    post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, description = "The id (a positive integer; anything else is 404)")),
+    responses(
+        (status = 200, description = "The job after the cancel", body = views::Job),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 404, description = "No such job for this key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
+pub(crate) async fn cancel_job(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
@@ -486,22 +575,28 @@ async fn cancel_job(
     Ok(HttpResponse::Ok().json(views::job(&job, &links(&state))))
 }
 
-async fn list_models(state: web::Data<AppState>) -> HttpResponse {
-    let data: Vec<Value> = state
+/// The models the configured providers serve, and the endpoints each accepts.
+#[utoipa::path(
+    get, path = "/v1/models", tag = "batches",
+    responses((status = 200, description = "Every model", body = views::ModelList)),
+)]
+pub(crate) async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+    let data = state
         .settings
         .models
         .iter()
-        .map(|m| {
-            json!({
-                "id": m.name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "volley",
-                "endpoints": m.endpoints,
-            })
+        .map(|m| views::Model {
+            created: 0,
+            endpoints: m.endpoints.clone(),
+            id: m.name.clone(),
+            object: "model",
+            owned_by: "volley",
         })
         .collect();
-    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+    HttpResponse::Ok().json(views::ModelList {
+        data,
+        object: "list",
+    })
 }
 
 #[derive(Deserialize)]
@@ -514,7 +609,25 @@ struct MediaQuery {
 /// Serves stored media to whoever holds a valid signed link (no API key: the signature is
 /// the capability, so links work in browsers and `<img>` tags). A link names its job and
 /// opens only that job's media; every refusal is in the contract's error shape.
-async fn get_media(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/media/{key}", tag = "media",
+    params(
+        ("key" = String, Path, description = "The stored object's key (may contain `/`)"),
+        crate::openapi::MediaParams,
+    ),
+    responses(
+        (status = 200, description = "The media file", content(
+            ("image/png"), ("audio/wav"), ("video/mp4"), ("application/octet-stream"))),
+        (status = 400, description = "The query string does not parse", body = ErrorBody),
+        (status = 403, description = "No signature, a wrong one, or an expired link", body = ErrorBody),
+        (status = 404, description = "No such media", body = ErrorBody),
+        (status = 500, description = "The object store failed", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn get_media(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let key = req.match_info().query("key").to_owned();
     // Parsed here, not by the `Query` extractor, whose errors are plain text.
     let query = web::Query::<MediaQuery>::from_query(req.query_string()).map_err(|e| {

@@ -594,11 +594,22 @@ impl Checker<'_> {
         if self.errors.len() > before {
             return None;
         }
+        let mut body = body.clone();
+        // JSON has one number type: `2.0` is the integer 2 (as JSON Schema says too), and the
+        // provider gets it as one.
+        for key in INTEGER_FIELDS {
+            if let Some(v) = body.get_mut(key)
+                && v.is_f64()
+                && let Some(n) = integral(v)
+            {
+                *v = Value::from(n);
+            }
+        }
         Some(ValidItem {
             custom_id: None,
             endpoint,
             model: model?,
-            body: Value::Object(body.clone()),
+            body: Value::Object(body),
         })
     }
 
@@ -631,8 +642,13 @@ impl Checker<'_> {
                 }
             }
         }
-        if matches!(body.get("stream"), Some(Value::Bool(true))) {
-            self.err("body.stream", "streaming is not available for batch jobs");
+        match body.get("stream") {
+            Some(Value::Bool(true)) => {
+                self.err("body.stream", "streaming is not available for batch jobs")
+            }
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            // Passed on, anything else would fail the job at the provider instead of here.
+            Some(_) => self.err("body.stream", "must be a boolean"),
         }
         let max_text = self.limits.max_text_chars;
         match endpoint {
@@ -744,7 +760,7 @@ impl Checker<'_> {
     fn integer(&mut self, body: &Map<String, Value>, key: &str, min: i64, max: i64) {
         if let Some(v) = body.get(key)
             && !v.is_null()
-            && !v.as_i64().is_some_and(|n| (min..=max).contains(&n))
+            && !integral(v).is_some_and(|n| (min..=max).contains(&n))
         {
             self.err(
                 &format!("body.{key}"),
@@ -752,6 +768,18 @@ impl Checker<'_> {
             );
         }
     }
+}
+
+/// Body fields checked as integers (`Checker::integer`).
+const INTEGER_FIELDS: [&str; 1] = ["n"];
+
+/// An integer, or a number without a fractional part that fits one.
+fn integral(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -987,6 +1015,24 @@ mod tests {
                 "requests[2].body"
             ]
         );
+    }
+
+    #[test]
+    fn types_of_optional_fields() {
+        let item = |body: Value| json!({"requests": [{"endpoint": "/v1/images/generations", "body": body}]});
+        let r = check(item(
+            json!({"model": "flux-dev", "prompt": "x", "stream": {}}),
+        ));
+        assert_eq!(fields(r), ["requests[0].body.stream"]);
+        let r = check(item(json!({"model": "flux-dev", "prompt": "x", "n": 2.5})));
+        assert_eq!(fields(r), ["requests[0].body.n"]);
+        // 2.0 is the integer 2, and is passed on as 2.
+        let ok = check(item(
+            json!({"model": "flux-dev", "prompt": "x", "n": 2.0, "stream": false}),
+        ))
+        .unwrap();
+        assert_eq!(ok.items[0].body["n"], json!(2));
+        assert!(ok.items[0].body["n"].is_i64());
     }
 
     #[test]
