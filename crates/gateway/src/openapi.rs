@@ -19,7 +19,7 @@ use volley_config::Settings;
 use volley_domain::{BatchStatus, Endpoint, JobStatus};
 
 use crate::error::{ApiError, ErrorBody};
-use crate::{admin, browse, console, events, results, routes};
+use crate::{admin, browse, console, events, results, routes, webhooks};
 
 /// The document, serialised once at start-up, and the methods of each of its paths.
 pub struct Document {
@@ -74,6 +74,8 @@ pub fn template(pattern: &str) -> String {
         events::batch_events,
         routes::get_job,
         routes::cancel_job,
+        webhooks::list_deliveries,
+        webhooks::retry_delivery,
         routes::list_models,
         routes::get_media,
         admin::status,
@@ -89,6 +91,7 @@ pub fn template(pattern: &str) -> String {
         (name = "batches", description = "Submit, follow and cancel batches."),
         (name = "jobs", description = "Each item of a batch is a job."),
         (name = "media", description = "Media results, behind signed links."),
+        (name = "webhooks", description = "Signed deliveries of a batch's events, and redelivery."),
         (name = "operations", description = "Health, readiness, metrics, operator status."),
         (name = "console", description = "The web console's static files."),
     )
@@ -147,6 +150,47 @@ pub struct BatchRequest {
     /// 1 to 256 requests; more is 400 `too_large`.
     #[schema(min_items = 1, max_items = 256)]
     requests: Vec<BatchItem>,
+    /// The order within the key's own work; `normal` when absent.
+    priority: Option<PriorityName>,
+    /// Where to send the batch's events (Standard Webhooks, signed with the key's secret).
+    webhook: Option<WebhookRequest>,
+}
+
+/// A batch's priority.
+#[derive(ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum PriorityName {
+    Low,
+    Normal,
+    High,
+}
+
+/// A batch's webhook.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct WebhookRequest {
+    /// An absolute `https` URL (plain `http` only to hosts the operator allows); a URL the
+    /// operator's policy refuses is 400 on `webhook.url`.
+    #[schema(max_length = 2048)]
+    url: String,
+    /// The events to send; both batch events when absent.
+    #[schema(min_items = 1, max_items = 16)]
+    events: Option<Vec<WebhookEventType>>,
+}
+
+/// A webhook event type.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub enum WebhookEventType {
+    #[serde(rename = "batch.completed")]
+    BatchCompleted,
+    #[serde(rename = "batch.cancelled")]
+    BatchCancelled,
+    #[serde(rename = "job.completed")]
+    JobCompleted,
+    #[serde(rename = "job.failed")]
+    JobFailed,
 }
 
 /// One request of a batch: an endpoint and the body a direct call to it would take.

@@ -3,6 +3,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
+use utoipa::ToSchema;
 use volley_config::Settings;
 use volley_db::NewWebhook;
 use volley_db::webhooks::Delivery;
@@ -10,7 +11,7 @@ use volley_domain::{FieldError, ValidWebhook};
 use volley_egress::WebhookPolicy;
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::routes::{owner, parse_id};
 
 /// The operator's webhook policy from the settings; a bad host pattern stops start-up.
@@ -49,7 +50,7 @@ pub fn accept(
 }
 
 /// One event and how its delivery is going.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryBody {
     pub id: String,
     pub object: &'static str,
@@ -100,13 +101,25 @@ impl From<Delivery> for DeliveryBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeliveryList {
     pub object: &'static str,
     pub data: Vec<DeliveryBody>,
 }
 
 /// `GET /v1/batches/{id}/webhook-deliveries`: every event of the batch, oldest first.
+#[utoipa::path(
+    get, path = "/v1/batches/{id}/webhook-deliveries", tag = "webhooks",
+    params(("id" = String, Path, description = "The batch id (a positive integer; anything else is 404)")),
+    responses(
+        (status = 200, description = "The batch's webhook events, oldest first", body = DeliveryList),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 404, description = "No such batch for this key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn list_deliveries(
     req: HttpRequest,
     path: web::Path<String>,
@@ -126,6 +139,18 @@ pub async fn list_deliveries(
 }
 
 /// `POST /v1/webhook-deliveries/{id}/retry`: one more attempt at once, same `webhook-id`.
+#[utoipa::path(
+    post, path = "/v1/webhook-deliveries/{id}/retry", tag = "webhooks",
+    params(("id" = String, Path, description = "The delivery's id (a positive integer; anything else is 404)")),
+    responses(
+        (status = 202, description = "Queued for an attempt now; the same `webhook-id`", body = DeliveryBody),
+        (status = 401, description = "No, malformed, unknown or revoked API key", body = ErrorBody),
+        (status = 404, description = "No such delivery for this key", body = ErrorBody),
+        (status = 500, description = "Internal error (the cause is logged, not sent)", body = ErrorBody),
+        (status = 503, description = "The database is unreachable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = [])),
+)]
 pub async fn retry_delivery(
     req: HttpRequest,
     path: web::Path<String>,
