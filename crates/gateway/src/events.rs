@@ -30,7 +30,7 @@ use volley_telemetry::prometheus::{IntCounter, IntGauge};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::routes::{UNKNOWN_KEY, bearer, owner, parse_id};
+use crate::routes::bearer;
 
 /// A stream reads its batch at most this often, however many notifications arrive: a busy
 /// batch costs a few reads a second, not one per committed outcome.
@@ -326,23 +326,13 @@ pub async fn batch_events(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     // The key and the batch's owner are checked as for GET /v1/batches/{id}.
-    let key = bearer(&req)?;
-    let Ok(id) = parse_id(&path, "batch") else {
-        owner(&req, &state).await?;
-        return Err(ApiError::NotFound("batch"));
-    };
-    let (batch, _, _) = state
-        .db
-        .get_batch_for_key(key, id)
-        .await?
-        .ok_or(UNKNOWN_KEY)?
-        .ok_or(ApiError::NotFound("batch"))?;
+    let (id, (batch, _, _)) = crate::routes::batch_for_key(&req, &path, &state).await?;
     let total = usize::try_from(batch.total).unwrap_or(0);
     let cursor = last_event_id(&req, total)?.unwrap_or_else(|| Cursor::new(total));
     if state.draining.load(Ordering::Relaxed) {
         return Err(ApiError::Unavailable);
     }
-    let registration = state.hub.register(volley_db::hash_key(key), id)?;
+    let registration = state.hub.register(volley_db::hash_key(bearer(&req)?), id)?;
     let (tx, mut rx) = mpsc::channel::<web::Bytes>(CHANNEL_CHUNKS);
     let gw = &state.settings.gateway;
     let stream = Stream {

@@ -4,7 +4,8 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
 use tracing::Instrument;
-use volley_db::{Idempotent, NewJob};
+use volley_db::{BatchView, Idempotent, JobSummary, NewJob};
+use volley_domain::BatchUsage;
 use volley_domain::{BatchRejection, validate_batch};
 use volley_proto::{CancelJobs, Control, JobMessage, control};
 
@@ -377,6 +378,28 @@ async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<
     }
 }
 
+/// The batch `path` names, read for the request's key. The read clients poll: the key is
+/// checked in the same round trip as the batch is read; 401 comes before 404, and another
+/// owner's batch is the same 404 as a missing one.
+pub(crate) async fn batch_for_key(
+    req: &HttpRequest,
+    path: &str,
+    state: &AppState,
+) -> Result<(i64, (BatchView, Vec<JobSummary>, BatchUsage)), ApiError> {
+    let key = bearer(req)?;
+    let Ok(id) = parse_id(path, "batch") else {
+        owner(req, state).await?;
+        return Err(ApiError::NotFound("batch"));
+    };
+    let found = state
+        .db
+        .get_batch_for_key(key, id)
+        .await?
+        .ok_or(UNKNOWN_KEY)?
+        .ok_or(ApiError::NotFound("batch"))?;
+    Ok((id, found))
+}
+
 /// A batch: counts, token usage and a link to each job.
 #[utoipa::path(
     get, path = "/v1/batches/{id}", tag = "batches",
@@ -395,19 +418,7 @@ pub(crate) async fn get_batch(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    // The read clients poll: the key is checked in the same round trip as the batch is read.
-    let key = bearer(&req)?;
-    let Ok(id) = parse_id(&path, "batch") else {
-        // 401 before 404, as on every route.
-        owner(&req, &state).await?;
-        return Err(ApiError::NotFound("batch"));
-    };
-    let (b, jobs, usage) = state
-        .db
-        .get_batch_for_key(key, id)
-        .await?
-        .ok_or(UNKNOWN_KEY)?
-        .ok_or(ApiError::NotFound("batch"))?;
+    let (id, (b, jobs, usage)) = batch_for_key(&req, &path, &state).await?;
     let mut v = views::batch_with_jobs(&b, &jobs, &state.settings.gateway.public_url);
     v.usage = Some(views::usage(&usage));
     // An addition: when the batch should finish, from measured throughput (see eta.rs).
