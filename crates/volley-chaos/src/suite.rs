@@ -1,6 +1,7 @@
 //! The fault-injection run: the real binaries as separate processes on a private broker and
-//! database, a steady load of mixed batches, faults injected meanwhile, then the checks that
-//! nothing accepted was lost and every job ended in exactly one consistent terminal state.
+//! database, a steady load of mixed batches from several tenants (API keys with their own
+//! priority, webhook secret and, for one, quotas), faults injected meanwhile, then the checks
+//! that nothing accepted was lost and every job ended in exactly one consistent terminal state.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -96,7 +97,11 @@ pub struct Summary {
     pub dead_letters: u32,
     /// Submissions refused (a service was down) and left unanswered or answered 5xx.
     pub refused: usize,
+    /// Submissions refused with 429 `rate_limited` (a quota): not accepted, not lost.
+    pub rate_limited: usize,
     pub unanswered: usize,
+    /// Per tenant, in the order of [`TENANTS`].
+    pub tenants: Vec<TenantCount>,
     pub problems: Vec<String>,
     pub seconds: u64,
     /// Webhook events the accepted batches caused, and how many arrived verified (`lost`
@@ -105,16 +110,31 @@ pub struct Summary {
     pub webhooks_delivered: usize,
 }
 
+/// What one tenant got accepted and refused.
+#[derive(Debug, Default, Clone)]
+pub struct TenantCount {
+    pub name: &'static str,
+    pub batches: usize,
+    pub jobs: usize,
+    pub rate_limited: usize,
+}
+
 impl Summary {
     pub fn ok(&self) -> bool {
         self.lost == 0 && self.problems.is_empty() && self.accepted > 0
     }
 
+    /// One line; `by_tenant` lists each tenant's accepted jobs/batches and 429s.
     pub fn line(&self) -> String {
+        let by_tenant: Vec<String> = self
+            .tenants
+            .iter()
+            .map(|t| format!("{}:{}/{}/{}", t.name, t.jobs, t.batches, t.rate_limited))
+            .collect();
         format!(
             "chaos: accepted={} terminal={} lost={} duplicates={} faults={} batches={} \
-             processed={} failed={} cancelled={} refused={} unanswered={} dead_letters={} \
-             problems={} seconds={} webhooks={}/{}",
+             processed={} failed={} cancelled={} refused={} rate_limited={} unanswered={} \
+             dead_letters={} problems={} seconds={} webhooks={}/{} tenants={} by_tenant={}",
             self.accepted,
             self.terminal,
             self.lost,
@@ -125,12 +145,15 @@ impl Summary {
             self.failed,
             self.cancelled,
             self.refused,
+            self.rate_limited,
             self.unanswered,
             self.dead_letters,
             self.problems.len(),
             self.seconds,
             self.webhooks_delivered,
-            self.webhooks_expected
+            self.webhooks_expected,
+            self.tenants.len(),
+            by_tenant.join(",")
         )
     }
 }
@@ -169,13 +192,70 @@ enum Cancelled {
     Job { id: i64, status: String },
 }
 
+/// One API key of the run. Tenants differ in what a service must keep apart: the priority
+/// their batches ask for, the secret their webhooks are signed with (each verified at its own
+/// receiver path), and quotas, whose 429s are refusals and never losses.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantSpec {
+    pub name: &'static str,
+    pub priority: &'static str,
+    pub quota: bool,
+}
+
+pub const TENANTS: [TenantSpec; 3] = [
+    TenantSpec {
+        name: "high",
+        priority: "high",
+        quota: false,
+    },
+    TenantSpec {
+        name: "normal",
+        priority: "normal",
+        quota: false,
+    },
+    TenantSpec {
+        name: "low-capped",
+        priority: "low",
+        quota: true,
+    },
+];
+
+impl Plan {
+    /// The capped tenant's quotas: its first batch always fits, and at the suite's pace later
+    /// ones within a minute mostly do not, so every run sees 429s.
+    fn quota(&self) -> (usize, usize) {
+        let biggest = self.jobs.1;
+        (biggest * 2, biggest)
+    }
+}
+
+/// A tenant with its key, ready to submit.
+struct Tenant {
+    spec: TenantSpec,
+    client: Arc<Client>,
+    /// Its webhook endpoint at the receiver.
+    hook: String,
+}
+
+/// An accepted batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Accepted {
+    pub jobs: usize,
+    /// Index into [`TENANTS`].
+    pub tenant: usize,
+}
+
 #[derive(Default)]
 struct Ledger {
-    /// Accepted batches: id → jobs submitted.
-    accepted: BTreeMap<i64, usize>,
+    /// Accepted batches: id → jobs submitted and by whom.
+    accepted: BTreeMap<i64, Accepted>,
     /// `sim_key` → how the job should end.
     kinds: HashMap<String, Kind>,
     rejected: usize,
+    /// 429 `rate_limited` answers, per tenant: nothing was created.
+    rate_limited: Vec<usize>,
+    /// What the load saw that is wrong (e.g. a 429 that is not a quota refusal).
+    problems: Vec<String>,
     /// Submissions whose answer never came or was a 5xx (the batch may or may not exist).
     uncertain: usize,
     cancels: Vec<Cancelled>,
@@ -566,6 +646,16 @@ struct Client {
 
 impl Client {
     async fn post(&self, path: &str, body: Option<&Value>) -> Result<(u16, Value), reqwest::Error> {
+        let (status, v, _) = self.post_full(path, body).await?;
+        Ok((status, v))
+    }
+
+    /// Also returns the `Retry-After` header, if any.
+    async fn post_full(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value, Option<String>), reqwest::Error> {
         let mut rb = self
             .http
             .post(format!("{}{path}", self.url))
@@ -575,10 +665,16 @@ impl Client {
         }
         let r = rb.send().await?;
         let status = r.status().as_u16();
+        let retry_after = r
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let text = r.text().await?;
         Ok((
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            retry_after,
         ))
     }
 
@@ -624,24 +720,29 @@ fn db_counts(by: &HashMap<String, i64>) -> Value {
     })
 }
 
-/// Submits `plan.batches` batches at a steady pace, cancelling some batches and jobs along
-/// the way. Failed submissions (a service is down) are simply not accepted; the load goes on.
-async fn load(
-    plan: Plan,
-    client: Arc<Client>,
-    ledger: Arc<Mutex<Ledger>>,
-    seed: u64,
-    hook: String,
-) {
+/// Submits `plan.batches` batches at a steady pace, the tenants taking turns, cancelling some
+/// batches and jobs along the way. Failed submissions (a service is down) and those over a
+/// quota (429) are simply not accepted, and that tenant's turn is skipped; the load goes on
+/// until the count is reached and every tenant has had a batch accepted.
+async fn load(plan: Plan, tenants: Arc<Vec<Tenant>>, ledger: Arc<Mutex<Ledger>>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cancels = Vec::new();
     let mut seq = 0usize;
     // Bounded: every try takes at least the submission gap.
     for _ in 0..plan.batches * 6 {
-        let accepted = ledger.lock().map(|l| l.accepted.len()).unwrap_or(0);
-        if accepted >= plan.batches {
+        let done = ledger
+            .lock()
+            .map(|l| {
+                l.accepted.len() >= plan.batches
+                    && (0..tenants.len()).all(|t| l.accepted.values().any(|a| a.tenant == t))
+            })
+            .unwrap_or(false);
+        if done {
             break;
         }
+        let t = seq % tenants.len();
+        let tenant = &tenants[t];
+        let client = &tenant.client;
         seq += 1;
         let n = rng.random_range(plan.jobs.0..=plan.jobs.1);
         let mut items = Vec::with_capacity(n);
@@ -654,12 +755,13 @@ async fn load(
             kinds.push((key, kind));
         }
         let body = json!({"label": format!("chaos {seq}"), "requests": items,
-            "webhook": {"url": hook, "events": crate::webhooks::EVENTS}});
-        match client.post("/v1/batches", Some(&body)).await {
-            Ok((202, b)) => {
+            "priority": tenant.spec.priority,
+            "webhook": {"url": tenant.hook, "events": crate::webhooks::EVENTS}});
+        match client.post_full("/v1/batches", Some(&body)).await {
+            Ok((202, b, _)) => {
                 let id = b["id"].as_str().and_then(|s| s.parse::<i64>().ok());
                 if let (Some(id), Ok(mut l)) = (id, ledger.lock()) {
-                    l.accepted.insert(id, n);
+                    l.accepted.insert(id, Accepted { jobs: n, tenant: t });
                     l.kinds.extend(kinds);
                     let roll: u32 = rng.random_range(0..100);
                     let wait = Duration::from_millis(rng.random_range(300..4_000));
@@ -682,9 +784,29 @@ async fn load(
                     }
                 }
             }
+            // Over a quota: refused whole, nothing created (the phantom check would see a
+            // batch that exists after all). Skipped, not retried: the next turns try again.
+            Ok((429, b, retry_after)) => {
+                if let Ok(mut l) = ledger.lock() {
+                    l.rate_limited[t] += 1;
+                    if b["error"]["type"] != "rate_limited" || retry_after.is_none() {
+                        l.problems.push(format!(
+                            "tenant {}: a 429 without type rate_limited and Retry-After \
+                             (Retry-After {retry_after:?}): {b}",
+                            tenant.spec.name
+                        ));
+                    }
+                    if !tenant.spec.quota {
+                        say(format!(
+                            "tenant {} (no quota) was refused with 429: {b}",
+                            tenant.spec.name
+                        ));
+                    }
+                }
+            }
             // A 5xx may hide a commit whose answer was lost (the database went away between
             // COMMIT and its reply): such a batch exists, and must still finish.
-            Ok((status, _)) if status >= 500 => {
+            Ok((status, _, _)) if status >= 500 => {
                 if let Ok(mut l) = ledger.lock() {
                     l.uncertain += 1;
                 }
@@ -934,31 +1056,68 @@ fn print_log_tails(dir: &Path) {
     }
 }
 
+/// Creates a tenant's API key with `batchctl keys create` (and its quotas, if it has them);
+/// returns the key and its webhook signing secret.
+async fn create_key(w: &World, plan: &Plan, spec: TenantSpec) -> anyhow::Result<(String, String)> {
+    let mut args = vec![
+        "keys".to_owned(),
+        "create".to_owned(),
+        "--name".to_owned(),
+        spec.name.to_owned(),
+    ];
+    if spec.quota {
+        let (active, per_minute) = plan.quota();
+        args.extend([
+            "--max-active-jobs".to_owned(),
+            active.to_string(),
+            "--max-jobs-per-minute".to_owned(),
+            per_minute.to_string(),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_command(w.services.batchctl(&args), Duration::from_secs(60)).await?;
+    let key = out
+        .lines()
+        .last()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .with_context(|| format!("batchctl printed no key for {}", spec.name))?
+        .to_owned();
+    let whsec = out
+        .split_whitespace()
+        .find(|w| w.starts_with("whsec_"))
+        .with_context(|| format!("batchctl printed no webhook secret for {}", spec.name))?
+        .to_owned();
+    if spec.quota {
+        let (active, per_minute) = plan.quota();
+        say(format!(
+            "tenant {}: {} priority, at most {active} active jobs and {per_minute} jobs a minute",
+            spec.name, spec.priority
+        ));
+    } else {
+        say(format!("tenant {}: {} priority", spec.name, spec.priority));
+    }
+    Ok((key, whsec))
+}
+
 async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
     let mut summary = Summary::default();
     let mut rng = StdRng::seed_from_u64(plan.seed);
 
     let migrate = run_command(w.services.batchctl(&["migrate"]), Duration::from_secs(120)).await?;
     say(migrate.trim());
-    let key_out = run_command(
-        w.services.batchctl(&["keys", "create", "--name", "chaos"]),
-        Duration::from_secs(60),
-    )
-    .await?;
-    let key = key_out
-        .lines()
-        .last()
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .context("batchctl printed no key")?
-        .to_owned();
-    let whsec = key_out
-        .split_whitespace()
-        .find(|w| w.starts_with("whsec_"))
-        .context("batchctl printed no webhook secret")?;
+    let mut keys = Vec::with_capacity(TENANTS.len());
+    for spec in TENANTS {
+        keys.push(create_key(w, plan, spec).await?);
+    }
+    let secrets: Vec<(String, String)> = TENANTS
+        .iter()
+        .zip(&keys)
+        .map(|(t, (_, whsec))| (t.name.to_owned(), whsec.clone()))
+        .collect();
     // Answers 500 to the first few deliveries, so retries happen from the start.
     let mut rx =
-        crate::webhooks::Receiver::start(&w.dir.path().join("webhooks.jsonl"), whsec, 5, 0)?;
+        crate::webhooks::Receiver::start(&w.dir.path().join("webhooks.jsonl"), &secrets, 5, 0)?;
     for name in SERVICES {
         w.services.start(name)?;
     }
@@ -981,25 +1140,39 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         .await?;
     broker.close().await;
 
-    let client = Arc::new(Client {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(3))
-            .build()?,
-        url: w
-            .services
-            .ready_url("gateway")?
-            .trim_end_matches("/readyz")
-            .to_owned(),
-        key,
-    });
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(3))
+        .build()?;
+    let url = w
+        .services
+        .ready_url("gateway")?
+        .trim_end_matches("/readyz")
+        .to_owned();
+    let tenants: Arc<Vec<Tenant>> = Arc::new(
+        TENANTS
+            .into_iter()
+            .zip(keys)
+            .map(|(spec, (key, _))| Tenant {
+                spec,
+                client: Arc::new(Client {
+                    http: http.clone(),
+                    url: url.clone(),
+                    key,
+                }),
+                hook: rx.url(spec.name),
+            })
+            .collect(),
+    );
+    let ledger = Arc::new(Mutex::new(Ledger {
+        rate_limited: vec![0; TENANTS.len()],
+        ..Ledger::default()
+    }));
     let loader = tokio::spawn(load(
         plan.clone(),
-        client.clone(),
+        tenants.clone(),
         ledger.clone(),
         plan.seed,
-        rx.url(),
     ));
 
     // Faults start once the load has begun.
@@ -1089,9 +1262,16 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         .ok()
         .and_then(|m| m.into_inner().ok())
         .context("the load still holds its ledger")?;
-    check(&db, &client, &ledger, &mut summary).await?;
+    check(&db, &tenants, &ledger, &mut summary).await?;
     check_dead_letters(w, &mut summary).await;
-    let hooks = crate::webhooks::check(&db, &rx, &ledger.accepted, Duration::from_secs(90)).await?;
+    let hooks = crate::webhooks::check(
+        &db,
+        &rx,
+        &ledger.accepted,
+        &TENANTS.map(|t| t.name),
+        Duration::from_secs(90),
+    )
+    .await?;
     say(format!(
         "webhook events: {} expected, {} delivered and verified",
         hooks.expected, hooks.delivered
@@ -1124,19 +1304,45 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
     Ok(summary)
 }
 
-async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> anyhow::Result<()> {
+async fn check(
+    db: &Db,
+    tenants: &[Tenant],
+    ledger: &Ledger,
+    s: &mut Summary,
+) -> anyhow::Result<()> {
     let jobs = db.audit_jobs().await?;
     let batches = db.audit_batches().await?;
     let by_batch: HashMap<i64, &volley_db::ops::BatchAudit> =
         batches.iter().map(|b| (b.id, b)).collect();
     s.batches = ledger.accepted.len();
-    s.accepted = ledger.accepted.values().sum();
+    s.accepted = ledger.accepted.values().map(|a| a.jobs).sum();
     s.refused = ledger.rejected;
+    s.rate_limited = ledger.rate_limited.iter().sum();
     s.unanswered = ledger.uncertain;
-    let mut problems: Vec<String> = Vec::new();
+    s.tenants = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mine = || ledger.accepted.values().filter(move |a| a.tenant == i);
+            TenantCount {
+                name: t.spec.name,
+                batches: mine().count(),
+                jobs: mine().map(|a| a.jobs).sum(),
+                rate_limited: ledger.rate_limited.get(i).copied().unwrap_or(0),
+            }
+        })
+        .collect();
+    let mut problems: Vec<String> = ledger.problems.clone();
+    for t in &s.tenants {
+        if t.batches == 0 {
+            problems.push(format!("tenant {} had no batch accepted", t.name));
+        }
+    }
+    // The tenant that submitted a batch: only its key reaches the batch.
+    let owner = |id: i64| ledger.accepted.get(&id).and_then(|a| tenants.get(a.tenant));
 
     // No 202 batch is missing, and each has all its jobs.
-    for (&id, &n) in &ledger.accepted {
+    for (&id, &Accepted { jobs: n, .. }) in &ledger.accepted {
         match by_batch.get(&id) {
             None => {
                 s.lost += n;
@@ -1258,7 +1464,12 @@ async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> an
                         ));
                     }
                 }
-                match client.post(&format!("/v1/batches/{id}/cancel"), None).await {
+                let Some(t) = owner(*id) else { continue };
+                match t
+                    .client
+                    .post(&format!("/v1/batches/{id}/cancel"), None)
+                    .await
+                {
                     Ok((200, again)) if &counts(&again) == then => {}
                     other => {
                         problems.push(format!("batch {id}: a second cancel answered {other:?}"))
@@ -1278,10 +1489,14 @@ async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> an
         }
     }
 
-    // The API agrees with the rows: every accepted batch DONE, counts equal to job states.
-    for &id in ledger.accepted.keys() {
+    // The API agrees with the rows: every accepted batch DONE, counts equal to job states,
+    // the priority its tenant asked for.
+    for (&id, a) in &ledger.accepted {
         let Some(b) = by_batch.get(&id) else { continue };
-        match client.get(&format!("/v1/batches/{id}")).await {
+        let Some(t) = tenants.get(a.tenant) else {
+            continue;
+        };
+        match t.client.get(&format!("/v1/batches/{id}")).await {
             Ok((200, v)) => {
                 let want = db_counts(&b.by_status);
                 if counts(&v) != want || v["total"] != b.total || v["status"] != "DONE" {
@@ -1292,20 +1507,46 @@ async fn check(db: &Db, client: &Client, ledger: &Ledger, s: &mut Summary) -> an
                         v["total"]
                     ));
                 }
+                if v["priority"] != t.spec.priority {
+                    problems.push(format!(
+                        "batch {id} of tenant {}: priority {} (submitted {})",
+                        t.spec.name, v["priority"], t.spec.priority
+                    ));
+                }
             }
             other => problems.push(format!("GET /v1/batches/{id}: {other:?}")),
         }
     }
-    if let Some((&first, _)) = ledger.accepted.iter().next()
-        && let (Ok((200, before)), Ok((200, after))) = (
-            client.get(&format!("/v1/batches/{first}")).await,
-            client
+    // Per tenant: cancelling its first (DONE) batch changes nothing, and the next tenant's key
+    // neither sees it nor cancels it.
+    for (i, t) in tenants.iter().enumerate() {
+        let Some((&first, _)) = ledger.accepted.iter().find(|(_, a)| a.tenant == i) else {
+            continue;
+        };
+        if let (Ok((200, before)), Ok((200, after))) = (
+            t.client.get(&format!("/v1/batches/{first}")).await,
+            t.client
                 .post(&format!("/v1/batches/{first}/cancel"), None)
                 .await,
-        )
-        && counts(&before) != counts(&after)
-    {
-        problems.push(format!("cancelling DONE batch {first} changed it"));
+        ) && counts(&before) != counts(&after)
+        {
+            problems.push(format!("cancelling DONE batch {first} changed it"));
+        }
+        let other = &tenants[(i + 1) % tenants.len()];
+        for answer in [
+            other.client.get(&format!("/v1/batches/{first}")).await,
+            other
+                .client
+                .post(&format!("/v1/batches/{first}/cancel"), None)
+                .await,
+        ] {
+            if !matches!(answer, Ok((404, _))) {
+                problems.push(format!(
+                    "tenant {} reached batch {first} of tenant {}: {answer:?}",
+                    other.spec.name, t.spec.name
+                ));
+            }
+        }
     }
     s.problems.extend(problems);
     Ok(())

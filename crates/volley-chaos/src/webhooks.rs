@@ -1,9 +1,10 @@
 //! Webhooks under faults: every batch is submitted with a webhook to the project's test
 //! receiver (`tests/python/webhook_receiver.py`, which verifies signatures with the Standard
-//! Webhooks reference library), the receiver itself answers 500 at first and is down for a
+//! Webhooks reference library), at its tenant's path `/tenant/<name>`, where only that
+//! tenant's secret verifies; the receiver itself answers 500 at first and is down for a
 //! while mid-run, and at the end every event the accepted batches caused must have arrived,
-//! verified: one `batch.completed`/`batch.cancelled` per batch and one `job.failed` per
-//! failed job.
+//! verified, at its own tenant's path: one `batch.completed`/`batch.cancelled` per batch and
+//! one `job.failed` per failed job.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 use volley_db::Db;
+
+use crate::suite::Accepted;
 
 /// The event types the suite's batches subscribe to.
 pub const EVENTS: [&str; 3] = ["batch.completed", "batch.cancelled", "job.failed"];
@@ -36,13 +39,14 @@ pub struct Receiver {
     child: Option<Child>,
     pub port: u16,
     log: PathBuf,
-    secret: String,
+    /// (tenant name, its webhook secret).
+    tenants: Vec<(String, String)>,
 }
 
 impl Receiver {
     pub fn start(
         log: &Path,
-        secret: &str,
+        tenants: &[(String, String)],
         fail_first: usize,
         port: u16,
     ) -> anyhow::Result<Receiver> {
@@ -51,12 +55,14 @@ impl Receiver {
         if !python.exists() {
             bail!("no .venv with the tests' Python tools: run `bash scripts/setup.sh`");
         }
-        let mut child = Command::new(python)
-            .arg(root.join("tests/python/webhook_receiver.py"))
+        let mut cmd = Command::new(python);
+        cmd.arg(root.join("tests/python/webhook_receiver.py"))
             .arg("--log")
-            .arg(log)
-            .arg("--secret")
-            .arg(secret)
+            .arg(log);
+        for (name, secret) in tenants {
+            cmd.arg("--tenant").arg(format!("{name}={secret}"));
+        }
+        let mut child = cmd
             .arg("--fail-first")
             .arg(fail_first.to_string())
             .arg("--port")
@@ -75,12 +81,13 @@ impl Receiver {
             child: Some(child),
             port,
             log: log.to_owned(),
-            secret: secret.to_owned(),
+            tenants: tenants.to_vec(),
         })
     }
 
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
+    /// The endpoint of one tenant's webhooks.
+    pub fn url(&self, tenant: &str) -> String {
+        format!("http://127.0.0.1:{}/tenant/{tenant}", self.port)
     }
 
     pub fn is_down(&self) -> bool {
@@ -97,7 +104,7 @@ impl Receiver {
     /// Up again on the same port, keeping its record.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        *self = Receiver::start(&self.log.clone(), &self.secret.clone(), 0, self.port)?;
+        *self = Receiver::start(&self.log.clone(), &self.tenants.clone(), 0, self.port)?;
         Ok(())
     }
 
@@ -127,11 +134,13 @@ pub struct Count {
 
 /// Waits (up to `wait`) until every event the accepted batches caused has arrived verified,
 /// then counts. Expected: one batch event per accepted batch, one `job.failed` per failed job
-/// (from PostgreSQL, the source of truth for how jobs ended).
+/// (from PostgreSQL, the source of truth for how jobs ended), each at the path of the tenant
+/// that submitted the batch (`tenants` names them by index).
 pub async fn check(
     db: &Db,
     rx: &Receiver,
-    accepted: &BTreeMap<i64, usize>,
+    accepted: &BTreeMap<i64, Accepted>,
+    tenants: &[&str],
     wait: Duration,
 ) -> anyhow::Result<Count> {
     let mut failed_jobs: HashMap<i64, HashSet<String>> = HashMap::new();
@@ -147,7 +156,7 @@ pub async fn check(
     let deadline = Instant::now() + wait;
     loop {
         let records = rx.records();
-        let mut c = count(&records, accepted, &failed_jobs);
+        let mut c = count(&records, accepted, tenants, &failed_jobs);
         c.expected = expected;
         if c.lost == 0 || Instant::now() >= deadline {
             return Ok(c);
@@ -158,12 +167,15 @@ pub async fn check(
 
 fn count(
     records: &[Value],
-    accepted: &BTreeMap<i64, usize>,
+    accepted: &BTreeMap<i64, Accepted>,
+    tenants: &[&str],
     failed_jobs: &HashMap<i64, HashSet<String>>,
 ) -> Count {
     let mut c = Count::default();
     // (type, object id) → webhook-ids that carried it, accepted (2xx) only.
     let mut seen: HashMap<(String, String), HashSet<String>> = HashMap::new();
+    // (type, object id) → the tenant paths it arrived at.
+    let mut paths: HashMap<(String, String), HashSet<String>> = HashMap::new();
     for r in records {
         if r["verified_with"].as_array().is_none_or(Vec::is_empty) {
             c.problems.push(format!(
@@ -184,6 +196,11 @@ fn count(
         } else {
             t.clone()
         };
+        let tenant = r["tenant"].as_str().unwrap_or("").to_owned();
+        paths
+            .entry((kind.clone(), id.clone()))
+            .or_default()
+            .insert(tenant);
         seen.entry((kind, id)).or_default().insert(wid);
     }
     for ((kind, id), wids) in &seen {
@@ -194,17 +211,29 @@ fn count(
                 .push(format!("{kind} {id} was recorded as {} events", wids.len()));
         }
     }
-    for id in accepted.keys() {
-        if seen.contains_key(&("batch".to_owned(), id.to_string())) {
-            c.delivered += 1;
-        } else {
-            c.lost += 1;
-        }
-        for job in failed_jobs.get(id).into_iter().flatten() {
-            if seen.contains_key(&("job.failed".to_owned(), job.clone())) {
+    for (id, a) in accepted {
+        let owner = tenants.get(a.tenant).copied().unwrap_or("");
+        let events = std::iter::once(("batch".to_owned(), id.to_string())).chain(
+            failed_jobs
+                .get(id)
+                .into_iter()
+                .flatten()
+                .map(|job| ("job.failed".to_owned(), job.clone())),
+        );
+        for key in events {
+            if seen.contains_key(&key) {
                 c.delivered += 1;
             } else {
                 c.lost += 1;
+            }
+            // Verified at another tenant's path means signed with that tenant's secret.
+            for at in paths.get(&key).into_iter().flatten() {
+                if at != owner {
+                    c.problems.push(format!(
+                        "{} {} of batch {id} (tenant {owner}) arrived at tenant {at:?}'s endpoint",
+                        key.0, key.1
+                    ));
+                }
             }
         }
     }

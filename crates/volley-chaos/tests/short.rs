@@ -39,4 +39,6 @@ async fn a_short_fault_injection_run_loses_nothing() {
         "chaos --short failed ({status:?}):\n{out}"
     );
     assert!(summary.contains(" lost=0 "), "{summary}");
+    // Several API keys submitted, each counted on its own.
+    assert!(summary.contains(" tenants=3 by_tenant="), "{summary}");
 }
