@@ -1,5 +1,5 @@
 // Drives Debian's Chromium (headless) through the Volley web console against a real stack.
-// Started by tests/console.rs, which starts the stack and passes:
+// Started by tests/e2e/console.rs, which starts the stack and passes:
 //   VOLLEY_URL, VOLLEY_KEY (alice), VOLLEY_KEY_2 (bob, another owner), VOLLEY_ADMIN_KEY,
 //   CHROMIUM (the browser binary), SCREENSHOTS (optional: a directory for the docs' PNGs).
 // Prints one JSON line per check and a last line {"ok": bool, "checks": [...]}; exits 1 on

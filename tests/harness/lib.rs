@@ -16,15 +16,23 @@ use volley_db::testing::TestDatabase;
 use volley_domain::InferenceType;
 
 pub use provider_sim::{SimConfig, SimHandle};
+pub use trace::spans;
+
+mod trace;
 
 pub fn amqp_url() -> String {
     std::env::var("VOLLEY_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The repository's root (this crate is `tests/harness`).
+fn workspace_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+}
+
 /// The shipped configuration, with test-friendly timings.
 pub fn base_settings() -> Settings {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/volley.toml");
+    let path = workspace_root().join("config/volley.toml");
     let mut s = Settings::from_file(&path).unwrap();
     s.amqp_url = amqp_url();
     s.dev_mode = true;
@@ -96,9 +104,7 @@ impl Stack {
     }
 
     pub async fn start_with(opts: Options, tweak: impl FnOnce(&mut Settings)) -> Stack {
-        if std::env::var_os("RUST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt().with_test_writer().try_init();
-        }
+        trace::logs_if_asked();
         let (database, db) = TestDatabase::create().await.unwrap();
         let sim = provider_sim::spawn(TcpListener::bind("127.0.0.1:0").unwrap(), opts.sim)
             .await

@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use volley::Stack;
+use volley_harness::Stack;
 
 const BIN: &str = env!("CARGO_BIN_EXE_volley");
 

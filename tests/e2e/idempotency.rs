@@ -5,7 +5,7 @@
 use std::net::TcpListener;
 
 use serde_json::{Value, json};
-use volley::Stack;
+use volley_harness::Stack;
 
 fn body(prompt: &str) -> Value {
     json!({"label": "idem", "requests": [

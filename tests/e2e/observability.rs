@@ -1,48 +1,25 @@
 //! Seeing inside a running stack: one trace per job across the gateway, RabbitMQ, the worker,
 //! the provider call and batch-state; Prometheus counters on every service; health and
-//! readiness. Real services, RabbitMQ and PostgreSQL, as in `tests/batches.rs`.
+//! readiness. Real services, RabbitMQ and PostgreSQL, as in `tests/e2e/batches.rs`.
 //!
-//! Traces go to an in-memory exporter installed for this test binary only (cargo runs each
-//! integration test file as its own process). The services share it in-process, so a span's
-//! service is told by the `volley.service` attribute their entry spans carry.
+//! Traces go to the harness's in-memory exporter (`volley_harness::spans`), one for the whole
+//! test process: every test's stack reports into it, so a test picks its own spans by trace id
+//! (and its queue prefix), and a span's service is told by the `volley.service` attribute the
+//! services' entry spans carry.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use volley::Stack;
 use volley_domain::InferenceType;
+use volley_harness::{Stack, spans};
 use volley_telemetry::opentelemetry::trace::{SpanId, SpanKind, TraceId};
 use volley_telemetry::opentelemetry::{Key, Value as AttrValue};
-use volley_telemetry::opentelemetry_sdk::trace::{
-    InMemorySpanExporter, SdkTracerProvider, SpanData,
-};
+use volley_telemetry::opentelemetry_sdk::trace::SpanData;
 
 const LONG: Duration = Duration::from_secs(60);
-
-/// Installs tracing for the whole test binary (once) and returns the exporter.
-fn spans() -> &'static InMemorySpanExporter {
-    static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
-    EXPORTER.get_or_init(|| {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        tracing_subscriber::registry()
-            .with(volley_telemetry::trace::layer(&provider))
-            .try_init()
-            .unwrap();
-        volley_telemetry::trace::install_propagator();
-        // Kept for the life of the process: dropping the provider would stop exporting.
-        std::mem::forget(provider);
-        exporter
-    })
-}
 
 fn attr<'a>(s: &'a SpanData, key: &str) -> Option<&'a AttrValue> {
     s.attributes
@@ -268,7 +245,7 @@ async fn one_trace_follows_a_job_across_services() {
 }
 
 /// One job's path through the trace as a tree, for the eye
-/// (`cargo test --test observability -- --nocapture`): the consumer span's ancestors and
+/// (`cargo test -p volley-e2e --test e2e -- observability:: --nocapture`): the consumer span's ancestors and
 /// descendants.
 fn print_trace(trace: TraceId, mut all: Vec<SpanData>, consumer: SpanId, job: i64) {
     use std::collections::HashSet;
@@ -561,7 +538,7 @@ fn print_excerpt(scrapes: &[(&str, &str)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_readiness_turns_false_while_draining() {
     let (database, _db) = volley_db::testing::TestDatabase::create().await.unwrap();
-    let mut settings = volley::base_settings();
+    let mut settings = volley_harness::base_settings();
     settings.database_url = database.url.clone();
     let id = uuid::Uuid::new_v4().simple().to_string();
     settings.queue_prefix = format!("t-{}", &id[..12]);
@@ -592,7 +569,7 @@ async fn gateway_readiness_turns_false_while_draining() {
     assert_eq!(get("/healthz").await.0, 200, "alive while draining");
     gw.stop().await.unwrap();
     // The readiness probe declared this test's topology: remove it.
-    let conn = volley_amqp::connect(&volley::amqp_url(), "volley-test-cleanup")
+    let conn = volley_amqp::connect(&volley_harness::amqp_url(), "volley-test-cleanup")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use volley::Stack;
+use volley_harness::Stack;
 
 fn item(endpoint: &str, body: Value) -> Value {
     json!({"endpoint": endpoint, "body": body})

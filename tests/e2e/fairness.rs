@@ -5,8 +5,8 @@
 use diesel::RunQueryDsl;
 use diesel::sql_types::BigInt;
 use serde_json::{Value, json};
-use volley::{Options, Stack};
 use volley_db::QuotaChange;
+use volley_harness::{Options, Stack};
 
 fn completions(n: usize) -> Vec<Value> {
     (0..n)

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use volley::{Options, Stack};
+use volley_harness::{Options, Stack};
 
 /// The repository's Python (`.venv`, made by scripts/setup.sh), found from the workspace root.
 fn python() -> PathBuf {

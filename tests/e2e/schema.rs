@@ -12,8 +12,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use volley::{Options, Stack};
 use volley_domain::InferenceType;
+use volley_harness::{Options, Stack};
 
 /// Examples per operation in the fuzzing phase: enough to find what a schema gets wrong,
 /// few enough that the run stays around a minute.

@@ -12,12 +12,12 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
-use volley::{Options, Stack};
 use volley_chaos::infra::{RabbitNode, RabbitOptions};
 use volley_db::NewJob;
 use volley_db::testing::TestDatabase;
 use volley_domain::Claim;
 use volley_domain::InferenceType;
+use volley_harness::{Options, Stack};
 use volley_proto::{Failed, JobEvent, Succeeded, job_event};
 
 const LONG: Duration = Duration::from_secs(90);
@@ -183,7 +183,7 @@ async fn jobs_not_started_in_time_expire_and_are_never_claimed() {
     let w = worker_runtime::start(
         InferenceType::Llm,
         s.settings.clone(),
-        volley::local_listener(),
+        volley_harness::local_listener(),
     )
     .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -267,7 +267,7 @@ async fn redispatch_recovers_lost_messages_and_leaves_running_jobs_alone() {
     let w = worker_runtime::start(
         InferenceType::Llm,
         s.settings.clone(),
-        volley::local_listener(),
+        volley_harness::local_listener(),
     )
     .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;

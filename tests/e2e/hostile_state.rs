@@ -7,9 +7,9 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use volley::{Options, Stack};
 use volley_amqp::Broker;
 use volley_domain::{InferenceType, JobStatus};
+use volley_harness::{Options, Stack};
 use volley_proto::{Failed, JobEvent, Succeeded, job_event};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -211,7 +211,7 @@ async fn internal_api_refuses_callers_without_the_token() {
 #[tokio::test]
 async fn services_refuse_weak_internal_tokens_outside_dev_mode() {
     for token in ["", "short", volley_config::DEV_INTERNAL_TOKEN] {
-        let mut s = volley::base_settings();
+        let mut s = volley_harness::base_settings();
         s.dev_mode = false;
         s.state.internal_token = volley_config::Secret::new(token);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -219,7 +219,7 @@ async fn services_refuse_weak_internal_tokens_outside_dev_mode() {
             .err()
             .expect("batch-state started with a weak token");
         assert!(err.to_string().contains("VOLLEY_INTERNAL_TOKEN"), "{err}");
-        let err = worker_runtime::start(InferenceType::Llm, s, volley::local_listener())
+        let err = worker_runtime::start(InferenceType::Llm, s, volley_harness::local_listener())
             .err()
             .expect("a worker started with a weak token");
         assert!(err.to_string().contains("VOLLEY_INTERNAL_TOKEN"), "{err}");

@@ -1,16 +1,16 @@
 //! The provider layer end to end: every adapter against the simulator (or the real espeak-ng)
 //! over real HTTP, through the whole stack, with each failure mode ending in PROCESSED or
 //! FAILED with a clear error; the provider concurrency limit; fall-over to a second provider;
-//! token usage summed per batch. (Signed-URL tampering and expiry are in tests/batches.rs.)
+//! token usage summed per batch. (Signed-URL tampering and expiry are in tests/e2e/batches.rs.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use volley::{Options, Stack};
 use volley_config::{ProviderConfig, ProviderKind, Route, Settings};
 use volley_domain::InferenceType;
+use volley_harness::{Options, Stack};
 
 const WAIT: Duration = Duration::from_secs(40);
 

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use volley::{Options, Stack};
 use volley_domain::InferenceType;
+use volley_harness::{Options, Stack};
 
 const LONG: Duration = Duration::from_secs(60);
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use volley::Stack;
+use volley_harness::Stack;
 
 /// One event of a stream; comments (heartbeats) have `comment` set and nothing else.
 #[derive(Debug, Clone, Default)]

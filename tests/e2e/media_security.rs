@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use volley::Stack;
+use volley_harness::Stack;
 
 const LONG: Duration = Duration::from_secs(60);
 

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use volley::{Options, Stack};
 use volley_domain::InferenceType;
+use volley_harness::{Options, Stack};
 
 /// Request headers as name and raw bytes (some not UTF-8).
 type Headers = Vec<(&'static str, Vec<u8>)>;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use volley::{Options, Stack};
+use volley_harness::{Options, Stack};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -400,7 +400,7 @@ async fn cancel_stops_queued_and_running_jobs_and_keeps_finished_ones() {
 /// Publishes a success event straight onto the events queue, as a (late) worker would.
 async fn publish_event(s: &Stack, job_id: i64, attempt: i32, result: Value) {
     use volley_proto::{JobEvent, Succeeded, job_event};
-    let broker = volley_amqp::Broker::new(&volley::amqp_url(), "test", s.names());
+    let broker = volley_amqp::Broker::new(&volley_harness::amqp_url(), "test", s.names());
     let e = JobEvent {
         job_id,
         attempt,
@@ -486,7 +486,7 @@ async fn redelivered_messages_and_duplicate_events_are_not_counted_twice() {
         .collect();
 
     // Publish every job again, as a redelivery or the sweeper would, and duplicate events.
-    let broker = volley_amqp::Broker::new(&volley::amqp_url(), "test", s.names());
+    let broker = volley_amqp::Broker::new(&volley_harness::amqp_url(), "test", s.names());
     let dispatch = s.db.due_for_dispatch(0).await.unwrap();
     assert!(dispatch.is_empty());
     let msgs: Vec<volley_proto::JobMessage> = ["IMAGE", "IMAGE", "LLM"]
@@ -824,7 +824,7 @@ async fn provider_failures_retry_or_fail_with_the_providers_message() {
 async fn undecodable_messages_go_to_the_dead_letter_queue() {
     let s = Stack::start().await;
     let names = s.names();
-    let broker = volley_amqp::Broker::new(&volley::amqp_url(), "test", names.clone());
+    let broker = volley_amqp::Broker::new(&volley_harness::amqp_url(), "test", names.clone());
     let q = names.job_queue(volley_domain::InferenceType::Llm);
     broker
         .publish_raw(&q, b"not protobuf at all".to_vec(), Some("junk".into()))
@@ -835,7 +835,7 @@ async fn undecodable_messages_go_to_the_dead_letter_queue() {
         .await
         .unwrap();
     broker.close().await;
-    let conn = volley_amqp::connect(&volley::amqp_url(), "test")
+    let conn = volley_amqp::connect(&volley_harness::amqp_url(), "test")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();

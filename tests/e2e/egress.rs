@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use volley::{Options, Stack};
 use volley_config::{ProviderConfig, Route, Settings};
 use volley_domain::InferenceType;
+use volley_harness::{Options, Stack};
 
 const WAIT: Duration = Duration::from_secs(40);
 
