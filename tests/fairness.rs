@@ -392,7 +392,11 @@ async fn starts(s: &Stack, column: &'static str) -> Vec<(String, f64)> {
 }
 
 fn first_and_last(all: &[(String, f64)], key: &str) -> (f64, f64) {
-    let mine: Vec<f64> = all.iter().filter(|(k, _)| k == key).map(|(_, t)| *t).collect();
+    let mine: Vec<f64> = all
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, t)| *t)
+        .collect();
     assert!(!mine.is_empty(), "no starts of {key}");
     (
         mine.iter().copied().fold(f64::INFINITY, f64::min),
@@ -412,7 +416,11 @@ async fn a_saturated_modality_is_shared_round_robin_between_three_tenants() {
     for _ in 0..2 {
         batches.push((a.clone(), submit(&s, &a, 40, "normal").await));
     }
-    assert_eq!(held_llm_jobs(&s).await, 80, "the full queue held A's later batches");
+    assert_eq!(
+        held_llm_jobs(&s).await,
+        80,
+        "the full queue held A's later batches"
+    );
     // B and C come later, with a handful each.
     batches.push((b.clone(), submit(&s, &b, 5, "normal").await));
     batches.push((c.clone(), submit(&s, &c, 5, "normal").await));
@@ -430,7 +438,10 @@ async fn a_saturated_modality_is_shared_round_robin_between_three_tenants() {
         .iter()
         .filter(|(k, t)| k == "tenant-a" && *t > b_last.max(c_last))
         .count();
-    assert!(a_after >= 38, "only {a_after} of A's jobs started after B's and C's");
+    assert!(
+        a_after >= 38,
+        "only {a_after} of A's jobs started after B's and C's"
+    );
     s.stop().await;
 }
 
@@ -451,8 +462,14 @@ async fn within_an_owner_higher_priority_runs_first() {
     let (normal_first, normal_last) = first_and_last(&all, &normal);
     let (low_first, _) = first_and_last(&all, &low);
     assert!(high_first <= normal_first && normal_first <= low_first);
-    assert!(high_last <= normal_first, "every high job before any normal one");
-    assert!(normal_last <= low_first, "every normal job before any low one");
+    assert!(
+        high_last <= normal_first,
+        "every high job before any normal one"
+    );
+    assert!(
+        normal_last <= low_first,
+        "every normal job before any low one"
+    );
     s.stop().await;
 }
 

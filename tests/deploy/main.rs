@@ -1164,10 +1164,12 @@ fn every_worker_scales_on_its_own_queue() {
                 let pg_auth = text(t, &["authenticationRef", "name"])
                     .and_then(|n| auths.get(&n).copied())
                     .is_some_and(|a| {
-                        seq(at(&a.doc, &["spec", "secretTargetRef"])).iter().any(|s| {
-                            text(s, &["parameter"]).as_deref() == Some("connection")
-                                && text(s, &["key"]).as_deref() == Some("database-url")
-                        })
+                        seq(at(&a.doc, &["spec", "secretTargetRef"]))
+                            .iter()
+                            .any(|s| {
+                                text(s, &["parameter"]).as_deref() == Some("connection")
+                                    && text(s, &["key"]).as_deref() == Some("database-url")
+                            })
                     });
                 if !pg_auth {
                     errors.push(format!(

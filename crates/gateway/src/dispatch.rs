@@ -55,8 +55,7 @@ pub async fn watch(gate: Arc<Gate>, settings: Arc<Settings>, db: Db, stop: Cance
             Ok(held) => {
                 if probe.is_none() {
                     let names = Names::new(&settings.queue_prefix);
-                    match DepthProbe::open(&settings.amqp_url, names, "volley-gateway-gate").await
-                    {
+                    match DepthProbe::open(&settings.amqp_url, names, "volley-gateway-gate").await {
                         Ok(p) => probe = Some(p),
                         Err(e) => tracing::debug!(error = %e, "queue depths unavailable"),
                     }

@@ -1,9 +1,9 @@
 //! The gateway: Volley's public HTTP API.
 
 mod admin;
-mod dispatch;
 mod browse;
 mod console;
+mod dispatch;
 mod error;
 mod eta;
 mod events;
@@ -69,7 +69,10 @@ pub struct Running {
     /// The `LISTEN` connection that wakes event streams; stopped after the server.
     changes: volley_db::progress::Listener,
     /// The fair-dispatch gate's poller.
-    gate: (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>),
+    gate: (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ),
 }
 
 impl Running {

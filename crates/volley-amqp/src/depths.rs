@@ -132,7 +132,10 @@ impl DepthProbe {
     }
 
     /// Ready messages and consumers of the job queue of `t`.
-    pub async fn job_queue(&self, t: volley_domain::InferenceType) -> Result<(u32, u32), AmqpError> {
+    pub async fn job_queue(
+        &self,
+        t: volley_domain::InferenceType,
+    ) -> Result<(u32, u32), AmqpError> {
         queue_depth(&self.ch, &self.names.job_queue(t)).await
     }
 

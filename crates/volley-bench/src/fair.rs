@@ -107,7 +107,10 @@ pub async fn run(
         submit(&stack.gateway, &b, 256, 1, make).await?;
         let deadline = Instant::now() + Duration::from_secs(1800);
         while crate::any_unfinished(&db).await? {
-            anyhow::ensure!(Instant::now() < deadline, "jobs unfinished after 30 minutes");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "jobs unfinished after 30 minutes"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let mut b_start_ms = millis(

@@ -734,7 +734,11 @@ async fn fair_share(cli: &Cli, opts: &StackOptions) -> anyhow::Result<()> {
         cli.fair_jobs, cli.slow_latency_ms, cli.slow_concurrency
     );
     println!("                       B start p50 / p99        B done      A throughput");
-    for (name, r) in [("B alone", &alone), ("FIFO (fair off)", &unfair), ("fair", &fair)] {
+    for (name, r) in [
+        ("B alone", &alone),
+        ("FIFO (fair off)", &unfair),
+        ("fair", &fair),
+    ] {
         println!(
             "  {name:<20} {:>8.0} / {:<8.0} ms  {:>8.0} ms   {}",
             pct(&r.b_start_ms, 0.5),

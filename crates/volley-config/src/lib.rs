@@ -1101,7 +1101,8 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
             ("min_queue_depth", "0"),
             ("aging_ms", "0"),
         ] {
-            let s = Settings::from_toml(&format!("{FILE}\n[dispatch]\n{field} = {value}\n")).unwrap();
+            let s =
+                Settings::from_toml(&format!("{FILE}\n[dispatch]\n{field} = {value}\n")).unwrap();
             let e = s.validate().unwrap_err();
             assert!(e.to_string().contains(&format!("dispatch.{field}")), "{e}");
         }

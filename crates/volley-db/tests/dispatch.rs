@@ -39,16 +39,7 @@ async fn submit(
     held: &[InferenceType],
 ) -> i64 {
     let (view, _) = db
-        .submit_batch(
-            who,
-            None,
-            json!({}),
-            None,
-            priority,
-            jobs,
-            0,
-            held.to_vec(),
-        )
+        .submit_batch(who, None, json!({}), None, priority, jobs, 0, held.to_vec())
         .await
         .unwrap()
         .unwrap();
