@@ -1,12 +1,17 @@
 //! Fair share between tenants: per-key quotas (429 `rate_limited` + `Retry-After`, nothing
-//! created), batch priority, against the real stack.
+//! created), batch priority, and fair dispatch of a saturated modality, against the real
+//! stack.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use diesel::RunQueryDsl;
-use diesel::sql_types::BigInt;
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Text};
 use serde_json::{Value, json};
+use volley_config::Settings;
 use volley_db::QuotaChange;
-use volley_harness::{Options, Stack};
+use volley_domain::InferenceType;
+use volley_harness::{Options, SimConfig, Stack};
 
 fn completions(n: usize) -> Vec<Value> {
     (0..n)
@@ -324,5 +329,164 @@ async fn priority_is_stored_returned_and_validated() {
         before.0 + 1,
         "only the null one was created"
     );
+    s.stop().await;
+}
+
+/// A stack whose LLM modality saturates at once: one worker with two slots on a 20 ms
+/// provider (about 100 jobs/s), its queue full at 4 ready messages.
+async fn saturating(fair: bool) -> Stack {
+    let opts = Options {
+        sim: SimConfig {
+            latency_ms: 20,
+            ..SimConfig::default()
+        },
+        workers: vec![InferenceType::Llm],
+    };
+    Stack::start_with(opts, |s: &mut Settings| {
+        s.worker.concurrency = 2;
+        s.dispatch.fair = fair;
+        s.dispatch.min_queue_depth = 4;
+        s.dispatch.interval_ms = 20;
+    })
+    .await
+}
+
+/// Submits `n` completions as `key` with `priority`; the batch id.
+async fn submit(s: &Stack, key: &str, n: usize, priority: &str) -> String {
+    let body = json!({"requests": completions(n), "priority": priority});
+    let (st, _, b) = post(s, &s.url, key, &body, None).await;
+    assert_eq!(st, 202, "{b}");
+    b["id"].as_str().unwrap().to_owned()
+}
+
+async fn held_llm_jobs(s: &Stack) -> i64 {
+    s.db.held_work()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|h| h.inference_type == InferenceType::Llm)
+        .map(|h| h.jobs)
+        .sum()
+}
+
+#[derive(diesel::QueryableByName)]
+struct Started {
+    #[diesel(sql_type = Text)]
+    key: String,
+    #[diesel(sql_type = diesel::sql_types::Double)]
+    at: f64,
+}
+
+/// Each job's start (seconds since the epoch), tagged by `column` (owner or batch id).
+async fn starts(s: &Stack, column: &'static str) -> Vec<(String, f64)> {
+    s.db.run(move |c| {
+        let rows: Vec<Started> = diesel::sql_query(format!(
+            "SELECT {column}::text AS key, EXTRACT(EPOCH FROM started_at)::float8 AS at \
+             FROM jobs WHERE started_at IS NOT NULL"
+        ))
+        .load(&mut **c)?;
+        Ok(rows.into_iter().map(|r| (r.key, r.at)).collect())
+    })
+    .await
+    .unwrap()
+}
+
+fn first_and_last(all: &[(String, f64)], key: &str) -> (f64, f64) {
+    let mine: Vec<f64> = all
+        .iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, t)| *t)
+        .collect();
+    assert!(!mine.is_empty(), "no starts of {key}");
+    (
+        mine.iter().copied().fold(f64::INFINITY, f64::min),
+        mine.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_modality_is_shared_round_robin_between_three_tenants() {
+    let s = saturating(true).await;
+    let a = s.db.create_key("tenant-a", None).await.unwrap().secret;
+    let b = s.db.create_key("tenant-b", None).await.unwrap().secret;
+    let c = s.db.create_key("tenant-c", None).await.unwrap().secret;
+    // A fills the queue (published at once: it was empty), then queues two more batches.
+    let mut batches = vec![(a.clone(), submit(&s, &a, 100, "normal").await)];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..2 {
+        batches.push((a.clone(), submit(&s, &a, 40, "normal").await));
+    }
+    assert_eq!(
+        held_llm_jobs(&s).await,
+        80,
+        "the full queue held A's later batches"
+    );
+    // B and C come later, with a handful each.
+    batches.push((b.clone(), submit(&s, &b, 5, "normal").await));
+    batches.push((c.clone(), submit(&s, &c, 5, "normal").await));
+    for (key, id) in &batches {
+        let done = s.wait_done_as(key, id, Duration::from_secs(60)).await;
+        assert_eq!(done["processed"], done["total"], "{done}");
+    }
+    assert_eq!(held_llm_jobs(&s).await, 0);
+    let all = starts(&s, "owner").await;
+    let (_, b_last) = first_and_last(&all, "tenant-b");
+    let (_, c_last) = first_and_last(&all, "tenant-c");
+    // B and C were released on their turns, after A's second batch and before its third:
+    // FIFO would have started every job of A first.
+    let a_after = all
+        .iter()
+        .filter(|(k, t)| k == "tenant-a" && *t > b_last.max(c_last))
+        .count();
+    assert!(
+        a_after >= 38,
+        "only {a_after} of A's jobs started after B's and C's"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_an_owner_higher_priority_runs_first() {
+    let s = saturating(true).await;
+    let blocker = submit(&s, &s.key, 100, "normal").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let low = submit(&s, &s.key, 5, "low").await;
+    let normal = submit(&s, &s.key, 5, "normal").await;
+    let high = submit(&s, &s.key, 5, "high").await;
+    assert_eq!(held_llm_jobs(&s).await, 15, "held behind the full queue");
+    for id in [&blocker, &low, &normal, &high] {
+        s.wait_done(id, Duration::from_secs(60)).await;
+    }
+    let all = starts(&s, "batch_id").await;
+    let (high_first, high_last) = first_and_last(&all, &high);
+    let (normal_first, normal_last) = first_and_last(&all, &normal);
+    let (low_first, _) = first_and_last(&all, &low);
+    assert!(high_first <= normal_first && normal_first <= low_first);
+    assert!(
+        high_last <= normal_first,
+        "every high job before any normal one"
+    );
+    assert!(
+        normal_last <= low_first,
+        "every normal job before any low one"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fair_dispatch_off_nothing_is_held() {
+    let s = saturating(false).await;
+    let first = submit(&s, &s.key, 100, "normal").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = submit(&s, &s.key, 5, "high").await;
+    assert_eq!(held_llm_jobs(&s).await, 0);
+    for id in [&first, &second] {
+        s.wait_done(id, Duration::from_secs(60)).await;
+    }
+    // One FIFO queue: the later high-priority batch waited for the whole first one.
+    let all = starts(&s, "batch_id").await;
+    let (_, first_last) = first_and_last(&all, &first);
+    let (second_first, _) = first_and_last(&all, &second);
+    assert!(first_last <= second_first);
     s.stop().await;
 }

@@ -3,6 +3,7 @@
 //! batches, and sweeps for work that was committed but not published or whose worker was lost.
 
 pub mod auth;
+pub mod dispatch;
 pub mod events;
 pub mod sweeper;
 pub mod webhooks;
@@ -117,6 +118,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
     let tasks = vec![
         tokio::spawn(events::run(shared.clone(), stop.clone())),
         tokio::spawn(sweeper::run(shared.clone(), stop.clone())),
+        tokio::spawn(dispatch::run(shared.clone(), stop.clone())),
         tokio::spawn(webhooks::run(shared.clone(), stop.clone())),
         tokio::spawn(claim_batcher(shared.clone(), rx, stop.clone())),
         tokio::spawn(volley_amqp::depths::watch(

@@ -56,6 +56,9 @@ pub async fn sweep_once(
     if stale {
         // Idempotency keys past their 24 hours, a bounded batch per pass.
         db.purge_idempotency_keys(PAGE).await?;
+        // Released held work, once no longer needed to tell a held job from a lost message.
+        db.purge_released_holds(s.state.redispatch_after_ms, PAGE)
+            .await?;
     }
     if expired > 0 {
         tracing::info!(jobs = expired, "expired jobs never started in time");

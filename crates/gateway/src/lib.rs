@@ -3,6 +3,7 @@
 mod admin;
 mod browse;
 mod console;
+mod dispatch;
 mod error;
 mod eta;
 mod events;
@@ -48,6 +49,8 @@ pub struct AppState {
     pub eta: eta::EtaCache,
     /// Where a batch's webhook may point (checked again, by address, at delivery).
     pub webhook_policy: volley_egress::WebhookPolicy,
+    /// Which types' jobs are held for fair dispatch rather than published.
+    gate: Arc<dispatch::Gate>,
 }
 
 /// Batches published in the background at once; past this, a request publishes its own batch
@@ -65,6 +68,11 @@ pub struct Running {
     hub: Arc<events::Hub>,
     /// The `LISTEN` connection that wakes event streams; stopped after the server.
     changes: volley_db::progress::Listener,
+    /// The fair-dispatch gate's poller.
+    gate: (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ),
 }
 
 impl Running {
@@ -90,6 +98,8 @@ impl Running {
         let served = self.task.await;
         self.hub.close();
         self.changes.stop().await;
+        self.gate.0.cancel();
+        let _ = self.gate.1.await;
         self.broker.close().await;
         served??;
         Ok(())
@@ -139,8 +149,17 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
     };
     let eta = eta::EtaCache::new(settings.gateway.eta_window_secs);
     let webhook_policy = webhooks::policy(&settings)?;
+    let settings = Arc::new(settings);
+    let gate = Arc::new(dispatch::Gate::default());
+    let gate_stop = tokio_util::sync::CancellationToken::new();
+    let gate_task = tokio::spawn(dispatch::watch(
+        gate.clone(),
+        settings.clone(),
+        db.clone(),
+        gate_stop.clone(),
+    ));
     let state = web::Data::new(AppState {
-        settings: Arc::new(settings),
+        settings,
         limits: Limits::default(),
         db,
         broker: broker.clone(),
@@ -152,6 +171,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
         hub: hub.clone(),
         eta,
         webhook_policy,
+        gate,
     });
     let server = HttpServer::new(move || {
         let limiter = limiter.clone();
@@ -213,6 +233,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
         draining,
         hub,
         changes,
+        gate: (gate_stop, gate_task),
     })
 }
 

@@ -246,6 +246,9 @@ pub(crate) async fn create_batch(
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("parsing off the event loop: {e}")))??
     };
     let webhook = crate::webhooks::accept(&state, batch.webhook.as_ref(), who.key_id)?;
+    let held = state
+        .gate
+        .held(batch.items.iter().map(|i| i.endpoint.inference_type()));
     let jobs: Vec<NewJob> = batch
         .items
         .into_iter()
@@ -270,6 +273,7 @@ pub(crate) async fn create_batch(
                 batch.priority,
                 jobs,
                 grace,
+                held.clone(),
             )
             .await?
             .map_err(over_quota)?,
@@ -285,6 +289,7 @@ pub(crate) async fn create_batch(
                 jobs,
                 grace,
                 webhook,
+                held.clone(),
             )
             .await?
         {
@@ -304,8 +309,13 @@ pub(crate) async fn create_batch(
 
     // Committed: from here on the batch is durable, so the client gets its 202 without waiting
     // for the broker's confirms. Publishing is best effort; whatever is not confirmed is
-    // published by batch-state's sweeper once the grace period passes.
-    let messages: Vec<JobMessage> = dispatch.iter().map(JobMessage::from).collect();
+    // published by batch-state's sweeper once the grace period passes. Held jobs are
+    // published by batch-state's fair dispatcher.
+    let messages: Vec<JobMessage> = dispatch
+        .iter()
+        .filter(|d| !held.contains(&d.inference_type))
+        .map(JobMessage::from)
+        .collect();
     let publish =
         publish_batch(state.clone(), view.id, messages).instrument(tracing::Span::current());
     match state.publishing.clone().try_acquire_owned() {
@@ -348,6 +358,13 @@ fn over_quota(o: volley_db::OverQuota) -> ApiError {
 
 /// Publishes a batch's job messages and records which the broker confirmed.
 async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<JobMessage>) {
+    if messages.is_empty() {
+        // All held: nothing to confirm, and the batch is published as far as this gateway goes.
+        if let Err(e) = state.db.record_publish(batch_id, Vec::new()).await {
+            tracing::warn!(batch.id = batch_id, error = %e, "could not record the publish");
+        }
+        return;
+    }
     match tokio::time::timeout(
         std::time::Duration::from_secs(5),
         state.broker.publish_jobs_confirmed(&messages),

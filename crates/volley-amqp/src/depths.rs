@@ -112,3 +112,34 @@ async fn watch_once(
     let _ = conn.close(200, "reconnecting".into()).await;
     r
 }
+
+/// A connection of its own for reading job queue depths often: the gateway's fair-dispatch
+/// gate and batch-state's dispatcher, every `dispatch.interval_ms`. A passive declare is one
+/// round trip and writes nothing.
+pub struct DepthProbe {
+    conn: lapin::Connection,
+    ch: lapin::Channel,
+    names: Names,
+}
+
+impl DepthProbe {
+    pub async fn open(url: &str, names: Names, client: &str) -> Result<DepthProbe, AmqpError> {
+        let conn = connect(url, client).await?;
+        let ch = conn.create_channel().await?;
+        // A missing queue would close the channel; declaring is idempotent.
+        crate::declare_topology(&ch, &names).await?;
+        Ok(DepthProbe { conn, ch, names })
+    }
+
+    /// Ready messages and consumers of the job queue of `t`.
+    pub async fn job_queue(
+        &self,
+        t: volley_domain::InferenceType,
+    ) -> Result<(u32, u32), AmqpError> {
+        queue_depth(&self.ch, &self.names.job_queue(t)).await
+    }
+
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "done".into()).await;
+    }
+}

@@ -2,6 +2,7 @@
 //! ceiling, in the same run. Run it with `make bench` (release build); not part of `make test`.
 
 mod ceiling;
+mod fair;
 mod stack;
 
 use std::path::PathBuf;
@@ -46,6 +47,10 @@ struct Cli {
     /// Provider and worker concurrency in the slow-job scenario.
     #[arg(long, default_value_t = 2_000)]
     slow_concurrency: usize,
+    /// Tenant A's jobs in the fair-share scenario (slow jobs, as above), before tenant B's
+    /// 256 (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    fair_jobs: usize,
     #[arg(
         long,
         env = "VOLLEY_TEST_AMQP_URL",
@@ -492,6 +497,7 @@ async fn main() -> anyhow::Result<()> {
         bin_dir: bin_dir.clone(),
         config: cli.config.clone(),
         media_root: media.clone(),
+        fair: true,
     };
     let stack = Stack::start(&opts).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -631,8 +637,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    // Scenario 2: many slow jobs.
-    if cli.slow_jobs > 0 {
+    // Scenarios 2 and 3: many slow jobs, and fair share between two tenants.
+    if cli.slow_jobs > 0 || cli.fair_jobs > 0 {
         let (tdb, db, key) = fresh_db().await?;
         let text = std::fs::read_to_string(&cli.config)?;
         let lifted: String = text
@@ -656,12 +662,29 @@ async fn main() -> anyhow::Result<()> {
             bin_dir,
             config: cfg.clone(),
             media_root: media.clone(),
+            fair: true,
         };
-        let stack = Stack::start(&opts).await?;
+        if cli.slow_jobs > 0 {
+            slow(&cli, &opts, &db, &key).await?;
+        }
+        if cli.fair_jobs > 0 {
+            fair_share(&cli, &opts).await?;
+        }
+        let _ = std::fs::remove_file(&cfg);
+        drop(db);
+        drop(tdb);
+    }
+    Ok(())
+}
+
+/// Scenario 2: many slow jobs on one tenant.
+async fn slow(cli: &Cli, opts: &StackOptions, db: &Db, key: &str) -> anyhow::Result<()> {
+    {
+        let stack = Stack::start(opts).await?;
         let load = run_load(
             &stack.gateway,
-            &key,
-            &db,
+            key,
+            db,
             cli.slow_jobs,
             cli.clients,
             llm_batch,
@@ -671,7 +694,6 @@ async fn main() -> anyhow::Result<()> {
         let prefix = stack.prefix.clone();
         stack.stop();
         delete_queues(&cli.amqp_url, &prefix).await;
-        let _ = std::fs::remove_file(&cfg);
         let ideal = cli.slow_concurrency as f64 / (cli.slow_latency_ms as f64 / 1000.0);
         let achieved = load.jobs as f64 / load.total_secs;
         println!();
@@ -691,8 +713,54 @@ async fn main() -> anyhow::Result<()> {
                 verdict(u.peak_rss_kb < 150 * 1024)
             );
         }
-        drop(db);
-        drop(tdb);
+    }
+    Ok(())
+}
+
+/// Scenario 3: tenant A's backlog, then tenant B's batch; B alone, then with fair dispatch
+/// off and on.
+async fn fair_share(cli: &Cli, opts: &StackOptions) -> anyhow::Result<()> {
+    let alone = fair::run(opts, 0, cli.clients, llm_batch).await?;
+    let unfair_opts = StackOptions {
+        fair: false,
+        ..opts.clone()
+    };
+    let unfair = fair::run(&unfair_opts, cli.fair_jobs, cli.clients, llm_batch).await?;
+    let fair = fair::run(opts, cli.fair_jobs, cli.clients, llm_batch).await?;
+    let latency = cli.slow_latency_ms as f64;
+    println!();
+    println!(
+        "== fair share (tenant A: {} jobs of {} ms, then tenant B: 256; {} concurrent) ==",
+        cli.fair_jobs, cli.slow_latency_ms, cli.slow_concurrency
+    );
+    println!("                       B start p50 / p99        B done      A throughput");
+    for (name, r) in [
+        ("B alone", &alone),
+        ("FIFO (fair off)", &unfair),
+        ("fair", &fair),
+    ] {
+        println!(
+            "  {name:<20} {:>8.0} / {:<8.0} ms  {:>8.0} ms   {}",
+            pct(&r.b_start_ms, 0.5),
+            pct(&r.b_start_ms, 0.99),
+            r.b_done_ms,
+            r.a_per_sec
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0} jobs/s"))
+        );
+    }
+    let start_ok = pct(&fair.b_start_ms, 0.99) <= pct(&alone.b_start_ms, 0.99) + 2.0 * latency;
+    println!(
+        "B p99 start, fair      {:>6.0} ms   target <= B alone + 2 job latencies ({:.0} ms)   {}",
+        pct(&fair.b_start_ms, 0.99),
+        pct(&alone.b_start_ms, 0.99) + 2.0 * latency,
+        verdict(start_ok)
+    );
+    if let (Some(f), Some(u)) = (fair.a_per_sec, unfair.a_per_sec) {
+        println!(
+            "A throughput fair/FIFO {:>6.0} %    target >= 95 %   {}",
+            f / u * 100.0,
+            verdict(f >= 0.95 * u)
+        );
     }
     Ok(())
 }

@@ -71,6 +71,7 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     Ok(held.into_iter().map(|(p, _)| p).collect())
 }
 
+#[derive(Clone)]
 pub struct StackOptions {
     pub database_url: String,
     pub amqp_url: String,
@@ -80,6 +81,8 @@ pub struct StackOptions {
     pub config: PathBuf,
     /// Where the stack's local media store lives (a folder per run is made inside).
     pub media_root: PathBuf,
+    /// Fair dispatch (`dispatch.fair`); off, each modality is one FIFO queue.
+    pub fair: bool,
 }
 
 impl Stack {
@@ -112,6 +115,7 @@ impl Stack {
         let sim_url = format!("http://127.0.0.1:{sim_port}/v1");
         common.insert("VOLLEY_PROVIDER_SIM_OPENAI_BASE_URL", sim_url.clone());
         common.insert("VOLLEY_PROVIDER_SIM_PREDICTIONS_BASE_URL", sim_url);
+        common.insert("VOLLEY_DISPATCH_FAIR", o.fair.to_string());
         common.insert("RUST_LOG", "warn".into());
         // One key drives the whole load: the per-key limits would measure themselves.
         common.insert("VOLLEY_GATEWAY_KEY_RATE_PER_SEC", "0".into());

@@ -11,7 +11,9 @@ use std::path::Path;
 use serde::Deserialize;
 use volley_domain::{Endpoint, ModelCatalog, ModelCheck};
 
+mod dispatch;
 mod webhooks;
+pub use dispatch::DispatchSettings;
 pub use webhooks::WebhookSettings;
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,7 @@ pub struct Settings {
     pub providers: Vec<ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub webhooks: WebhookSettings,
+    pub dispatch: DispatchSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -342,6 +345,7 @@ impl Default for Settings {
             providers: Vec::new(),
             models: Vec::new(),
             webhooks: WebhookSettings::default(),
+            dispatch: DispatchSettings::default(),
         }
     }
 }
@@ -454,6 +458,14 @@ pub const ENV_KEYS: &[(&str, &str)] = &[
     (
         "VOLLEY_GATEWAY_SSE_MAX_STREAMS_PER_KEY",
         "event streams per API key open at once on one gateway (429 past it)",
+    ),
+    (
+        "VOLLEY_DISPATCH_FAIR",
+        "false publishes every job at once (one FIFO queue per modality, no fair share)",
+    ),
+    (
+        "VOLLEY_DISPATCH_MIN_QUEUE_DEPTH",
+        "ready messages at which a modality's queue counts as full (at least)",
     ),
     ("VOLLEY_STATE_ADDR", "batch-state listen address"),
     ("VOLLEY_STATE_URL", "where workers reach batch-state"),
@@ -592,6 +604,8 @@ impl Settings {
                 "VOLLEY_WEBHOOK_ALLOW_PRIVATE_NETWORK" => {
                     self.webhooks.allow_private_network = parse(key, v)?
                 }
+                "VOLLEY_DISPATCH_FAIR" => self.dispatch.fair = parse(key, v)?,
+                "VOLLEY_DISPATCH_MIN_QUEUE_DEPTH" => self.dispatch.min_queue_depth = parse(key, v)?,
                 "VOLLEY_WORKER_ADDR" => self.worker.addr = v.into(),
                 "VOLLEY_WORKER_CONCURRENCY" => self.worker.concurrency = parse(key, v)?,
                 "VOLLEY_MAX_ATTEMPTS" => self.worker.max_attempts = parse(key, v)?,
@@ -698,6 +712,7 @@ impl Settings {
             );
         }
         self.validate_media()?;
+        self.dispatch.validate().map_err(ConfigError::Invalid)?;
         let w = &self.webhooks;
         if w.concurrency == 0 || w.timeout_ms == 0 || w.schedule_ms.is_empty() {
             return bad(
@@ -1052,6 +1067,51 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
             s.check("other", Endpoint::ChatCompletions),
             ModelCheck::UnknownModel
         );
+    }
+
+    #[test]
+    fn dispatch_settings_from_file_and_env_and_their_hostile_values() {
+        let s = Settings::from_toml(&format!(
+            "{FILE}\n[dispatch]\nfair = false\nmin_queue_depth = 8\naging_ms = 500\n"
+        ))
+        .unwrap();
+        s.validate().unwrap();
+        assert!(!s.dispatch.fair);
+        assert_eq!(s.dispatch.queue_limit(1, 2), 8);
+        let mut s = Settings::from_toml(FILE).unwrap();
+        assert!(s.dispatch.fair, "on by default");
+        s.apply_env(&env(&[
+            ("VOLLEY_DISPATCH_FAIR", "false"),
+            ("VOLLEY_DISPATCH_MIN_QUEUE_DEPTH", "16"),
+        ]))
+        .unwrap();
+        assert!(!s.dispatch.fair);
+        assert_eq!(s.dispatch.min_queue_depth, 16);
+        for (k, v) in [
+            ("VOLLEY_DISPATCH_FAIR", "maybe"),
+            ("VOLLEY_DISPATCH_MIN_QUEUE_DEPTH", "-1"),
+            ("VOLLEY_DISPATCH_MIN_QUEUE_DEPTH", "99999999999"),
+        ] {
+            let e = s.apply_env(&env(&[(k, v)])).unwrap_err();
+            assert!(e.to_string().contains(k), "{e}");
+        }
+        for (field, value) in [
+            ("interval_ms", "0"),
+            ("interval_ms", "60001"),
+            ("min_queue_depth", "0"),
+            ("aging_ms", "0"),
+        ] {
+            let s =
+                Settings::from_toml(&format!("{FILE}\n[dispatch]\n{field} = {value}\n")).unwrap();
+            let e = s.validate().unwrap_err();
+            assert!(e.to_string().contains(&format!("dispatch.{field}")), "{e}");
+        }
+        for bad in ["min_queue_depth = -4", "fair = \"yes\"", "weights = 3"] {
+            assert!(
+                Settings::from_toml(&format!("{FILE}\n[dispatch]\n{bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -180,6 +180,7 @@ pub(crate) fn insert_batch(
     webhook: Option<&crate::NewWebhook>,
     admitted: Admitted,
     priority: Priority,
+    held: &[InferenceType],
 ) -> Result<(BatchView, Vec<Dispatch>), DbError> {
     let total = new_jobs.len() as i32;
     let row: BatchRow = diesel::insert_into(batches::table)
@@ -225,6 +226,7 @@ pub(crate) fn insert_batch(
         .returning(DispatchRow::as_returning())
         .get_results(conn)?;
     let dispatch: Vec<Dispatch> = dispatch.into_iter().map(Dispatch::from).collect();
+    crate::dispatch::insert_holds(conn, owner, priority, &dispatch, held)?;
     let mut counts = BatchCounts::default();
     counts.add(JobStatus::Queued, dispatch.len() as u64);
     Ok((
@@ -323,6 +325,7 @@ impl Db {
                     webhook.as_ref(),
                     Admitted::default(),
                     Priority::Normal,
+                    &[],
                 )
             })
         })
@@ -331,6 +334,8 @@ impl Db {
 
     /// [`Db::create_batch`] for an API key: the key's quotas are checked in the same
     /// transaction (see `quotas.rs`), and a batch over one is refused with nothing written.
+    /// Its jobs of the types in `held` are held for fair dispatch (`dispatch.rs`): the
+    /// caller publishes only the others.
     #[allow(clippy::too_many_arguments)]
     pub async fn submit_batch(
         &self,
@@ -341,6 +346,7 @@ impl Db {
         priority: Priority,
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
+        held: Vec<InferenceType>,
     ) -> Result<Result<(BatchView, Vec<Dispatch>), OverQuota>, DbError> {
         let who = who.clone();
         self.run(move |conn| {
@@ -359,6 +365,7 @@ impl Db {
                     webhook.as_ref(),
                     admitted,
                     priority,
+                    &held,
                 )
                 .map(Ok)
             })

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Bool, Text};
 use sha2::{Digest, Sha256};
-use volley_domain::{BatchCounts, Dispatch, JobStatus, Priority};
+use volley_domain::{BatchCounts, Dispatch, InferenceType, JobStatus, Priority};
 
 use crate::batches::insert_batch;
 use crate::quotas::{OverQuota, Submitter, admit};
@@ -80,6 +80,7 @@ impl Db {
         new_jobs: Vec<NewJob>,
         dispatch_grace_ms: u64,
         webhook: Option<crate::NewWebhook>,
+        held: Vec<InferenceType>,
     ) -> Result<Idempotent, DbError> {
         let hash = Sha256::digest(body).to_vec();
         let who = who.clone();
@@ -149,6 +150,7 @@ impl Db {
                     webhook.as_ref(),
                     admitted,
                     priority,
+                    &held,
                 )?;
                 // An expired row not purged yet is taken over.
                 diesel::insert_into(idempotency_keys::table)

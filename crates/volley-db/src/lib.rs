@@ -5,6 +5,7 @@
 
 mod batches;
 mod columns;
+mod dispatch;
 mod guard;
 mod idempotency;
 mod keys;
@@ -24,6 +25,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use r2d2::ManageConnection;
 
 pub use batches::{BatchView, JobSummary, JobView, NewJob};
+pub use dispatch::{Held, Released};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
 pub use quotas::{ACTIVE_RETRY_AFTER_SECS, OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};

@@ -115,6 +115,18 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    dispatch_holds (batch_id, inference_type) {
+        batch_id -> Int8,
+        inference_type -> Text,
+        owner -> Text,
+        priority -> Int2,
+        jobs -> Int4,
+        created_at -> Timestamptz,
+        released_at -> Nullable<Timestamptz>,
+    }
+}
+
 diesel::joinable!(jobs -> batches (batch_id));
 diesel::joinable!(idempotency_keys -> batches (batch_id));
 diesel::allow_tables_to_appear_in_same_query!(api_keys, batches, jobs, idempotency_keys);

@@ -63,7 +63,8 @@ static FAIL_REFUSED: Sql = Sql::new(|| {
 });
 
 // Through the batch's jobs (`jobs_by_batch`), not every QUEUED entry of `jobs_unfinished`
-// (see `CLAIM`): this runs on every pass. Messages are for jobs waiting for a claim.
+// (see `CLAIM`): this runs on every pass. Messages are for jobs waiting for a claim. Held
+// jobs (`dispatch_holds`) have no message by design: batch-state's dispatcher publishes them.
 static UNCONFIRMED: Sql = Sql::new(|| {
     format!(
         "WITH b AS (UPDATE batches SET published_at = now() \
@@ -71,7 +72,9 @@ static UNCONFIRMED: Sql = Sql::new(|| {
              AND created_at < now() - $1 * interval '1 millisecond' \
            RETURNING id) \
          UPDATE jobs SET dispatched_at = NULL \
-         WHERE batch_id IN (SELECT id FROM b) AND {claimable}",
+         WHERE batch_id IN (SELECT id FROM b) AND {claimable} \
+           AND NOT EXISTS (SELECT 1 FROM dispatch_holds h \
+             WHERE h.batch_id = jobs.batch_id AND h.inference_type = jobs.inference_type)",
         claimable = from("status || ''", Transition::Claim),
     )
 });
@@ -99,10 +102,16 @@ static LEASES_EXPIRED: Sql = Sql::new(|| {
     )
 });
 
+// A held job's `dispatched_at` is its batch's creation: its message is as old as its release,
+// so it counts as lost only that long after the release.
 static REDISPATCH_LOST: Sql = Sql::new(|| {
     format!(
         "UPDATE jobs SET dispatched_at = NULL WHERE {claimable} \
-         AND dispatched_at < now() - $1 * interval '1 millisecond'",
+         AND dispatched_at < now() - $1 * interval '1 millisecond' \
+         AND NOT EXISTS (SELECT 1 FROM dispatch_holds h \
+           WHERE h.batch_id = jobs.batch_id AND h.inference_type = jobs.inference_type \
+             AND (h.released_at IS NULL \
+                  OR h.released_at >= now() - $1 * interval '1 millisecond'))",
         claimable = from("status", Transition::Claim),
     )
 });

@@ -464,6 +464,7 @@ async fn idempotency_keys_replay_refuse_and_expire() {
                 jobs(2),
                 0,
                 None,
+                Vec::new(),
             )
             .await
             .unwrap()

@@ -237,6 +237,19 @@ impl Metrics {
                      (their batch's publish was never recorded).",
                     &["reason"],
                 )?,
+                held: gauge(
+                    &r,
+                    "volley_dispatch_held_jobs",
+                    "Jobs held back from a full queue for fair dispatch, by inference type \
+                     (add volley_queue_messages for the modality's whole backlog).",
+                    &["inference_type"],
+                )?,
+                released: counter(
+                    &r,
+                    "volley_dispatch_released_jobs_total",
+                    "Held jobs the fair dispatcher published, by inference type.",
+                    &["inference_type"],
+                )?,
                 swept: {
                     let c = IntCounter::new(
                         "volley_sweeper_published_total",
@@ -546,6 +559,11 @@ pub struct StateMetrics {
     pub events: IntCounterVec,
     pub recovered: IntCounterVec,
     pub swept: IntCounter,
+    /// Jobs held back from a full queue for fair dispatch, by inference type: with the
+    /// queue's depth, the modality's real backlog.
+    pub held: IntGaugeVec,
+    /// Held jobs published by the fair dispatcher.
+    pub released: IntCounterVec,
 }
 
 impl StateMetrics {

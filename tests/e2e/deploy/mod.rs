@@ -1143,6 +1143,42 @@ fn every_worker_scales_on_its_own_queue() {
                 }
             }
         }
+        // Fair dispatch holds part of the backlog in PostgreSQL: KEDA must count it too.
+        let upper = key.to_ascii_uppercase();
+        match triggers
+            .iter()
+            .find(|t| text(t, &["type"]).as_deref() == Some("postgresql"))
+        {
+            None => errors.push(format!(
+                "{at_}: no trigger of type postgresql (the held backlog is in PostgreSQL)"
+            )),
+            Some(t) => {
+                let query = text(t, &["metadata", "query"]).unwrap_or_default();
+                if !query.contains("status = 'QUEUED'")
+                    || !query.contains(&format!("inference_type = '{upper}'"))
+                {
+                    errors.push(format!(
+                        "{at_}: the postgresql trigger must count QUEUED jobs of {upper}, not {query:?}"
+                    ));
+                }
+                let pg_auth = text(t, &["authenticationRef", "name"])
+                    .and_then(|n| auths.get(&n).copied())
+                    .is_some_and(|a| {
+                        seq(at(&a.doc, &["spec", "secretTargetRef"]))
+                            .iter()
+                            .any(|s| {
+                                text(s, &["parameter"]).as_deref() == Some("connection")
+                                    && text(s, &["key"]).as_deref() == Some("database-url")
+                            })
+                    });
+                if !pg_auth {
+                    errors.push(format!(
+                        "{at_}: the postgresql trigger's TriggerAuthentication must map \
+                         connection to Secret key database-url"
+                    ));
+                }
+            }
+        }
         let min = int(&so.doc, &["spec", "minReplicaCount"]);
         let max = int(&so.doc, &["spec", "maxReplicaCount"]);
         match (min, max) {

@@ -1,0 +1,82 @@
+//! `[dispatch]`: fair share of each modality's queue between API keys (see ARCHITECTURE.md,
+//! "Tenants: quotas, priority, fair share").
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Hold work back from a full queue and release it round-robin over owners. Off, every
+    /// job is published at once and each modality is one FIFO queue.
+    pub fair: bool,
+    /// How often the gateway reads queue depths and held work, and batch-state releases
+    /// held work.
+    pub interval_ms: u64,
+    /// A modality's queue counts as full at this many ready messages at least ...
+    pub min_queue_depth: u32,
+    /// ... or at this many ready messages per consumer slot (consumers × worker
+    /// concurrency), if that is more: a job published behind a full queue waits about this
+    /// many job latencies before it starts.
+    pub queue_depth_per_slot: u32,
+    /// Held work gains one priority level for each such span it has waited, so `low` is
+    /// never starved by a stream of `normal` and `high`.
+    pub aging_ms: u64,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        DispatchSettings {
+            fair: true,
+            interval_ms: 100,
+            min_queue_depth: 1_024,
+            queue_depth_per_slot: 1,
+            aging_ms: 60_000,
+        }
+    }
+}
+
+impl DispatchSettings {
+    /// Ready messages at which a queue with `consumers` consumers of `concurrency` slots
+    /// each is full.
+    pub fn queue_limit(&self, consumers: u32, concurrency: u16) -> u64 {
+        let slots = u64::from(consumers) * u64::from(concurrency);
+        slots
+            .saturating_mul(u64::from(self.queue_depth_per_slot))
+            .max(u64::from(self.min_queue_depth))
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if self.interval_ms == 0 || self.interval_ms > 60_000 {
+            return Err(format!(
+                "dispatch.interval_ms must be 1 to 60000, not {}",
+                self.interval_ms
+            ));
+        }
+        if self.min_queue_depth == 0 {
+            return Err("dispatch.min_queue_depth must be at least 1".into());
+        }
+        if self.aging_ms == 0 {
+            return Err("dispatch.aging_ms must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_is_the_larger_of_the_floor_and_the_slots() {
+        let d = DispatchSettings::default();
+        assert_eq!(d.queue_limit(0, 64), 1_024);
+        assert_eq!(d.queue_limit(4, 256), 1_024);
+        assert_eq!(d.queue_limit(8, 256), 2_048);
+        // No overflow at the extremes.
+        let big = DispatchSettings {
+            queue_depth_per_slot: u32::MAX,
+            ..d
+        };
+        assert!(big.queue_limit(u32::MAX, u16::MAX) > 0);
+    }
+}

@@ -1,0 +1,199 @@
+//! Fair dispatch: work held back from a full queue (`dispatch_holds`, one row per batch and
+//! inference type) and released round-robin over owners. See ARCHITECTURE.md, "Tenants".
+
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Int8, Text};
+use volley_domain::{Dispatch, InferenceType, Priority, Transition};
+
+use crate::batches::DispatchRow;
+use crate::guard::{Sql, from};
+use crate::schema::{dispatch_holds, jobs};
+use crate::{Db, DbError, millis};
+
+type PgConn = diesel::PgConnection;
+
+/// Records the held part of a new batch; the caller holds the batch's transaction.
+pub(crate) fn insert_holds(
+    conn: &mut PgConn,
+    owner: &str,
+    priority: Priority,
+    jobs: &[Dispatch],
+    held: &[InferenceType],
+) -> Result<(), DbError> {
+    let mut counts: BTreeMap<InferenceType, i32> = BTreeMap::new();
+    for j in jobs.iter().filter(|j| held.contains(&j.inference_type)) {
+        *counts.entry(j.inference_type).or_default() += 1;
+    }
+    let Some(batch_id) = jobs.first().map(|j| j.batch_id) else {
+        return Ok(());
+    };
+    if counts.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = counts
+        .into_iter()
+        .map(|(t, n)| {
+            (
+                dispatch_holds::batch_id.eq(batch_id),
+                dispatch_holds::inference_type.eq(t.as_str()),
+                dispatch_holds::owner.eq(owner),
+                dispatch_holds::priority.eq(priority.rank()),
+                dispatch_holds::jobs.eq(n),
+            )
+        })
+        .collect();
+    diesel::insert_into(dispatch_holds::table)
+        .values(&rows)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Held work of one inference type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub inference_type: InferenceType,
+    /// Jobs in the held rows (counted at submission; some may have been cancelled since).
+    pub jobs: i64,
+}
+
+/// A held batch's jobs of one type, released: the caller publishes them.
+#[derive(Debug)]
+pub struct Released {
+    pub batch_id: i64,
+    pub owner: String,
+    /// Its jobs still waiting for a claim (cancelled ones are left out).
+    pub jobs: Vec<Dispatch>,
+}
+
+#[derive(QueryableByName)]
+struct HeldRow {
+    #[diesel(sql_type = Text)]
+    inference_type: String,
+    #[diesel(sql_type = BigInt)]
+    jobs: i64,
+}
+
+#[derive(QueryableByName)]
+struct PickedRow {
+    #[diesel(sql_type = Int8)]
+    batch_id: i64,
+    #[diesel(sql_type = Text)]
+    owner: String,
+}
+
+// The next owner after `$2` in name order that has work of this type waiting (wrapping round
+// to the first), and that owner's oldest batch of the highest priority, a level higher for
+// each `$3` ms waited. SKIP LOCKED: two batch-state replicas never release the same row.
+const PICK: &str = "WITH pick AS (\
+       SELECT batch_id, inference_type FROM dispatch_holds \
+       WHERE inference_type = $1 AND released_at IS NULL \
+       ORDER BY owner <= $2, owner, \
+         priority + floor(extract(epoch FROM now() - created_at) * 1000 / $3) DESC, batch_id \
+       LIMIT 1 FOR UPDATE SKIP LOCKED) \
+     UPDATE dispatch_holds h SET released_at = now() FROM pick \
+     WHERE h.batch_id = pick.batch_id AND h.inference_type = pick.inference_type \
+     RETURNING h.batch_id, h.owner";
+
+// A released job whose message the broker did not confirm goes to the outbox.
+static TO_OUTBOX: Sql = Sql::new(|| {
+    format!(
+        "UPDATE jobs SET dispatched_at = NULL WHERE id = ANY($1) AND {claimable}",
+        claimable = from("status || ''", Transition::Claim),
+    )
+});
+
+impl Db {
+    /// Inference types with held work, and how much.
+    pub async fn held_work(&self) -> Result<Vec<Held>, DbError> {
+        self.run(|conn| {
+            let rows: Vec<HeldRow> = diesel::sql_query(
+                "SELECT inference_type, sum(jobs)::bigint AS jobs FROM dispatch_holds \
+                 WHERE released_at IS NULL GROUP BY inference_type",
+            )
+            .load(&mut **conn)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|r| {
+                    Some(Held {
+                        inference_type: r.inference_type.parse().ok()?,
+                        jobs: r.jobs,
+                    })
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Releases the next held batch of type `t` in fair order: the owner after `after` (name
+    /// order, wrapping), its highest (aged) priority, its oldest batch. `None`: nothing waits.
+    pub async fn release_next(
+        &self,
+        t: InferenceType,
+        after: &str,
+        aging_ms: u64,
+    ) -> Result<Option<Released>, DbError> {
+        let after = after.to_owned();
+        self.run(move |conn| {
+            conn.transaction(|conn| {
+                let picked: Option<PickedRow> = diesel::sql_query(PICK)
+                    .bind::<Text, _>(t.as_str())
+                    .bind::<Text, _>(&after)
+                    .bind::<BigInt, _>(millis(aging_ms.max(1)))
+                    .get_result(conn)
+                    .optional()?;
+                let Some(p) = picked else {
+                    return Ok(None);
+                };
+                let rows: Vec<DispatchRow> = jobs::table
+                    .filter(jobs::batch_id.eq(p.batch_id))
+                    .filter(jobs::inference_type.eq(t.as_str()))
+                    .filter(jobs::status.eq(volley_domain::JobStatus::Queued.as_str()))
+                    .order(jobs::id)
+                    .select(DispatchRow::as_select())
+                    .load(conn)?;
+                Ok(Some(Released {
+                    batch_id: p.batch_id,
+                    owner: p.owner,
+                    jobs: rows.into_iter().map(Dispatch::from).collect(),
+                }))
+            })
+        })
+        .await
+    }
+
+    /// Hands released jobs whose messages were not confirmed to the outbox (the sweeper
+    /// publishes them).
+    pub async fn to_outbox(&self, ids: Vec<i64>) -> Result<usize, DbError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.run(move |conn| {
+            Ok(diesel::sql_query(TO_OUTBOX.as_str())
+                .bind::<Array<BigInt>, _>(&ids)
+                .execute(&mut **conn)?)
+        })
+        .await
+    }
+
+    /// Deletes up to `limit` rows of work released more than `older_than_ms` ago (by then
+    /// the sweeper's lost-message check no longer needs them).
+    pub async fn purge_released_holds(
+        &self,
+        older_than_ms: u64,
+        limit: i64,
+    ) -> Result<usize, DbError> {
+        self.run(move |conn| {
+            Ok(diesel::sql_query(
+                "DELETE FROM dispatch_holds WHERE (batch_id, inference_type) IN (\
+                   SELECT batch_id, inference_type FROM dispatch_holds \
+                   WHERE released_at < now() - $1 * interval '1 millisecond' LIMIT $2)",
+            )
+            .bind::<BigInt, _>(millis(older_than_ms))
+            .bind::<BigInt, _>(limit)
+            .execute(&mut **conn)?)
+        })
+        .await
+    }
+}
