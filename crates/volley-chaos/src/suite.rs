@@ -108,6 +108,8 @@ pub struct Summary {
     /// counts the missing ones too).
     pub webhooks_expected: usize,
     pub webhooks_delivered: usize,
+    /// The most jobs fair dispatch held back at once during the load.
+    pub held_peak: i64,
 }
 
 /// What one tenant got accepted and refused.
@@ -134,7 +136,8 @@ impl Summary {
         format!(
             "chaos: accepted={} terminal={} lost={} duplicates={} faults={} batches={} \
              processed={} failed={} cancelled={} refused={} rate_limited={} unanswered={} \
-             dead_letters={} problems={} seconds={} webhooks={}/{} tenants={} by_tenant={}",
+             dead_letters={} problems={} seconds={} webhooks={}/{} held_peak={} tenants={} \
+             by_tenant={}",
             self.accepted,
             self.terminal,
             self.lost,
@@ -152,6 +155,7 @@ impl Summary {
             self.seconds,
             self.webhooks_delivered,
             self.webhooks_expected,
+            self.held_peak,
             self.tenants.len(),
             by_tenant.join(",")
         )
@@ -513,6 +517,13 @@ shutdown_grace_secs = 3
 [media]
 dir = "{media}"
 signing_key = "chaos-signing-key"
+
+# Queues count as full almost at once, so that fair dispatch holds most of the load and
+# releases it while services are killed and restarted.
+[dispatch]
+min_queue_depth = 16
+queue_depth_per_slot = 0
+interval_ms = 100
 
 # The suite's receiver is on loopback; retries are quick so that the drain sees them through.
 [webhooks]
@@ -1174,6 +1185,21 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
         ledger.clone(),
         plan.seed,
     ));
+    // How much work fair dispatch held at most: the summary shows that the faults met it.
+    let held_peak = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let sampler = {
+        let (peak, url) = (held_peak.clone(), w.pg.url("volley"));
+        tokio::spawn(async move {
+            let Ok(db) = Db::new(&url, 1) else { return };
+            loop {
+                if let Ok(held) = db.held_work().await {
+                    let n: i64 = held.iter().map(|h| h.jobs).sum();
+                    peak.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
 
     // Faults start once the load has begun.
     let wait_first = Instant::now() + Duration::from_secs(60);
@@ -1226,6 +1252,8 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
             .push("the load did not finish in 600 s".into());
     }
 
+    sampler.abort();
+    summary.held_peak = held_peak.load(std::sync::atomic::Ordering::Relaxed);
     let db = Db::new(&w.pg.url("volley"), 4)?;
     // Every accepted job must reach a terminal state without help.
     let deadline = Instant::now() + plan.drain;
