@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use volley_amqp::Broker;
 use volley_domain::{InferenceType, JobStatus};
 use volley_harness::{Options, Stack};
+use volley_proto::state_api::{ClaimResult, ClaimsAnswer, ClaimsRequest, ErrorBody, LeasesRequest};
 use volley_proto::{Failed, JobEvent, Succeeded, job_event};
 
 const WAIT: Duration = Duration::from_secs(40);
@@ -160,8 +161,14 @@ async fn internal_api_refuses_callers_without_the_token() {
     let job_id: i64 = b["jobs"][0]["id"].as_str().unwrap().parse().unwrap();
     let base = &s.settings.state.url;
     let token = s.settings.state.internal_token.expose().to_owned();
-    let claim = json!({"job_ids": [job_id]});
-    let leases = json!({"held": [[job_id, 1]]});
+    let claim = serde_json::to_value(ClaimsRequest {
+        job_ids: vec![job_id],
+    })
+    .unwrap();
+    let leases = serde_json::to_value(LeasesRequest {
+        held: vec![(job_id, 1)],
+    })
+    .unwrap();
     let wrong = format!("{}x", &token[..token.len() - 1]);
     for (path, body) in [("/internal/claims", &claim), ("/internal/leases", &leases)] {
         let url = format!("{base}{path}");
@@ -176,8 +183,8 @@ async fn internal_api_refuses_callers_without_the_token() {
         for rb in attempts {
             let r = rb.send().await.unwrap();
             assert_eq!(r.status(), 401, "{path}");
-            let v: Value = r.json().await.unwrap();
-            assert!(v["error"].as_str().unwrap().contains("token"), "{v}");
+            let e: ErrorBody = r.json().await.unwrap();
+            assert!(e.error.contains("token"), "{e:?}");
         }
     }
     let job = s.db.get_job("alice", job_id).await.unwrap().unwrap();
@@ -198,8 +205,8 @@ async fn internal_api_refuses_callers_without_the_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["claims"][0]["result"], "claimed", "{v}");
+    let a: ClaimsAnswer = r.json().await.unwrap();
+    assert_eq!(a.claims[0].result, ClaimResult::Claimed, "{a:?}");
     // Health and metrics stay open (probes, the scraper).
     let r = s.http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);

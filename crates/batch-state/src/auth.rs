@@ -7,8 +7,8 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
 use actix_web::{HttpResponse, web};
-use serde_json::json;
 use sha2::{Digest, Sha256};
+use volley_proto::state_api::ErrorBody;
 
 use crate::Shared;
 
@@ -69,7 +69,7 @@ pub async fn require_token(
         tracing::warn!(path = %req.path(), peer = ?req.peer_addr(), "internal API call without a valid token refused");
         let resp = HttpResponse::Unauthorized()
             .insert_header((header::WWW_AUTHENTICATE, "Bearer"))
-            .json(json!({"error": "a valid internal token is required"}));
+            .json(ErrorBody::new("a valid internal token is required"));
         return Ok(req.into_response(resp).map_into_right_body());
     }
     next.call(req)

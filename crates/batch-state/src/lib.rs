@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::{App, HttpResponse, HttpServer, web};
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use volley_amqp::{Broker, Names};
@@ -21,7 +20,8 @@ use volley_config::Settings;
 use volley_db::Db;
 use volley_domain::Claim;
 use volley_proto::state_api::{
-    ClaimAnswer, ClaimsAnswer, ClaimsRequest, LeasesAnswer, LeasesRequest,
+    ClaimAnswer, ClaimsAnswer, ClaimsRequest, ErrorBody, Health, LeasesAnswer, LeasesRequest,
+    Readiness,
 };
 use volley_telemetry::Metrics;
 
@@ -165,15 +165,16 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
 }
 
 async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+    HttpResponse::Ok().json(Health::ok())
 }
 
 async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
-    let db = shared.db.ping().await;
-    let consuming = shared.consuming.load(Ordering::Relaxed);
-    let draining = shared.draining.load(Ordering::Relaxed);
-    let body = json!({"database": db, "rabbitmq": consuming, "draining": draining});
-    if db && consuming && !draining {
+    let body = Readiness {
+        database: shared.db.ping().await,
+        draining: shared.draining.load(Ordering::Relaxed),
+        rabbitmq: shared.consuming.load(Ordering::Relaxed),
+    };
+    if body.is_ready() {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -183,8 +184,9 @@ async fn readyz(shared: web::Data<Shared>) -> HttpResponse {
 async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimsRequest>) -> HttpResponse {
     let ids = body.into_inner().job_ids;
     if ids.is_empty() || ids.len() > CLAIM_BATCH {
-        return HttpResponse::BadRequest()
-            .json(json!({"error": format!("job_ids must hold 1 to {CLAIM_BATCH} ids")}));
+        return HttpResponse::BadRequest().json(ErrorBody::new(format!(
+            "job_ids must hold 1 to {CLAIM_BATCH} ids"
+        )));
     }
     let (reply, answer) = oneshot::channel();
     if shared
@@ -193,7 +195,7 @@ async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimsRequest>) -> Htt
         .await
         .is_err()
     {
-        return HttpResponse::ServiceUnavailable().json(json!({"error": "shutting down"}));
+        return HttpResponse::ServiceUnavailable().json(ErrorBody::new("shutting down"));
     }
     match answer.await {
         Ok(Ok(claims)) => {
@@ -208,22 +210,22 @@ async fn claim(shared: web::Data<Shared>, body: web::Json<ClaimsRequest>) -> Htt
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "claim failed");
-            HttpResponse::ServiceUnavailable().json(json!({"error": "database unavailable"}))
+            HttpResponse::ServiceUnavailable().json(ErrorBody::new("database unavailable"))
         }
-        Err(_) => HttpResponse::ServiceUnavailable().json(json!({"error": "shutting down"})),
+        Err(_) => HttpResponse::ServiceUnavailable().json(ErrorBody::new("shutting down")),
     }
 }
 
 async fn renew(shared: web::Data<Shared>, body: web::Json<LeasesRequest>) -> HttpResponse {
     let held = body.into_inner().held;
     if held.len() > 10_000 {
-        return HttpResponse::BadRequest().json(json!({"error": "at most 10000 leases per call"}));
+        return HttpResponse::BadRequest().json(ErrorBody::new("at most 10000 leases per call"));
     }
     match shared.db.renew(held, shared.settings.state.lease_ms).await {
         Ok(alive) => HttpResponse::Ok().json(LeasesAnswer { alive }),
         Err(e) => {
             tracing::warn!(error = %e, "lease renewal failed");
-            HttpResponse::ServiceUnavailable().json(json!({"error": "database unavailable"}))
+            HttpResponse::ServiceUnavailable().json(ErrorBody::new("database unavailable"))
         }
     }
 }

@@ -15,11 +15,11 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts};
 use rand::Rng;
-use serde_json::{Value, json};
 use sha2::Sha256;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use volley_api::{EventData, MediaLinks, WebhookEvent};
 use volley_config::Settings;
 use volley_db::webhooks::{Attempt, Backlog, DueEvent};
 use volley_db::{BatchView, Db, JobView};
@@ -280,22 +280,21 @@ async fn load_data(db: &Db, events: &[DueEvent]) -> Result<Data, volley_db::DbEr
 }
 
 impl Deliverer {
-    /// The event's body: `type`, `timestamp` (when it happened) and `data`.
+    /// The event's body (`volley_api::WebhookEvent`), media links signed now.
     fn body(&self, e: &DueEvent, data: &Data) -> Option<Vec<u8>> {
         let payload = match e.job_id {
-            Some(id) => job_object(data.1.get(&id)?, &self.signer, &self.public_url, {
-                chrono::Utc::now()
-                    .timestamp()
-                    .saturating_add(self.url_ttl_secs)
-            }),
-            None => batch_object(data.0.get(&e.batch_id)?),
+            Some(id) => {
+                let links = MediaLinks {
+                    signer: &self.signer,
+                    public_url: &self.public_url,
+                    ttl_secs: self.url_ttl_secs,
+                    now: chrono::Utc::now().timestamp(),
+                };
+                EventData::job(data.1.get(&id)?, &links)
+            }
+            None => EventData::batch(data.0.get(&e.batch_id)?)?,
         };
-        serde_json::to_vec(&json!({
-            "type": e.event_type,
-            "timestamp": e.created_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            "data": payload,
-        }))
-        .ok()
+        serde_json::to_vec(&WebhookEvent::new(&e.event_type, e.created_at, payload)).ok()
     }
 
     async fn deliver(&self, e: &DueEvent, data: &Data) -> Attempt {
@@ -404,77 +403,6 @@ impl Deliverer {
             }
         }
     }
-}
-
-/// The batch object of `batch.*` events: the same shape as the API's batch.
-pub fn batch_object(b: &BatchView) -> Value {
-    let c = &b.counts;
-    json!({
-        "id": b.id.to_string(),
-        "object": "batch",
-        "label": b.label,
-        "metadata": b.metadata,
-        "status": c.status().as_str(),
-        "total": b.total,
-        "queued": c.queued,
-        "processing": c.processing,
-        "processed": c.processed,
-        "failed": c.failed,
-        "cancelled": c.cancelled,
-        "created": b.created_at.timestamp(),
-    })
-}
-
-/// The job object of `job.*` events: the same shape as `GET /v1/jobs/{id}` (a test compares
-/// them), media links signed now, valid until `expires`.
-pub fn job_object(j: &JobView, signer: &Signer, public_url: &str, expires: i64) -> Value {
-    let mut v = json!({
-        "id": j.id.to_string(),
-        "object": "job",
-        "batch_id": j.batch_id.to_string(),
-        "custom_id": j.custom_id,
-        "status": j.status.as_str(),
-        "inference_type": j.inference_type,
-        "endpoint": j.endpoint,
-        "model": j.model,
-        "attempts": j.attempt,
-        "created": j.created_at.timestamp(),
-        "started": j.started_at.map(|t| t.timestamp()),
-        "finished": j.finished_at.map(|t| t.timestamp()),
-        "updated": j.updated_at.timestamp(),
-    });
-    if let Some(result) = &j.result {
-        let mut r = result.clone();
-        // Only media this job's worker stored, in this job's part of the store (as the API).
-        let own: Vec<String> = j
-            .media_keys
-            .iter()
-            .flatten()
-            .filter(|k| volley_media::key_belongs_to_job(k, j.id))
-            .cloned()
-            .collect();
-        volley_media::rewrite_refs(&mut r, &own, &|key| {
-            signer.url(public_url, j.id, key, expires)
-        });
-        v["result"] = r;
-    }
-    if j.status == volley_domain::JobStatus::Failed {
-        v["error"] = json!({
-            "type": j.error_type.as_deref().unwrap_or("provider_error"),
-            "message": j.error_message.as_deref().unwrap_or(""),
-        });
-    }
-    if let Some(last) = &j.last_error {
-        v["last_error"] = json!(last);
-    }
-    if j.total_tokens.is_some() {
-        v["usage"] = json!({
-            "prompt_tokens": j.prompt_tokens,
-            "completion_tokens": j.completion_tokens,
-            "total_tokens": j.total_tokens,
-        });
-    }
-    v
 }
 
 #[cfg(test)]

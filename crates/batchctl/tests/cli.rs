@@ -8,8 +8,7 @@ use lapin::Channel;
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use serde_json::{Value, json};
 use volley_amqp::{Broker, Names, connect, declare_topology, delete_topology, queue_depth};
-use volley_db::NewJob;
-use volley_db::testing::TestDatabase;
+use volley_db::testing::{TestDatabase, completions};
 use volley_domain::InferenceType;
 use volley_proto::{JobEvent, JobMessage, Message, Succeeded, job_event};
 
@@ -90,18 +89,6 @@ async fn setup() -> (TestDatabase, volley_db::Db, Ctl, Queues) {
         prefix: prefix.clone(),
     };
     (t, db, ctl, Queues(prefix))
-}
-
-fn completions(n: usize) -> Vec<NewJob> {
-    (0..n)
-        .map(|i| NewJob {
-            inference_type: "LLM".into(),
-            endpoint: "/v1/completions".into(),
-            model: "qwen3-8b".into(),
-            body: json!({"model": "qwen3-8b", "prompt": format!("p{i}")}),
-            custom_id: None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

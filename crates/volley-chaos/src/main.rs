@@ -81,7 +81,7 @@ async fn main() -> ExitCode {
     // Ctrl-C or SIGTERM drops the run, and with it every process and directory it started.
     let outcome = tokio::select! {
         r = suite::run(plan, opts) => r,
-        _ = shutdown() => {
+        _ = volley_telemetry::shutdown_signal() => {
             eprintln!("chaos: interrupted; cleaned up");
             return ExitCode::from(130);
         }
@@ -107,21 +107,6 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("chaos: the run could not complete: {e:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-async fn shutdown() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
         }
     }
 }

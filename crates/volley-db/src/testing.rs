@@ -2,13 +2,26 @@
 
 use diesel::{Connection, PgConnection, RunQueryDsl};
 
-use crate::{Db, DbError};
+use crate::{Db, DbError, NewJob};
 
 /// The server tests use; `VOLLEY_TEST_DATABASE_URL` overrides it (its path names the
 /// maintenance database, usually `postgres`).
 pub fn server_url() -> String {
     std::env::var("VOLLEY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// `n` completion jobs (`qwen3-8b`, prompts `p0`, `p1`, ...), the jobs of a test batch.
+pub fn completions(n: usize) -> Vec<NewJob> {
+    (0..n)
+        .map(|i| NewJob {
+            inference_type: "LLM".into(),
+            endpoint: "/v1/completions".into(),
+            model: "qwen3-8b".into(),
+            body: serde_json::json!({"model": "qwen3-8b", "prompt": format!("p{i}")}),
+            custom_id: None,
+        })
+        .collect()
 }
 
 pub struct TestDatabase {

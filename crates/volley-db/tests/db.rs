@@ -2,21 +2,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
-use volley_db::testing::TestDatabase;
-use volley_db::{Db, EachResult, NewJob, Refusal};
+use volley_db::testing::{TestDatabase, completions};
+use volley_db::{Db, EachResult, Refusal};
 use volley_domain::{BatchStatus, Claim, Event, JobStatus, Outcome, Usage};
-
-fn jobs(n: usize) -> Vec<NewJob> {
-    (0..n)
-        .map(|i| NewJob {
-            inference_type: "LLM".into(),
-            endpoint: "/v1/completions".into(),
-            model: "qwen3-8b".into(),
-            body: json!({"model": "qwen3-8b", "prompt": format!("p{i}")}),
-            custom_id: None,
-        })
-        .collect()
-}
 
 async fn setup() -> (TestDatabase, Db) {
     TestDatabase::create().await.unwrap()
@@ -42,7 +30,7 @@ fn ok(job_id: i64, attempt: i32) -> Event {
 async fn accept_read_and_isolate_owners() {
     let (_t, db) = setup().await;
     let (b, d) = db
-        .create_batch("alice", Some("l".into()), jobs(3), 5_000)
+        .create_batch("alice", Some("l".into()), completions(3), 5_000)
         .await
         .unwrap();
     assert_eq!(d.len(), 3);
@@ -53,7 +41,9 @@ async fn accept_read_and_isolate_owners() {
     assert!(db.get_batch("bob", b.id).await.unwrap().is_none());
     assert!(db.get_job("bob", d[0].id).await.unwrap().is_none());
     assert!(db.get_job("alice", d[0].id).await.unwrap().is_some());
-    db.create_batch("alice", None, jobs(1), 0).await.unwrap();
+    db.create_batch("alice", None, completions(1), 0)
+        .await
+        .unwrap();
     let list = db.list_batches("alice", 50).await.unwrap();
     assert_eq!(list.len(), 2);
     assert!(list[0].id > list[1].id, "newest first");
@@ -63,7 +53,7 @@ async fn accept_read_and_isolate_owners() {
 #[tokio::test]
 async fn claims_are_exclusive_and_outcomes_fenced() {
     let (_t, db) = setup().await;
-    let (b, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let (b, d) = db.create_batch("o", None, completions(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
     let first = db
         .claim(vec![ids[0], ids[0], 999_999], 60_000, 0)
@@ -183,7 +173,7 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     };
     // A batch whose publish was never recorded (the gateway failed or stopped) goes to the
     // outbox once the dispatch grace has passed, and only then.
-    let (_, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let (_, d) = db.create_batch("o", None, completions(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
     assert!(due_ids(&db).await.is_empty(), "the gateway publishes first");
     assert_eq!(db.sweep(4, 600_000, None).await.unwrap().unconfirmed, 0);
@@ -196,7 +186,7 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     assert!(due_ids(&db).await.is_empty());
 
     // A recorded publish: only the jobs the broker did not confirm go to the outbox.
-    let (b2, d2) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let (b2, d2) = db.create_batch("o", None, completions(3), 0).await.unwrap();
     let ids2: Vec<i64> = d2.iter().map(|j| j.id).collect();
     db.record_publish(b2.id, vec![ids2[1]]).await.unwrap();
     assert_eq!(due_ids(&db).await, vec![ids2[1]]);
@@ -204,7 +194,7 @@ async fn sweeper_finds_undispatched_and_lost_jobs() {
     assert_eq!(db.sweep(4, 10, None).await.unwrap().unconfirmed, 0);
     assert_eq!(due_ids(&db).await, vec![ids2[1]]);
     db.mark_dispatched(vec![ids2[1]]).await.unwrap();
-    let (_, d3) = db.create_batch("o", None, jobs(1), 0).await.unwrap();
+    let (_, d3) = db.create_batch("o", None, completions(1), 0).await.unwrap();
     db.record_publish(d3[0].batch_id, vec![]).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     assert_eq!(db.sweep(4, 10, None).await.unwrap().unconfirmed, 0);
@@ -270,7 +260,10 @@ async fn a_batch_read_by_key_checks_the_key_and_sums_usage() {
     let (_t, db) = setup().await;
     let alice = db.create_key("alice", None).await.unwrap().secret;
     let bob = db.create_key("bob", None).await.unwrap().secret;
-    let (b, d) = db.create_batch("alice", None, jobs(3), 0).await.unwrap();
+    let (b, d) = db
+        .create_batch("alice", None, completions(3), 0)
+        .await
+        .unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
     db.claim(ids.clone(), 60_000, 0).await.unwrap();
     db.apply_events(vec![ok(ids[0], 1), ok(ids[1], 1)])
@@ -385,7 +378,7 @@ async fn a_connection_the_server_ended_is_replaced_on_checkout() {
 #[tokio::test]
 async fn media_keys_are_stored_with_the_outcome() {
     let (_t, db) = setup().await;
-    let (_, d) = db.create_batch("o", None, jobs(3), 0).await.unwrap();
+    let (_, d) = db.create_batch("o", None, completions(3), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
     db.claim(ids.clone(), 60_000, 0).await.unwrap();
     let keys = vec![
@@ -461,7 +454,7 @@ async fn idempotency_keys_replay_refuse_and_expire() {
                 None,
                 json!({}),
                 Default::default(),
-                jobs(2),
+                completions(2),
                 0,
                 None,
                 Vec::new(),
@@ -535,7 +528,7 @@ async fn idempotency_keys_replay_refuse_and_expire() {
 #[tokio::test]
 async fn an_unstorable_event_fails_only_its_own_job() {
     let (_t, db) = setup().await;
-    let (_, d) = db.create_batch("o", None, jobs(4), 0).await.unwrap();
+    let (_, d) = db.create_batch("o", None, completions(4), 0).await.unwrap();
     let ids: Vec<i64> = d.iter().map(|j| j.id).collect();
     db.claim(ids.clone(), 60_000, 0).await.unwrap();
     let nul_result = Event {
@@ -606,7 +599,7 @@ async fn finished_jobs_are_read_in_pages_and_custom_ids_kept() {
     use volley_db::listing::{BatchFilter, Cursor, JobFilter};
     use volley_domain::JobStatus;
     let (_t, db) = setup().await;
-    let mut new = jobs(7);
+    let mut new = completions(7);
     for (i, j) in new.iter_mut().enumerate() {
         j.custom_id = (i != 3).then(|| format!("c{i}"));
     }
@@ -670,13 +663,13 @@ async fn finished_jobs_are_read_in_pages_and_custom_ids_kept() {
         .unwrap();
     assert_eq!(found.items.len(), 1);
     assert_eq!(found.items[0].id, ids[4]);
-    let mut twice = jobs(2);
+    let mut twice = completions(2);
     for j in &mut twice {
         j.custom_id = Some("same".into());
     }
     assert!(db.create_batch("o", None, twice, 0).await.is_err());
     // A custom_id is unique per batch only.
-    let mut again = jobs(1);
+    let mut again = completions(1);
     again[0].custom_id = Some("c4".into());
     db.create_batch("o", None, again, 0).await.unwrap();
     let all = db
@@ -694,9 +687,18 @@ async fn finished_jobs_are_read_in_pages_and_custom_ids_kept() {
 async fn applying_outcomes_notifies_the_changed_batches_once() {
     use volley_db::progress::{Changed, listen};
     let (t, db) = setup().await;
-    let (a, da) = db.create_batch("alice", None, jobs(2), 0).await.unwrap();
-    let (b, db_jobs) = db.create_batch("alice", None, jobs(1), 0).await.unwrap();
-    let (c, dc) = db.create_batch("alice", None, jobs(1), 0).await.unwrap();
+    let (a, da) = db
+        .create_batch("alice", None, completions(2), 0)
+        .await
+        .unwrap();
+    let (b, db_jobs) = db
+        .create_batch("alice", None, completions(1), 0)
+        .await
+        .unwrap();
+    let (c, dc) = db
+        .create_batch("alice", None, completions(1), 0)
+        .await
+        .unwrap();
     let ids: Vec<i64> = da.iter().chain(&db_jobs).chain(&dc).map(|j| j.id).collect();
     db.claim(ids, 60_000, 0).await.unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -6,21 +6,9 @@
 use std::collections::HashMap;
 
 use serde_json::json;
-use volley_db::testing::TestDatabase;
-use volley_db::{Db, NewJob, NewWebhook};
+use volley_db::testing::{TestDatabase, completions};
+use volley_db::{Db, NewWebhook};
 use volley_domain::{Claim, Event, Outcome};
-
-fn jobs(n: usize) -> Vec<NewJob> {
-    (0..n)
-        .map(|i| NewJob {
-            inference_type: "LLM".into(),
-            endpoint: "/v1/completions".into(),
-            model: "qwen3-8b".into(),
-            body: json!({"model": "qwen3-8b", "prompt": format!("p{i}")}),
-            custom_id: None,
-        })
-        .collect()
-}
 
 fn hook(key_id: i64, types: &[&str]) -> NewWebhook {
     NewWebhook {
@@ -94,7 +82,7 @@ async fn the_last_two_jobs_finishing_at_once_record_one_batch_event() {
                 None,
                 json!({}),
                 Some(hook(key.key.id, &ALL)),
-                jobs(2),
+                completions(2),
                 0,
             )
             .await
@@ -120,7 +108,7 @@ async fn every_path_to_a_terminal_state_records_its_event() {
     let id = key.key.id;
 
     // No webhook: nothing, whatever happens.
-    let (plain, d) = db.create_batch("o", None, jobs(1), 0).await.unwrap();
+    let (plain, d) = db.create_batch("o", None, completions(1), 0).await.unwrap();
     let a = claim(&db, vec![d[0].id]).await;
     db.apply_events(vec![succeeded(d[0].id, a[&d[0].id])])
         .await
@@ -129,7 +117,14 @@ async fn every_path_to_a_terminal_state_records_its_event() {
 
     // A batch cancel ends the batch: batch.cancelled; cancelled jobs have no job event.
     let (b, _) = db
-        .create_batch_with("o", None, json!({}), Some(hook(id, &ALL)), jobs(3), 0)
+        .create_batch_with(
+            "o",
+            None,
+            json!({}),
+            Some(hook(id, &ALL)),
+            completions(3),
+            0,
+        )
         .await
         .unwrap();
     db.cancel_batch("o", b.id).await.unwrap().unwrap();
@@ -145,7 +140,7 @@ async fn every_path_to_a_terminal_state_records_its_event() {
             None,
             json!({}),
             Some(hook(id, &["job.failed"])),
-            jobs(2),
+            completions(2),
             0,
         )
         .await
@@ -161,7 +156,14 @@ async fn every_path_to_a_terminal_state_records_its_event() {
 
     // Expiry fails a job never started: job.failed, and the batch ends with it.
     let (b, d) = db
-        .create_batch_with("o", None, json!({}), Some(hook(id, &ALL)), jobs(1), 0)
+        .create_batch_with(
+            "o",
+            None,
+            json!({}),
+            Some(hook(id, &ALL)),
+            completions(1),
+            0,
+        )
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -1,5 +1,9 @@
-//! The JSON bodies of batch-state's internal API (`/internal/claims`, `/internal/leases`), one
-//! shape shared by the server (batch-state) and its client (worker-runtime).
+//! Every JSON body of batch-state's HTTP API (`/internal/claims`, `/internal/leases`, their
+//! errors, `/healthz`, `/readyz`), one shape shared by the server (batch-state) and its
+//! clients (worker-runtime, the tests).
+//!
+//! Fields of bodies that used to be `serde_json::json!` maps are declared in alphabetical
+//! order: those maps wrote their keys sorted, and callers keep getting the same bytes.
 
 use serde::{Deserialize, Serialize};
 use volley_domain::Claim;
@@ -106,10 +110,130 @@ pub struct LeasesAnswer {
     pub alive: Vec<i64>,
 }
 
+/// Any error of the internal API: `401` without the token, `400` for a request out of
+/// bounds, `503` while the database is down or the service stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl ErrorBody {
+    pub fn new(error: impl Into<String>) -> ErrorBody {
+        ErrorBody {
+            error: error.into(),
+        }
+    }
+}
+
+/// `GET /healthz`: the process is alive (always `ok`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+}
+
+impl Health {
+    pub fn ok() -> Health {
+        Health {
+            status: "ok".to_owned(),
+        }
+    }
+}
+
+/// `GET /readyz`: whether batch-state can do its work (`200`; `503` with the same body when
+/// not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    /// PostgreSQL answers.
+    pub database: bool,
+    /// True while shutting down.
+    pub draining: bool,
+    /// The outcome events are being consumed.
+    pub rabbitmq: bool,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.database && self.rabbitmq && !self.draining
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::de::DeserializeOwned;
     use serde_json::json;
+
+    /// `body` is written as `wire` to the byte, and `wire` reads back as `body`.
+    fn round_trips<T>(body: &T, wire: &str)
+    where
+        T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        assert_eq!(serde_json::to_string(body).unwrap(), wire);
+        assert_eq!(&serde_json::from_str::<T>(wire).unwrap(), body);
+    }
+
+    #[test]
+    fn claims_request_round_trips() {
+        round_trips(
+            &ClaimsRequest {
+                job_ids: vec![3, 4],
+            },
+            r#"{"job_ids":[3,4]}"#,
+        );
+    }
+
+    #[test]
+    fn claims_answer_round_trips() {
+        round_trips(
+            &ClaimsAnswer {
+                claims: vec![
+                    ClaimAnswer::new(
+                        3,
+                        Claim::Claimed {
+                            attempt: 2,
+                            round_attempt: 1,
+                        },
+                    ),
+                    ClaimAnswer::new(4, Claim::Refused),
+                    ClaimAnswer::new(5, Claim::NotFound),
+                ],
+            },
+            r#"{"claims":[{"job_id":3,"result":"claimed","attempt":2,"round_attempt":1},{"job_id":4,"result":"refused","attempt":0,"round_attempt":0},{"job_id":5,"result":"not_found","attempt":0,"round_attempt":0}]}"#,
+        );
+    }
+
+    #[test]
+    fn leases_round_trip() {
+        round_trips(
+            &LeasesRequest {
+                held: vec![(3, 1), (4, 2)],
+            },
+            r#"{"held":[[3,1],[4,2]]}"#,
+        );
+        round_trips(&LeasesAnswer { alive: vec![4] }, r#"{"alive":[4]}"#);
+    }
+
+    #[test]
+    fn error_health_and_readiness_round_trip() {
+        round_trips(
+            &ErrorBody::new("shutting down"),
+            r#"{"error":"shutting down"}"#,
+        );
+        round_trips(&Health::ok(), r#"{"status":"ok"}"#);
+        let r = Readiness {
+            database: true,
+            draining: false,
+            rabbitmq: true,
+        };
+        round_trips(&r, r#"{"database":true,"draining":false,"rabbitmq":true}"#);
+        assert!(r.is_ready());
+        // The bytes the `json!` maps wrote.
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            serde_json::to_string(&json!({"database": true, "rabbitmq": true, "draining": false}))
+                .unwrap()
+        );
+    }
 
     #[test]
     fn the_wire_shape_is_the_one_workers_read() {
