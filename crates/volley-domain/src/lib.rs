@@ -4,13 +4,13 @@
 //! converted to these types at the edges (gateway, queue boundary, database layer).
 
 mod job;
-mod state;
+mod lifecycle;
 pub mod text;
 mod types;
 pub mod validate;
 
 pub use job::{BatchUsage, Claim, Dispatch, Event, Outcome, Usage};
-pub use state::{BatchCounts, BatchStatus, JobStatus, Rule, Transition};
+pub use lifecycle::{BatchCounts, BatchStatus, JobStatus, Rule, Transition};
 pub use types::{Endpoint, InferenceType, ParseError, Priority};
 pub use validate::{
     BatchRejection, CUSTOM_ID_RULE, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch,
