@@ -5,6 +5,7 @@
 
 mod batches;
 mod columns;
+mod execution;
 mod guard;
 mod idempotency;
 mod keys;
@@ -13,7 +14,6 @@ pub mod ops;
 pub mod progress;
 mod quotas;
 mod schema;
-mod state;
 pub mod status;
 pub mod testing;
 pub mod webhooks;
@@ -24,10 +24,10 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use r2d2::ManageConnection;
 
 pub use batches::{BatchView, JobSummary, JobView, NewJob};
+pub use execution::{EachResult, Refusal, SweepReport};
 pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
 pub use keys::{ApiKey, CreatedKey, hash_key};
 pub use quotas::{ACTIVE_RETRY_AFTER_SECS, OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
-pub use state::{EachResult, Refusal, SweepReport};
 pub use webhooks::NewWebhook;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
