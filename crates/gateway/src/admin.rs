@@ -13,7 +13,7 @@ use volley_amqp::Names;
 use volley_amqp::depths::read_once;
 use volley_domain::InferenceType;
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::{ApiError, ErrorBody};
 use crate::openapi::schema;
 use crate::routes::{UNKNOWN_KEY, bearer};
@@ -75,7 +75,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 )]
 pub(crate) async fn status(
     req: HttpRequest,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let key = bearer(&req)?;
     if !state.db.key_is_admin(key).await?.ok_or(UNKNOWN_KEY)? {

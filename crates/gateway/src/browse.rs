@@ -10,7 +10,7 @@ use serde::Deserialize;
 use volley_db::listing::{BatchFilter, Cursor, JobFilter};
 use volley_domain::{BatchStatus, CUSTOM_ID_RULE, FieldError, JobStatus, is_custom_id};
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{links, owner, parse_id};
 use crate::views;
@@ -167,7 +167,7 @@ pub(crate) fn job_status(raw: Option<&str>) -> Result<Option<JobStatus>, ApiErro
 )]
 pub async fn list_batches(
     req: HttpRequest,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let query = PageQuery::parse(&req)?;
@@ -208,7 +208,7 @@ pub async fn list_batches(
 pub async fn list_jobs(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let query = PageQuery::parse(&req)?;

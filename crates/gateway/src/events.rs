@@ -28,7 +28,7 @@ use volley_db::progress::Changed;
 use volley_domain::{BatchCounts, BatchStatus, JobStatus};
 use volley_telemetry::prometheus::{IntCounter, IntGauge};
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::ApiError;
 use crate::routes::bearer;
 
@@ -323,7 +323,7 @@ fn last_event_id(req: &HttpRequest, total: usize) -> Result<Option<Cursor>, ApiE
 pub async fn batch_events(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     // The key and the batch's owner are checked as for GET /v1/batches/{id}.
     let (id, (batch, _, _)) = crate::routes::batch_for_key(&req, &path, &state).await?;

@@ -30,7 +30,8 @@ use volley_telemetry::Metrics;
 pub use error::ApiError;
 use error::ErrorBody;
 
-pub struct AppState {
+/// What every request handler shares (actix app data): settings, connections and caches.
+pub struct Shared {
     pub settings: Arc<Settings>,
     pub limits: Limits,
     pub db: Db,
@@ -139,7 +140,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
     };
     let eta = eta::EtaCache::new(settings.gateway.eta_window_secs);
     let webhook_policy = webhooks::policy(&settings)?;
-    let state = web::Data::new(AppState {
+    let state = web::Data::new(Shared {
         settings: Arc::new(settings),
         limits: Limits::default(),
         db,

@@ -18,7 +18,7 @@ use serde_json::Value;
 use volley_db::JobView;
 use volley_domain::JobStatus;
 
-use crate::AppState;
+use crate::Shared;
 use crate::browse::bad;
 use crate::error::ApiError;
 use crate::routes::{links, owner, parse_id};
@@ -188,7 +188,7 @@ where
 pub async fn batch_results(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     // Authenticated and owned exactly like `GET /v1/batches/{id}`: 401 first, then the same
     // 404 for a missing batch and for another owner's.
