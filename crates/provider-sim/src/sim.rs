@@ -1,4 +1,4 @@
-//! Shared server state, request-body parsing and the `sim_*` control fields.
+//! The simulator's shared data (`Simulator`), request-body parsing and the `sim_*` control fields.
 
 use crate::error::ApiError;
 use crate::media::MAX_MEDIA_BYTES;
@@ -28,7 +28,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(crate) struct State {
+/// What every handler shares: settings, counters, stored files and predictions.
+pub(crate) struct Simulator {
     pub default_latency: Duration,
     pub api_key: Option<String>,
     pub base_url: String,
@@ -160,7 +161,7 @@ impl SimOpts {
 /// The largest `sim_answer_bytes`.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 
-impl State {
+impl Simulator {
     pub fn new(default_latency: Duration, api_key: Option<String>, base_url: String) -> Self {
         Self {
             default_latency,
@@ -283,7 +284,7 @@ pub(crate) async fn read_json(
     }
     let mut buf = web::BytesMut::new();
     let mut seen = 0usize;
-    let state = req.app_data::<web::Data<State>>();
+    let state = req.app_data::<web::Data<Simulator>>();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::invalid(format!("could not read request body: {e}"), None))?;
