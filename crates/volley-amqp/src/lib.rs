@@ -284,14 +284,6 @@ impl Broker {
         Ok(l)
     }
 
-    /// Whether a connection is open now (no attempt to connect).
-    pub async fn is_connected(&self) -> bool {
-        match self.live.lock().await.as_ref() {
-            Some(l) => l.conn.status().connected(),
-            None => false,
-        }
-    }
-
     /// Connects (and declares the topology) if not connected.
     pub async fn ensure_connected(&self) -> Result<(), AmqpError> {
         self.live().await.map(|_| ())

@@ -46,19 +46,6 @@ impl Db {
         .await
     }
 
-    /// Tells every gateway's listener that these batches changed (a cancel, which the
-    /// gateway writes itself). Best effort: streams re-check on their own as well.
-    pub async fn notify_batches(&self, ids: Vec<i64>) -> Result<(), DbError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.run(move |conn| {
-            notify_on(conn, &ids)?;
-            Ok(())
-        })
-        .await
-    }
-
     /// What completion estimates need, in one round trip each (see [`EtaInputs`]).
     pub async fn eta_inputs(
         &self,

@@ -4,9 +4,6 @@
 
 use serde_json::Value;
 
-/// What U+0000 becomes: the replacement character, so the reader sees something was there.
-pub const REPLACEMENT: char = '\u{FFFD}';
-
 /// Whether `s` holds anything [`clean_for_pg`] would change.
 pub fn needs_cleaning(s: &str) -> bool {
     s.contains('\0')
