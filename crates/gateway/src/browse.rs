@@ -24,7 +24,7 @@ const JOBS_MAX: i64 = 256;
 
 /// Query parameters as text, checked here so a bad one gets the contract's 400 naming it.
 #[derive(Deserialize)]
-pub struct PageQuery {
+struct PageQuery {
     limit: Option<String>,
     after: Option<String>,
     before: Option<String>,
@@ -165,7 +165,7 @@ pub(crate) fn job_status(raw: Option<&str>) -> Result<Option<JobStatus>, ApiErro
     ),
     security(("api_key" = [])),
 )]
-pub async fn list_batches(
+pub(crate) async fn list_batches(
     req: HttpRequest,
     state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
@@ -205,7 +205,7 @@ pub async fn list_batches(
     ),
     security(("api_key" = [])),
 )]
-pub async fn list_jobs(
+pub(crate) async fn list_jobs(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<Shared>,

@@ -47,7 +47,7 @@ const ASSETS: &[Asset] = &[
 /// (a cheap 304) and never runs an old script against a newer page after an upgrade.
 const ETAG: &str = concat!("\"volley-console-", env!("CARGO_PKG_VERSION"), "\"");
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(to_console))
         .route("/console", web::get().to(to_console))
         .route("/console/", web::get().to(index))

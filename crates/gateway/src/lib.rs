@@ -7,7 +7,7 @@ mod error;
 mod eta;
 mod events;
 mod limits;
-pub mod openapi;
+mod openapi;
 mod results;
 mod routes;
 mod views;
@@ -27,11 +27,11 @@ use volley_domain::Limits;
 use volley_media::{MediaStore, Signer};
 use volley_telemetry::Metrics;
 
-pub use error::ApiError;
+pub(crate) use error::ApiError;
 use error::ErrorBody;
 
 /// What every request handler shares (actix app data): settings, connections and caches.
-pub struct Shared {
+pub(crate) struct Shared {
     pub settings: Arc<Settings>,
     pub limits: Limits,
     pub db: Db,

@@ -30,7 +30,7 @@ const PAGE_ROWS: i64 = 64;
 
 /// One line of the results: a finished job.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ResultLine {
+pub(crate) struct ResultLine {
     /// The job's id.
     pub id: String,
     pub batch_id: String,
@@ -51,14 +51,14 @@ pub struct ResultLine {
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ResultError {
+pub(crate) struct ResultError {
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ResultUsage {
+pub(crate) struct ResultUsage {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub total_tokens: Option<i64>,
@@ -185,7 +185,7 @@ where
     ),
     security(("api_key" = [])),
 )]
-pub async fn batch_results(
+pub(crate) async fn batch_results(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<Shared>,

@@ -13,7 +13,7 @@ use crate::Shared;
 use crate::error::{ApiError, ErrorBody};
 use crate::views::{self, MediaLinks};
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/v1/batches", web::post().to(create_batch))

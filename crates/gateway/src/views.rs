@@ -42,7 +42,7 @@ pub struct Batch {
 
 /// A batch with a link to each of its jobs; `GET /v1/batches/{id}` adds the token usage.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BatchDetail {
+pub(crate) struct BatchDetail {
     pub cancelled: u64,
     pub created: i64,
     /// When the batch should finish (RFC 3339, UTC), from measured throughput; `null` when
@@ -78,7 +78,7 @@ pub struct BatchDetail {
 
 /// One job of a batch, as the batch lists it.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobLink {
+pub(crate) struct JobLink {
     /// The item's `custom_id`, or `null`.
     pub custom_id: Option<String>,
     pub id: String,
@@ -92,7 +92,7 @@ pub struct JobLink {
 
 /// Tokens the batch's jobs used so far (chat and completions report usage), summed.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BatchUsage {
+pub(crate) struct BatchUsage {
     pub completion_tokens: i64,
     /// Jobs that reported usage.
     pub jobs: i64,
@@ -143,7 +143,7 @@ pub struct Job {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobError {
+pub(crate) struct JobError {
     pub message: String,
     /// `provider_error`, `timeout`, `expired`, `worker_lost`, `invalid_output`, ...
     #[serde(rename = "type")]
@@ -151,7 +151,7 @@ pub struct JobError {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobUsage {
+pub(crate) struct JobUsage {
     pub completion_tokens: Option<i64>,
     pub prompt_tokens: Option<i64>,
     pub total_tokens: Option<i64>,
@@ -159,7 +159,7 @@ pub struct JobUsage {
 
 /// A page of batches, newest first.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BatchList {
+pub(crate) struct BatchList {
     pub data: Vec<Batch>,
     /// More pass `after` = the last id of this page.
     pub has_more: bool,
@@ -169,7 +169,7 @@ pub struct BatchList {
 
 /// A page of a batch's jobs, in order.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobList {
+pub(crate) struct JobList {
     pub data: Vec<Job>,
     pub has_more: bool,
     #[schema(schema_with = schema::object_list)]
@@ -178,7 +178,7 @@ pub struct JobList {
 
 /// A model some configured provider serves.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Model {
+pub(crate) struct Model {
     pub created: i64,
     /// The batch endpoints this model accepts.
     pub endpoints: Vec<String>,
@@ -189,7 +189,7 @@ pub struct Model {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ModelList {
+pub(crate) struct ModelList {
     pub data: Vec<Model>,
     #[schema(schema_with = schema::object_list)]
     pub object: &'static str,
@@ -204,7 +204,7 @@ pub struct Health {
 
 /// `/readyz`: whether this gateway can take requests (503 with the same body when not).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     pub database: bool,
     /// True while shutting down.
     pub draining: bool,
@@ -230,7 +230,7 @@ pub fn batch(b: &BatchView) -> Batch {
     }
 }
 
-pub fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> BatchDetail {
+pub(crate) fn batch_with_jobs(b: &BatchView, jobs: &[JobSummary], public_url: &str) -> BatchDetail {
     let c = &b.counts;
     BatchDetail {
         cancelled: c.cancelled,
@@ -271,7 +271,7 @@ pub fn usage(u: &volley_domain::BatchUsage) -> BatchUsage {
     }
 }
 
-pub struct MediaLinks<'a> {
+pub(crate) struct MediaLinks<'a> {
     pub signer: &'a Signer,
     pub public_url: &'a str,
     pub ttl_secs: i64,
@@ -280,7 +280,7 @@ pub struct MediaLinks<'a> {
 
 /// The job's result with its media as freshly signed links (every view of a result goes
 /// through here: the job object, the listing and the bulk results).
-pub fn signed_result(j: &JobView, links: &MediaLinks<'_>) -> Option<Value> {
+pub(crate) fn signed_result(j: &JobView, links: &MediaLinks<'_>) -> Option<Value> {
     let mut r = j.result.clone()?;
     // Signed afresh on every read: links never outlive their expiry, results do. Only
     // media this job's worker stored, in this job's part of the store, becomes a link.

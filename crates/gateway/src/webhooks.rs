@@ -51,7 +51,7 @@ pub fn accept(
 
 /// One event and how its delivery is going.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct DeliveryBody {
+struct DeliveryBody {
     pub id: String,
     pub object: &'static str,
     /// The `webhook-id` header: the same on every attempt.
@@ -102,7 +102,7 @@ impl From<Delivery> for DeliveryBody {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct DeliveryList {
+struct DeliveryList {
     pub object: &'static str,
     pub data: Vec<DeliveryBody>,
 }
@@ -120,7 +120,7 @@ pub struct DeliveryList {
     ),
     security(("api_key" = [])),
 )]
-pub async fn list_deliveries(
+pub(crate) async fn list_deliveries(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<Shared>,
@@ -151,7 +151,7 @@ pub async fn list_deliveries(
     ),
     security(("api_key" = [])),
 )]
-pub async fn retry_delivery(
+pub(crate) async fn retry_delivery(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<Shared>,
