@@ -141,7 +141,7 @@ impl SimOpts {
 
     /// The link to hand out for produced media, if `sim_media_url` or `sim_redirect_to`
     /// chose one.
-    pub fn media_link(&self, base: &str) -> Option<String> {
+    pub(crate) fn media_link(&self, base: &str) -> Option<String> {
         if let Some(u) = &self.media_url {
             return Some(u.clone());
         }
@@ -174,7 +174,7 @@ impl Simulator {
         }
     }
 
-    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn authorized(&self, headers: &HeaderMap) -> bool {
         let Some(expected) = &self.api_key else {
             return true;
         };
@@ -194,7 +194,7 @@ impl Simulator {
             .unwrap_or(self.default_latency)
     }
 
-    pub fn timeout_latency(sim: &SimOpts) -> Duration {
+    pub(crate) fn timeout_latency(sim: &SimOpts) -> Duration {
         sim.latency_ms
             .map(Duration::from_millis)
             .unwrap_or(TIMEOUT_SLEEP)
@@ -202,7 +202,12 @@ impl Simulator {
 
     /// Applies `sim_fail`/`sim_fail_times`: the failure hits only the first
     /// N requests sharing a key.
-    pub fn decide_fail(&self, sim: &SimOpts, route: &str, body: &Object) -> Option<FailMode> {
+    pub(crate) fn decide_fail(
+        &self,
+        sim: &SimOpts,
+        route: &str,
+        body: &Object,
+    ) -> Option<FailMode> {
         let mode = sim.fail?;
         let Some(times) = sim.fail_times else {
             return Some(mode);
@@ -218,7 +223,7 @@ impl Simulator {
     /// Runs the latency of one synchronous inference call and its failure
     /// mode. The returned guard keeps the call counted as in flight until the
     /// handler has built its response.
-    pub async fn simulate(
+    pub(crate) async fn simulate(
         &self,
         sim: &SimOpts,
         route: &str,
@@ -246,7 +251,7 @@ impl Simulator {
         }
     }
 
-    pub fn file_url(&self, id: &str) -> String {
+    pub(crate) fn file_url(&self, id: &str) -> String {
         format!("{}/files/{id}", self.base_url)
     }
 }
