@@ -16,7 +16,7 @@ use serde_json::Value;
 use volley_db::Db;
 
 /// The event types the suite's batches subscribe to.
-pub const EVENTS: [&str; 3] = ["batch.completed", "batch.cancelled", "job.failed"];
+pub(crate) const EVENTS: [&str; 3] = ["batch.completed", "batch.cancelled", "job.failed"];
 
 /// The repository root (where `.venv` and `tests/python` are).
 fn repo_root() -> anyhow::Result<PathBuf> {
@@ -83,7 +83,7 @@ impl Receiver {
         format!("http://127.0.0.1:{}/hook", self.port)
     }
 
-    pub fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         self.child.is_none()
     }
 
