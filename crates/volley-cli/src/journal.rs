@@ -68,7 +68,7 @@ impl Journal {
 
 /// The last submit in this directory (`.volley/last-submit`), which `watch` and `results`
 /// use when given no batches.
-pub fn last_submit_pointer() -> PathBuf {
+fn last_submit_pointer() -> PathBuf {
     Path::new(".volley").join("last-submit")
 }
 
