@@ -13,7 +13,7 @@ use crate::schema::{batches, idempotency_keys};
 use crate::{BatchView, Db, DbError, NewJob};
 
 /// How long a key is remembered, in hours.
-pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
+const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 
 /// What a create with an idempotency key came to.
 #[derive(Debug)]

@@ -25,12 +25,12 @@ use r2d2::ManageConnection;
 
 pub use batches::{BatchView, JobSummary, JobView, NewJob};
 pub use execution::{EachResult, Refusal, SweepReport};
-pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
+pub use idempotency::Idempotent;
 pub use keys::{ApiKey, CreatedKey, hash_key};
-pub use quotas::{ACTIVE_RETRY_AFTER_SECS, OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
+pub use quotas::{OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
 pub use webhooks::NewWebhook;
 
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 type PgPool = Pool<Manager>;
 
