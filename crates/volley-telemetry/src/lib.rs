@@ -61,7 +61,7 @@ pub fn init(service: &'static str) -> Telemetry {
 /// The log layer: JSON, or a human format when stderr is a terminal; level by `RUST_LOG`
 /// (default `info`). It sees events only: spans exist for traces, and with no trace layer
 /// installed no layer wants them, so they are disabled where they are created.
-pub fn log_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
+fn log_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
