@@ -14,7 +14,7 @@ use crate::Shared;
 
 /// The expected token, kept as its SHA-256 digest: comparing digests takes the same time
 /// whatever the length or content of what is presented.
-pub struct InternalToken(Option<[u8; 32]>);
+pub(crate) struct InternalToken(Option<[u8; 32]>);
 
 impl InternalToken {
     /// An empty token (allowed in dev mode only, see `Settings::check_internal_token`) leaves
@@ -23,7 +23,7 @@ impl InternalToken {
         InternalToken((!token.is_empty()).then(|| digest(token)))
     }
 
-    pub fn is_open(&self) -> bool {
+    pub(crate) fn is_open(&self) -> bool {
         self.0.is_none()
     }
 
@@ -54,7 +54,7 @@ fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 /// Middleware of the `/internal` scope: 401 before the body is read unless the token is
 /// presented.
-pub async fn require_token(
+pub(crate) async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {

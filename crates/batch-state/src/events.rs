@@ -16,7 +16,7 @@ use volley_proto::{JobEvent, Message};
 use crate::Shared;
 
 /// The longest a retry may wait before its job is available again, whatever the event says.
-pub const MAX_RETRY_DELAY_MS: i64 = 3_600_000;
+const MAX_RETRY_DELAY_MS: i64 = 3_600_000;
 
 /// How a job whose outcome the database refused is failed.
 fn refusal() -> Refusal {

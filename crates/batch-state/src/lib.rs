@@ -2,11 +2,11 @@
 //! attempt number that fences outcomes), renews leases, applies outcome events from RabbitMQ in
 //! batches, and sweeps for work that was committed but not published or whose worker was lost.
 
-pub mod auth;
+mod auth;
 pub mod dispatch;
 pub mod events;
-pub mod sweeper;
-pub mod webhooks;
+mod sweeper;
+mod webhooks;
 
 use std::net::TcpListener;
 use std::sync::Arc;

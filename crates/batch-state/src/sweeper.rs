@@ -37,7 +37,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 }
 
 /// One pass, looking for lost messages too if `stale`; returns how many jobs were published.
-pub async fn sweep_once(
+async fn sweep_once(
     db: &Db,
     broker: &Broker,
     shared: &Shared,

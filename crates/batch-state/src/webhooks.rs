@@ -36,7 +36,7 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 /// The Standard Webhooks signature of one message: `v1,` and the base64 HMAC-SHA256, keyed
 /// with the secret's bytes (the base64 after `whsec_`), of `{id}.{timestamp}.{body}`.
 /// `None` for a secret that is not valid base64.
-pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
+fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let key = b64
         .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
@@ -52,7 +52,7 @@ pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &[u8]) -> Option<S
 
 /// The `webhook-signature` header: one signature per live secret, space-separated (the
 /// previous secret too while its rotation grace lasts, so receivers can switch over).
-pub fn signature_header(
+fn signature_header(
     secret: &str,
     previous: Option<&str>,
     msg_id: &str,
@@ -68,7 +68,7 @@ pub fn signature_header(
 
 /// The delay before attempt `attempts + 1`, after `attempts` failed ones, jittered by ±10%;
 /// `None` when the schedule is used up.
-pub fn next_delay_ms(schedule: &[u64], attempts: i32) -> Option<u64> {
+fn next_delay_ms(schedule: &[u64], attempts: i32) -> Option<u64> {
     let step = usize::try_from(attempts).ok()?.checked_sub(1)?;
     let base = *schedule.get(step)?;
     let spread = base / 10;

@@ -162,13 +162,13 @@ fn number(v: &AMQPValue) -> Option<i64> {
 /// Where a message was dead-lettered from, why, and how many times, from the headers
 /// RabbitMQ adds (`x-first-death-queue`, `x-first-death-reason`, `x-death`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Death {
+struct Death {
     pub queue: Option<String>,
     pub reason: String,
     pub count: i64,
 }
 
-pub fn death(headers: Option<&FieldTable>) -> Death {
+fn death(headers: Option<&FieldTable>) -> Death {
     let mut d = Death {
         queue: None,
         reason: "unknown".into(),

@@ -23,7 +23,7 @@ pub struct Status {
     pub webhooks: Result<volley_db::webhooks::Backlog, String>,
 }
 
-pub async fn gather(settings: &Settings, db: &Db) -> Status {
+async fn gather(settings: &Settings, db: &Db) -> Status {
     let names = Names::new(&settings.queue_prefix);
     let queues = read_once(&settings.amqp_url, &names, "batchctl-status");
     let (queues, jobs, webhooks) = tokio::join!(queues, db.status_by_type(), db.webhook_backlog());
@@ -45,7 +45,7 @@ fn age(secs: f64) -> String {
 }
 
 /// The screen. `?` marks what a failed source would have said.
-pub fn render(status: &Status, names: &Names) -> String {
+fn render(status: &Status, names: &Names) -> String {
     let depth = |queue: &str| -> (String, String) {
         match &status.queues {
             Ok(all) => all

@@ -13,7 +13,7 @@ use volley_amqp::Names;
 use volley_amqp::depths::read_once;
 use volley_domain::InferenceType;
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::{ApiError, ErrorBody};
 use crate::openapi::schema;
 use crate::routes::{UNKNOWN_KEY, bearer};
@@ -21,7 +21,7 @@ use crate::routes::{UNKNOWN_KEY, bearer};
 /// What the operator page shows. Fields in alphabetical order: the bytes clients always got
 /// (see `views`).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct AdminStatus {
+struct AdminStatus {
     pub errors: SourceErrors,
     #[schema(schema_with = schema::object_admin_status)]
     pub object: &'static str,
@@ -31,7 +31,7 @@ pub struct AdminStatus {
 
 /// Which source could not be read (`null` when it was).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SourceErrors {
+struct SourceErrors {
     pub database: Option<String>,
     pub rabbitmq: Option<String>,
 }
@@ -39,7 +39,7 @@ pub struct SourceErrors {
 /// One queue: RabbitMQ's numbers (`null` when RabbitMQ could not be read) and PostgreSQL's
 /// (`null` for the events queue, or when PostgreSQL could not be read).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct QueueRow {
+struct QueueRow {
     pub consumers: Option<u32>,
     pub dead_letters: Option<u32>,
     /// Present on the rows of job queues when PostgreSQL was read.
@@ -57,7 +57,7 @@ pub struct QueueRow {
 /// A broker that accepts a connection but never answers must not hold the request.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/admin/status", web::get().to(status));
 }
 
@@ -75,7 +75,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 )]
 pub(crate) async fn status(
     req: HttpRequest,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let key = bearer(&req)?;
     if !state.db.key_is_admin(key).await?.ok_or(UNKNOWN_KEY)? {

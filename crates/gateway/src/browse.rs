@@ -10,7 +10,7 @@ use serde::Deserialize;
 use volley_db::listing::{BatchFilter, Cursor, JobFilter};
 use volley_domain::{BatchStatus, CUSTOM_ID_RULE, FieldError, JobStatus, is_custom_id};
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{links, owner, parse_id};
 use crate::views;
@@ -24,7 +24,7 @@ const JOBS_MAX: i64 = 256;
 
 /// Query parameters as text, checked here so a bad one gets the contract's 400 naming it.
 #[derive(Deserialize)]
-pub struct PageQuery {
+struct PageQuery {
     limit: Option<String>,
     after: Option<String>,
     before: Option<String>,
@@ -165,9 +165,9 @@ pub(crate) fn job_status(raw: Option<&str>) -> Result<Option<JobStatus>, ApiErro
     ),
     security(("api_key" = [])),
 )]
-pub async fn list_batches(
+pub(crate) async fn list_batches(
     req: HttpRequest,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let query = PageQuery::parse(&req)?;
@@ -205,10 +205,10 @@ pub async fn list_batches(
     ),
     security(("api_key" = [])),
 )]
-pub async fn list_jobs(
+pub(crate) async fn list_jobs(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let query = PageQuery::parse(&req)?;

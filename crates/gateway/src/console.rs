@@ -6,7 +6,7 @@
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use crate::AppState;
+use crate::Shared;
 
 struct Asset {
     name: &'static str,
@@ -47,7 +47,7 @@ const ASSETS: &[Asset] = &[
 /// (a cheap 304) and never runs an old script against a newer page after an upgrade.
 const ETAG: &str = concat!("\"volley-console-", env!("CARGO_PKG_VERSION"), "\"");
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(to_console))
         .route("/console", web::get().to(to_console))
         .route("/console/", web::get().to(index))
@@ -72,7 +72,7 @@ pub(crate) async fn to_console() -> HttpResponse {
         (status = 304, description = "Not modified (`If-None-Match`)"),
     ),
 )]
-pub(crate) async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn index(req: HttpRequest, state: web::Data<Shared>) -> HttpResponse {
     serve(&req, &state, "index.html")
 }
 
@@ -90,7 +90,7 @@ pub(crate) async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpR
 pub(crate) async fn asset(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> HttpResponse {
     serve(&req, &state, &path)
 }
@@ -120,7 +120,7 @@ fn origin(url: &str) -> Option<&str> {
         .then_some(o)
 }
 
-fn serve(req: &HttpRequest, state: &AppState, name: &str) -> HttpResponse {
+fn serve(req: &HttpRequest, state: &Shared, name: &str) -> HttpResponse {
     let Some(a) = ASSETS.iter().find(|a| a.name == name) else {
         return HttpResponse::NotFound().json(crate::error::ErrorBody::new(
             "not_found",

@@ -12,13 +12,13 @@ use crate::openapi::schema;
 /// Every error body: `{"error": {"type": ..., "message": ...}}`, and for `invalid_request` the
 /// bad fields under `errors`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// Fields in alphabetical order: the bytes clients always got (see `views`).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     /// Every bad item or field (`invalid_request` only; absent when the request as a whole is
     /// the problem).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -32,7 +32,7 @@ pub struct ErrorDetail {
 /// One bad field: `index` is the item's position in `requests`, or `null` for the request as a
 /// whole; `field` is a path from the body, such as `requests[2].body.messages[0].role`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct FieldErrorBody {
+pub(crate) struct FieldErrorBody {
     pub field: String,
     pub index: Option<usize>,
     pub message: String,
@@ -51,7 +51,7 @@ impl ErrorBody {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("{message}")]
     InvalidRequest {
         message: String,

@@ -29,7 +29,7 @@ const MIN_SPAN_SECS: f64 = 1.0;
 
 /// The estimate's fields on the batch object; both null when there is none.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Estimate {
+pub(crate) struct Estimate {
     /// RFC 3339, UTC, whole seconds.
     pub estimated_completion_at: Option<String>,
     pub estimated_seconds_remaining: Option<u64>,
@@ -97,7 +97,7 @@ impl Model {
 }
 
 /// The aggregates, cached per gateway process.
-pub struct EtaCache {
+pub(crate) struct EtaCache {
     window_secs: u64,
     cached: Arc<Mutex<Cached>>,
 }

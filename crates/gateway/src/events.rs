@@ -28,7 +28,7 @@ use volley_db::progress::Changed;
 use volley_domain::{BatchCounts, BatchStatus, JobStatus};
 use volley_telemetry::prometheus::{IntCounter, IntGauge};
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::ApiError;
 use crate::routes::bearer;
 
@@ -47,7 +47,7 @@ const MAX_EVENT_ID: usize = 2 + 64;
 type Watchers = HashMap<i64, Vec<(u64, Arc<Notify>)>>;
 
 /// Open streams per gateway process: who waits on which batch, and how many each key holds.
-pub struct Hub {
+pub(crate) struct Hub {
     watchers: Mutex<Watchers>,
     per_key: Mutex<HashMap<Vec<u8>, u32>>,
     next: AtomicU64,
@@ -229,7 +229,7 @@ impl Cursor {
 
 /// The `progress` and `done` events: the batch's status and counts, as on the batch object.
 #[derive(Debug, Serialize)]
-pub struct ProgressEvent {
+struct ProgressEvent {
     pub id: String,
     pub status: &'static str,
     pub total: u64,
@@ -320,10 +320,10 @@ fn last_event_id(req: &HttpRequest, total: usize) -> Result<Option<Cursor>, ApiE
     ),
     security(("api_key" = [])),
 )]
-pub async fn batch_events(
+pub(crate) async fn batch_events(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     // The key and the batch's owner are checked as for GET /v1/batches/{id}.
     let (id, (batch, _, _)) = crate::routes::batch_for_key(&req, &path, &state).await?;

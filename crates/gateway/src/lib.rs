@@ -8,7 +8,7 @@ mod error;
 mod eta;
 mod events;
 mod limits;
-pub mod openapi;
+mod openapi;
 mod results;
 mod routes;
 mod views;
@@ -28,10 +28,11 @@ use volley_domain::Limits;
 use volley_media::{MediaStore, Signer};
 use volley_telemetry::Metrics;
 
-pub use error::ApiError;
+pub(crate) use error::ApiError;
 use error::ErrorBody;
 
-pub struct AppState {
+/// What every request handler shares (actix app data): settings, connections and caches.
+pub(crate) struct Shared {
     pub settings: Arc<Settings>,
     pub limits: Limits,
     pub db: Db,
@@ -158,7 +159,7 @@ pub fn start(settings: Settings, listener: TcpListener) -> anyhow::Result<Runnin
         db.clone(),
         gate_stop.clone(),
     ));
-    let state = web::Data::new(AppState {
+    let state = web::Data::new(Shared {
         settings,
         limits: Limits::default(),
         db,

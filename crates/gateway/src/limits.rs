@@ -19,7 +19,7 @@ use crate::error::ApiError;
 /// Keys tracked at once on one gateway.
 const MAX_KEYS: usize = 10_000;
 
-pub struct KeyLimiter {
+pub(crate) struct KeyLimiter {
     /// Tokens per second; 0 turns the rate limit off.
     rate: f64,
     burst: f64,
@@ -46,7 +46,7 @@ impl Bucket {
 }
 
 /// Holds one of a key's in-flight slots until dropped.
-pub struct InFlight {
+pub(crate) struct InFlight {
     limiter: Arc<KeyLimiter>,
     key: u64,
 }
@@ -87,7 +87,7 @@ impl KeyLimiter {
 
     /// Admits one request of the key `credential` (the `Authorization` header's bytes) or
     /// says why not. `None` when no limit is configured.
-    pub fn admit(self: &Arc<Self>, credential: &[u8]) -> Result<Option<InFlight>, ApiError> {
+    pub(crate) fn admit(self: &Arc<Self>, credential: &[u8]) -> Result<Option<InFlight>, ApiError> {
         if !self.enabled() {
             return Ok(None);
         }

@@ -22,7 +22,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::{admin, browse, console, events, results, routes, webhooks};
 
 /// The document, serialised once at start-up, and the methods of each of its paths.
-pub struct Document {
+pub(crate) struct Document {
     json: web::Bytes,
     /// `Allow` header values by path template (`/v1/batches/{id}`).
     allow: BTreeMap<String, String>,
@@ -141,7 +141,7 @@ fn console_redirect() {}
     ],
 }))]
 #[allow(dead_code)]
-pub struct BatchRequest {
+pub(crate) struct BatchRequest {
     /// A human-readable name for the batch.
     #[schema(max_length = 256, pattern = r"^[^\u0000]*$")]
     label: Option<String>,
@@ -160,7 +160,7 @@ pub struct BatchRequest {
 #[derive(ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[allow(dead_code)]
-pub enum PriorityName {
+enum PriorityName {
     Low,
     Normal,
     High,
@@ -169,7 +169,7 @@ pub enum PriorityName {
 /// A batch's webhook.
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub struct WebhookRequest {
+struct WebhookRequest {
     /// An absolute `https` URL (plain `http` only to hosts the operator allows); a URL the
     /// operator's policy refuses is 400 on `webhook.url`.
     #[schema(max_length = 2048)]
@@ -182,7 +182,7 @@ pub struct WebhookRequest {
 /// A webhook event type.
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub enum WebhookEventType {
+enum WebhookEventType {
     #[serde(rename = "batch.completed")]
     BatchCompleted,
     #[serde(rename = "batch.cancelled")]
@@ -197,7 +197,7 @@ pub enum WebhookEventType {
 #[derive(ToSchema)]
 #[serde(untagged)]
 #[allow(dead_code)]
-pub enum BatchItem {
+enum BatchItem {
     ChatCompletions(ChatCompletionsItem),
     Completions(CompletionsItem),
     ImagesGenerations(ImagesItem),
@@ -234,37 +234,37 @@ items! {
 // literal, not from a macro argument). A test checks them against `Endpoint::ALL`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub enum ChatCompletionsEndpoint {
+enum ChatCompletionsEndpoint {
     #[serde(rename = "/v1/chat/completions")]
     Path,
 }
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub enum CompletionsEndpoint {
+enum CompletionsEndpoint {
     #[serde(rename = "/v1/completions")]
     Path,
 }
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub enum ImagesEndpoint {
+enum ImagesEndpoint {
     #[serde(rename = "/v1/images/generations")]
     Path,
 }
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub enum VideosEndpoint {
+enum VideosEndpoint {
     #[serde(rename = "/v1/videos/generations")]
     Path,
 }
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub enum MusicEndpoint {
+enum MusicEndpoint {
     #[serde(rename = "/v1/music/generations")]
     Path,
 }
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub enum SpeechEndpoint {
+enum SpeechEndpoint {
     #[serde(rename = "/v1/audio/speech")]
     Path,
 }
@@ -275,7 +275,7 @@ pub enum SpeechEndpoint {
 /// `/v1/chat/completions`. Other fields of the OpenAI API pass through to the provider.
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub struct ChatBody {
+struct ChatBody {
     /// A model that serves this endpoint (`GET /v1/models`).
     #[schema(max_length = 256, pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$")]
     model: String,
@@ -288,7 +288,7 @@ pub struct ChatBody {
 
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub struct ChatMessage {
+struct ChatMessage {
     #[schema(schema_with = role)]
     role: String,
     /// Text (at most 100,000 characters) or an array of content parts, passed on as given
@@ -327,7 +327,7 @@ prompt_bodies! {
 /// `/v1/images/generations`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub struct ImageBody {
+struct ImageBody {
     #[schema(max_length = 256, pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$")]
     model: String,
     #[schema(max_length = 100000, pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$")]
@@ -343,7 +343,7 @@ pub struct ImageBody {
 /// `/v1/audio/speech`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
-pub struct SpeechBody {
+struct SpeechBody {
     #[schema(max_length = 256, pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$")]
     model: String,
     #[schema(max_length = 4096, pattern = r"^[^\u0000]*[^\s\u0000][^\u0000]*$")]
@@ -400,10 +400,10 @@ pub mod schema {
     pub fn object_list() -> Object {
         strings(&["list"])
     }
-    pub fn object_model() -> Object {
+    pub(crate) fn object_model() -> Object {
         strings(&["model"])
     }
-    pub fn object_admin_status() -> Object {
+    pub(crate) fn object_admin_status() -> Object {
         strings(&["admin_status"])
     }
     pub fn ok() -> Object {
@@ -729,7 +729,7 @@ const METHODS: [&str; 8] = [
 #[derive(utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
-pub struct MediaParams {
+pub(crate) struct MediaParams {
     /// The job the link was signed for.
     job: Option<i64>,
     /// Unix time the link expires.

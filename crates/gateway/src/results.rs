@@ -18,7 +18,7 @@ use serde_json::Value;
 use volley_db::JobView;
 use volley_domain::JobStatus;
 
-use crate::AppState;
+use crate::Shared;
 use crate::browse::bad;
 use crate::error::ApiError;
 use crate::routes::{links, owner, parse_id};
@@ -30,7 +30,7 @@ const PAGE_ROWS: i64 = 64;
 
 /// One line of the results: a finished job.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ResultLine {
+pub(crate) struct ResultLine {
     /// The job's id.
     pub id: String,
     pub batch_id: String,
@@ -51,14 +51,14 @@ pub struct ResultLine {
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ResultError {
+pub(crate) struct ResultError {
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ResultUsage {
+pub(crate) struct ResultUsage {
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub total_tokens: Option<i64>,
@@ -185,10 +185,10 @@ where
     ),
     security(("api_key" = [])),
 )]
-pub async fn batch_results(
+pub(crate) async fn batch_results(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     // Authenticated and owned exactly like `GET /v1/batches/{id}`: 401 first, then the same
     // 404 for a missing batch and for another owner's.

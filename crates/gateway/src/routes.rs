@@ -9,11 +9,11 @@ use volley_domain::BatchUsage;
 use volley_domain::{BatchRejection, validate_batch};
 use volley_proto::{CancelJobs, Control, JobMessage, control};
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::{ApiError, ErrorBody};
 use crate::views::{self, MediaLinks};
 
-pub fn configure(cfg: &mut web::ServiceConfig) {
+pub(crate) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/v1/batches", web::post().to(create_batch))
@@ -61,7 +61,7 @@ pub(crate) async fn healthz() -> HttpResponse {
         (status = 503, description = "Not ready (or shutting down)", body = views::Readiness),
     ),
 )]
-pub(crate) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn readyz(state: web::Data<Shared>) -> HttpResponse {
     let db = state.db.ping().await;
     let broker = tokio::time::timeout(
         std::time::Duration::from_secs(3),
@@ -105,7 +105,7 @@ pub(crate) fn bearer(req: &HttpRequest) -> Result<&str, ApiError> {
 pub(crate) const UNKNOWN_KEY: ApiError = ApiError::Unauthorized("unknown or revoked API key");
 
 /// The key's owner, from `Authorization: Bearer <key>`.
-pub(crate) async fn owner(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+pub(crate) async fn owner(req: &HttpRequest, state: &Shared) -> Result<String, ApiError> {
     let key = bearer(req)?;
     state.db.authenticate(key).await?.ok_or(UNKNOWN_KEY)
 }
@@ -215,7 +215,7 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
 pub(crate) async fn create_batch(
     req: HttpRequest,
     payload: web::Payload,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let who = state
         .db
@@ -357,7 +357,7 @@ fn over_quota(o: volley_db::OverQuota) -> ApiError {
 }
 
 /// Publishes a batch's job messages and records which the broker confirmed.
-async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<JobMessage>) {
+async fn publish_batch(state: web::Data<Shared>, batch_id: i64, messages: Vec<JobMessage>) {
     if messages.is_empty() {
         // All held: nothing to confirm, and the batch is published as far as this gateway goes.
         if let Err(e) = state.db.record_publish(batch_id, Vec::new()).await {
@@ -401,7 +401,7 @@ async fn publish_batch(state: web::Data<AppState>, batch_id: i64, messages: Vec<
 pub(crate) async fn batch_for_key(
     req: &HttpRequest,
     path: &str,
-    state: &AppState,
+    state: &Shared,
 ) -> Result<(i64, (BatchView, Vec<JobSummary>, BatchUsage)), ApiError> {
     let key = bearer(req)?;
     let Ok(id) = parse_id(path, "batch") else {
@@ -433,7 +433,7 @@ pub(crate) async fn batch_for_key(
 pub(crate) async fn get_batch(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let (id, (b, jobs, usage)) = batch_for_key(&req, &path, &state).await?;
     let mut v = views::batch_with_jobs(&b, &jobs, &state.settings.gateway.public_url);
@@ -465,7 +465,7 @@ pub(crate) async fn get_batch(
 pub(crate) async fn cancel_batch(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "batch")?;
@@ -489,7 +489,7 @@ pub(crate) async fn cancel_batch(
 }
 
 /// Jobs accepted per inference type: one counter update per type present, not per job.
-fn count_accepted(state: &AppState, jobs: &[volley_domain::Dispatch]) {
+fn count_accepted(state: &Shared, jobs: &[volley_domain::Dispatch]) {
     for t in volley_domain::InferenceType::ALL {
         let n = jobs.iter().filter(|j| j.inference_type == t).count();
         if n > 0 {
@@ -504,7 +504,7 @@ fn count_accepted(state: &AppState, jobs: &[volley_domain::Dispatch]) {
 }
 
 /// One event per cancelled job (a state change), and its count.
-fn job_cancelled(state: &AppState, batch_id: i64, job_id: i64, inference_type: &str) {
+fn job_cancelled(state: &Shared, batch_id: i64, job_id: i64, inference_type: &str) {
     tracing::info!(
         job.id = job_id,
         batch.id = batch_id,
@@ -522,7 +522,7 @@ fn job_cancelled(state: &AppState, batch_id: i64, job_id: i64, inference_type: &
 
 /// Tells workers to abort in-flight calls. Best effort: a worker that misses it learns of the
 /// cancellation when it next renews its claim, and its late result is discarded anyway.
-async fn abort_running(state: &AppState, batch_id: i64, job_ids: Vec<i64>) {
+async fn abort_running(state: &Shared, batch_id: i64, job_ids: Vec<i64>) {
     let c = Control {
         action: Some(control::Action::Cancel(CancelJobs { batch_id, job_ids })),
     };
@@ -531,7 +531,7 @@ async fn abort_running(state: &AppState, batch_id: i64, job_ids: Vec<i64>) {
     }
 }
 
-pub(crate) fn links(state: &AppState) -> MediaLinks<'_> {
+pub(crate) fn links(state: &Shared) -> MediaLinks<'_> {
     MediaLinks {
         signer: &state.signer,
         public_url: &state.settings.gateway.public_url,
@@ -556,7 +556,7 @@ pub(crate) fn links(state: &AppState) -> MediaLinks<'_> {
 pub(crate) async fn get_job(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "job")?;
@@ -587,7 +587,7 @@ pub(crate) async fn get_job(
 pub(crate) async fn cancel_job(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "job")?;
@@ -608,7 +608,7 @@ pub(crate) async fn cancel_job(
     get, path = "/v1/models", tag = "batches",
     responses((status = 200, description = "Every model", body = views::ModelList)),
 )]
-pub(crate) async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn list_models(state: web::Data<Shared>) -> HttpResponse {
     let data = state
         .settings
         .models
@@ -654,7 +654,7 @@ struct MediaQuery {
 )]
 pub(crate) async fn get_media(
     req: HttpRequest,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let key = req.match_info().query("key").to_owned();
     // Parsed here, not by the `Query` extractor, whose errors are plain text.

@@ -16,7 +16,7 @@ use crate::openapi::schema;
 
 /// A page of batches, newest first.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BatchList {
+pub(crate) struct BatchList {
     pub data: Vec<Batch>,
     /// More pass `after` = the last id of this page.
     pub has_more: bool,
@@ -26,7 +26,7 @@ pub struct BatchList {
 
 /// A page of a batch's jobs, in order.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct JobList {
+pub(crate) struct JobList {
     pub data: Vec<Job>,
     pub has_more: bool,
     #[schema(schema_with = schema::object_list)]
@@ -35,7 +35,7 @@ pub struct JobList {
 
 /// A model some configured provider serves.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Model {
+pub(crate) struct Model {
     pub created: i64,
     /// The batch endpoints this model accepts.
     pub endpoints: Vec<String>,
@@ -46,7 +46,7 @@ pub struct Model {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ModelList {
+pub(crate) struct ModelList {
     pub data: Vec<Model>,
     #[schema(schema_with = schema::object_list)]
     pub object: &'static str,
@@ -61,7 +61,7 @@ pub struct Health {
 
 /// `/readyz`: whether this gateway can take requests (503 with the same body when not).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     pub database: bool,
     /// True while shutting down.
     pub draining: bool,

@@ -10,7 +10,7 @@ use volley_db::webhooks::Delivery;
 use volley_domain::{FieldError, ValidWebhook};
 use volley_egress::WebhookPolicy;
 
-use crate::AppState;
+use crate::Shared;
 use crate::error::{ApiError, ErrorBody};
 use crate::routes::{owner, parse_id};
 
@@ -24,7 +24,7 @@ pub fn policy(settings: &Settings) -> anyhow::Result<WebhookPolicy> {
 /// Applies the operator's policy to a batch's (well-formed) webhook: a URL it refuses is a
 /// 400 on `webhook.url`, like any other bad field.
 pub fn accept(
-    state: &AppState,
+    state: &Shared,
     webhook: Option<&ValidWebhook>,
     key_id: i64,
 ) -> Result<Option<NewWebhook>, ApiError> {
@@ -51,7 +51,7 @@ pub fn accept(
 
 /// One event and how its delivery is going.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct DeliveryBody {
+struct DeliveryBody {
     pub id: String,
     pub object: &'static str,
     /// The `webhook-id` header: the same on every attempt.
@@ -102,7 +102,7 @@ impl From<Delivery> for DeliveryBody {
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct DeliveryList {
+struct DeliveryList {
     pub object: &'static str,
     pub data: Vec<DeliveryBody>,
 }
@@ -120,10 +120,10 @@ pub struct DeliveryList {
     ),
     security(("api_key" = [])),
 )]
-pub async fn list_deliveries(
+pub(crate) async fn list_deliveries(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "batch")?;
@@ -151,10 +151,10 @@ pub async fn list_deliveries(
     ),
     security(("api_key" = [])),
 )]
-pub async fn retry_delivery(
+pub(crate) async fn retry_delivery(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<AppState>,
+    state: web::Data<Shared>,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&req, &state).await?;
     let id = parse_id(&path, "webhook delivery")?;

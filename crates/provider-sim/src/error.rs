@@ -40,7 +40,7 @@ impl ApiError {
         )
     }
 
-    pub fn wrong_type(param: &str, expected: &str) -> Self {
+    pub(crate) fn wrong_type(param: &str, expected: &str) -> Self {
         Self::invalid(
             format!("invalid type for '{param}': expected {expected}"),
             Some(param),
@@ -93,7 +93,7 @@ impl ApiError {
     }
 
     /// Only reached when a client waited out a `sim_fail: "timeout"`.
-    pub fn timed_out() -> Self {
+    pub(crate) fn timed_out() -> Self {
         Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             "server_error",

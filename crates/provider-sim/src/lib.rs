@@ -54,7 +54,7 @@ use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{Next, from_fn};
 use actix_web::{App, HttpResponse, HttpServer, ResponseError, web};
 use serde::{Deserialize, Serialize};
-use sim::State;
+use sim::Simulator;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -109,7 +109,7 @@ pub struct SimStats {
 /// A running simulator. Dropping it stops the server without waiting.
 pub struct SimHandle {
     pub addr: SocketAddr,
-    state: Arc<State>,
+    state: Arc<Simulator>,
     server: ServerHandle,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -168,7 +168,7 @@ pub async fn spawn(listener: TcpListener, config: SimConfig) -> std::io::Result<
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{}", connect_addr(addr)));
-    let state = Arc::new(State::new(
+    let state = Arc::new(Simulator::new(
         Duration::from_millis(config.latency_ms),
         config.required_api_key.clone(),
         base_url,
@@ -217,7 +217,7 @@ async fn track(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let Some(state) = req.app_data::<web::Data<State>>().cloned() else {
+    let Some(state) = req.app_data::<web::Data<Simulator>>().cloned() else {
         return next
             .call(req)
             .await
@@ -248,11 +248,11 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-async fn sim_stats(st: web::Data<State>) -> HttpResponse {
+async fn sim_stats(st: web::Data<Simulator>) -> HttpResponse {
     HttpResponse::Ok().json(st.stats.snapshot())
 }
 
-async fn sim_reset(st: web::Data<State>) -> HttpResponse {
+async fn sim_reset(st: web::Data<Simulator>) -> HttpResponse {
     st.stats.reset();
     HttpResponse::Ok().json(st.stats.snapshot())
 }

@@ -43,7 +43,7 @@ impl Media {
     }
 
     /// Bytes actually held in memory.
-    pub fn resident_bytes(&self) -> usize {
+    pub(crate) fn resident_bytes(&self) -> usize {
         self.head.len()
     }
 
@@ -69,11 +69,11 @@ impl Media {
         }
     }
 
-    pub fn base64_len(&self) -> u64 {
+    pub(crate) fn base64_len(&self) -> u64 {
         self.len().div_ceil(3) * 4
     }
 
-    pub fn base64_chunks(&self) -> Base64Chunks<MediaChunks> {
+    pub(crate) fn base64_chunks(&self) -> Base64Chunks<MediaChunks> {
         Base64Chunks {
             inner: self.chunks(),
             carry: Vec::new(),

@@ -3,8 +3,8 @@
 use crate::error::ApiError;
 use crate::media::{self, Media};
 use crate::sim::{
-    Object, Outcome, SimOpts, State, lock, new_id, opt_bool, opt_f64, opt_str, opt_u64, read_json,
-    req_str, unix_now, word_count,
+    Object, Outcome, SimOpts, Simulator, lock, new_id, opt_bool, opt_f64, opt_str, opt_u64,
+    read_json, req_str, unix_now, word_count,
 };
 use actix_web::body::SizedStream;
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -19,7 +19,7 @@ const DEFAULT_IMAGE_SIDE: u32 = 64;
 const MS_PER_WORD: u64 = 50;
 const MAX_SPEECH_MS: u64 = 10_000;
 
-pub(crate) type Data = web::Data<State>;
+pub(crate) type Data = web::Data<Simulator>;
 
 /// Pads a text answer to `sim_answer_bytes`.
 fn padded(mut text: String, sim: &SimOpts) -> String {

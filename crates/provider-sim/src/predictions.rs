@@ -7,7 +7,7 @@
 use crate::error::ApiError;
 use crate::media::{self, Media};
 use crate::openai::Data;
-use crate::sim::{FailMode, Object, SimOpts, State, lock, new_id, read_json, word_count};
+use crate::sim::{FailMode, Object, SimOpts, Simulator, lock, new_id, read_json, word_count};
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -209,7 +209,7 @@ fn build_plan(model: &str, input: &Object, sim: &SimOpts, base: &str) -> Result<
 
 /// Produces output files; video/audio give one URL string, images a list of
 /// URLs (the common Replicate conventions for those model families).
-fn render(plan: &Plan, st: &State) -> Result<(Value, Vec<(String, Media)>), String> {
+fn render(plan: &Plan, st: &Simulator) -> Result<(Value, Vec<(String, Media)>), String> {
     let Plan::Succeed {
         kind,
         prompt,
@@ -254,7 +254,7 @@ fn render(plan: &Plan, st: &State) -> Result<(Value, Vec<(String, Media)>), Stri
 }
 
 /// Moves a running prediction past its deadline to its terminal status.
-fn finish(st: &State, id: &str) {
+fn finish(st: &Simulator, id: &str) {
     let plan = {
         let preds = lock(&st.predictions);
         match preds.map.get(id) {
@@ -330,7 +330,7 @@ pub(crate) async fn create(
             plan = Plan::Fail("simulated invalid request: sim_fail=fatal".to_owned());
         }
         Some(FailMode::Timeout) => {
-            latency = State::timeout_latency(&sim);
+            latency = Simulator::timeout_latency(&sim);
             plan = Plan::Fail("simulated timeout".to_owned());
         }
     }
@@ -361,7 +361,7 @@ pub(crate) async fn create(
         st.stats.inference_started();
     }
 
-    let state: Arc<State> = st.into_inner();
+    let state: Arc<Simulator> = st.into_inner();
     {
         let (state, id) = (state.clone(), id.clone());
         tokio::spawn(async move {

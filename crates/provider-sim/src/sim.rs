@@ -1,4 +1,4 @@
-//! Shared server state, request-body parsing and the `sim_*` control fields.
+//! The simulator's shared data (`Simulator`), request-body parsing and the `sim_*` control fields.
 
 use crate::error::ApiError;
 use crate::media::MAX_MEDIA_BYTES;
@@ -28,7 +28,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub(crate) struct State {
+/// What every handler shares: settings, counters, stored files and predictions.
+pub(crate) struct Simulator {
     pub default_latency: Duration,
     pub api_key: Option<String>,
     pub base_url: String,
@@ -140,7 +141,7 @@ impl SimOpts {
 
     /// The link to hand out for produced media, if `sim_media_url` or `sim_redirect_to`
     /// chose one.
-    pub fn media_link(&self, base: &str) -> Option<String> {
+    pub(crate) fn media_link(&self, base: &str) -> Option<String> {
         if let Some(u) = &self.media_url {
             return Some(u.clone());
         }
@@ -160,7 +161,7 @@ impl SimOpts {
 /// The largest `sim_answer_bytes`.
 const MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 
-impl State {
+impl Simulator {
     pub fn new(default_latency: Duration, api_key: Option<String>, base_url: String) -> Self {
         Self {
             default_latency,
@@ -173,7 +174,7 @@ impl State {
         }
     }
 
-    pub fn authorized(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn authorized(&self, headers: &HeaderMap) -> bool {
         let Some(expected) = &self.api_key else {
             return true;
         };
@@ -193,7 +194,7 @@ impl State {
             .unwrap_or(self.default_latency)
     }
 
-    pub fn timeout_latency(sim: &SimOpts) -> Duration {
+    pub(crate) fn timeout_latency(sim: &SimOpts) -> Duration {
         sim.latency_ms
             .map(Duration::from_millis)
             .unwrap_or(TIMEOUT_SLEEP)
@@ -201,7 +202,12 @@ impl State {
 
     /// Applies `sim_fail`/`sim_fail_times`: the failure hits only the first
     /// N requests sharing a key.
-    pub fn decide_fail(&self, sim: &SimOpts, route: &str, body: &Object) -> Option<FailMode> {
+    pub(crate) fn decide_fail(
+        &self,
+        sim: &SimOpts,
+        route: &str,
+        body: &Object,
+    ) -> Option<FailMode> {
         let mode = sim.fail?;
         let Some(times) = sim.fail_times else {
             return Some(mode);
@@ -217,7 +223,7 @@ impl State {
     /// Runs the latency of one synchronous inference call and its failure
     /// mode. The returned guard keeps the call counted as in flight until the
     /// handler has built its response.
-    pub async fn simulate(
+    pub(crate) async fn simulate(
         &self,
         sim: &SimOpts,
         route: &str,
@@ -245,7 +251,7 @@ impl State {
         }
     }
 
-    pub fn file_url(&self, id: &str) -> String {
+    pub(crate) fn file_url(&self, id: &str) -> String {
         format!("{}/files/{id}", self.base_url)
     }
 }
@@ -283,7 +289,7 @@ pub(crate) async fn read_json(
     }
     let mut buf = web::BytesMut::new();
     let mut seen = 0usize;
-    let state = req.app_data::<web::Data<State>>();
+    let state = req.app_data::<web::Data<Simulator>>();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::invalid(format!("could not read request body: {e}"), None))?;

@@ -19,14 +19,14 @@ pub(crate) struct Stats {
 }
 
 impl Stats {
-    pub fn record_request(&self, path: &str) {
+    pub(crate) fn record_request(&self, path: &str) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let mut map = self.by_path.lock().unwrap_or_else(|e| e.into_inner());
         *map.entry(path.to_owned()).or_default() += 1;
     }
 
     /// Counts the `sim_*` fields of a request body, to show which reached the simulator.
-    pub fn record_sim_fields(&self, body: &serde_json::Map<String, serde_json::Value>) {
+    pub(crate) fn record_sim_fields(&self, body: &serde_json::Map<String, serde_json::Value>) {
         let inner = body.get("input").and_then(serde_json::Value::as_object);
         let names = body.keys().chain(inner.into_iter().flat_map(|i| i.keys()));
         let mut map = self.sim_fields.lock().unwrap_or_else(|e| e.into_inner());
@@ -38,7 +38,7 @@ impl Stats {
         }
     }
 
-    pub fn record_status(&self, status: u16) {
+    pub(crate) fn record_status(&self, status: u16) {
         if status == 429 {
             self.status_429.fetch_add(1, Ordering::Relaxed);
         } else if status >= 500 {
@@ -46,16 +46,16 @@ impl Stats {
         }
     }
 
-    pub fn record_cancel(&self) {
+    pub(crate) fn record_cancel(&self) {
         self.predictions_cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn inference_started(&self) {
+    pub(crate) fn inference_started(&self) {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
     }
 
-    pub fn inference_finished(&self) {
+    pub(crate) fn inference_finished(&self) {
         // Saturating: a reset never touches in_flight, so this cannot underflow
         // unless a caller double-finishes; guard anyway rather than wrap.
         let _ = self
@@ -65,7 +65,7 @@ impl Stats {
             });
     }
 
-    pub fn snapshot(&self) -> SimStats {
+    pub(crate) fn snapshot(&self) -> SimStats {
         let by_path = self
             .by_path
             .lock()

@@ -57,7 +57,7 @@ impl FailCounter {
     const MAX_KEYS: usize = 100_000;
 
     /// Returns how many requests (including this one) carried `key`.
-    pub fn bump(&mut self, key: String) -> u64 {
+    pub(crate) fn bump(&mut self, key: String) -> u64 {
         // Crude bound: tests use a handful of keys, so forgetting all of them
         // once in a blue moon is acceptable.
         if self.counts.len() >= Self::MAX_KEYS && !self.counts.contains_key(&key) {

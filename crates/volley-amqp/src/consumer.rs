@@ -174,7 +174,7 @@ impl Stream for Consumer {
 /// consumer that lost its broker once an hour would wait the capped delay every time after
 /// the first few outages, however long it had been fine in between.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+struct Backoff {
     initial: Duration,
     max: Duration,
     healthy_after: Duration,
@@ -193,7 +193,7 @@ impl Backoff {
 
     /// The delay before the next attempt. `up_for` is how long the connection that just
     /// failed had been up (`None`: it never opened).
-    pub fn after_failure(&mut self, up_for: Option<Duration>) -> Duration {
+    fn after_failure(&mut self, up_for: Option<Duration>) -> Duration {
         if up_for.is_some_and(|d| d >= self.healthy_after) {
             self.next = self.initial.min(self.max);
         }
@@ -214,7 +214,7 @@ impl Default for Backoff {
     }
 }
 
-/// Consumes until `stop`, reconnecting after failures with a [`Backoff::default`].
+/// Consumes until `stop`, reconnecting after failures with a `Backoff::default()`.
 ///
 /// Each connection is handed to `session`, which processes deliveries until `stop` (then it
 /// closes the consumer and returns `Ok`) or until something fails (`Err`: the connection is

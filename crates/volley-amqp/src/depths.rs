@@ -18,7 +18,7 @@ pub struct QueueDepth {
 }
 
 /// Every work queue, then its dead-letter queue: jobs of each type, then events.
-pub fn watched_queues(names: &Names) -> Vec<String> {
+fn watched_queues(names: &Names) -> Vec<String> {
     names
         .work_queues()
         .into_iter()

@@ -68,7 +68,7 @@ impl Names {
     pub fn prefix(&self) -> &str {
         &self.prefix
     }
-    pub fn jobs_exchange(&self) -> String {
+    fn jobs_exchange(&self) -> String {
         format!("{}.jobs", self.prefix)
     }
     pub fn job_queue(&self, t: InferenceType) -> String {
@@ -77,7 +77,7 @@ impl Names {
     pub fn events_queue(&self) -> String {
         format!("{}.events", self.prefix)
     }
-    pub fn dlx(&self) -> String {
+    fn dlx(&self) -> String {
         format!("{}.dlx", self.prefix)
     }
     pub fn dlq(queue: &str) -> String {
@@ -173,9 +173,9 @@ pub async fn declare_topology(ch: &Channel, names: &Names) -> Result<(), AmqpErr
 /// small (media never travels on the broker), and the client keeps 32 frames of buffer each
 /// way per connection, zeroed up front: at RabbitMQ's default of 128 KiB that is 8 MiB per
 /// connection, at this 1 MiB. Larger messages are split into frames, as AMQP does anyway.
-pub const FRAME_MAX: u32 = 16 * 1024;
+const FRAME_MAX: u32 = 16 * 1024;
 
-/// Parses `url`, asking for [`FRAME_MAX`] unless it names a `frame_max` itself.
+/// Parses `url`, asking for `FRAME_MAX` unless it names a `frame_max` itself.
 pub fn parse_url(url: &str) -> Result<lapin::uri::AMQPUri, AmqpError> {
     // The parser's message quotes the URL: never with its password.
     let mut uri: lapin::uri::AMQPUri = url
@@ -188,7 +188,7 @@ pub fn parse_url(url: &str) -> Result<lapin::uri::AMQPUri, AmqpError> {
 }
 
 /// `url` with its user and password replaced by `***`, fit for a log or an error.
-pub fn redact(url: &str) -> String {
+fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -209,7 +209,10 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, AmqpError> {
 }
 
 /// A consuming channel with a prefetch window.
-pub async fn consumer_channel(conn: &Connection, prefetch: u16) -> Result<Channel, AmqpError> {
+pub(crate) async fn consumer_channel(
+    conn: &Connection,
+    prefetch: u16,
+) -> Result<Channel, AmqpError> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     Ok(ch)
@@ -284,14 +287,6 @@ impl Broker {
         Ok(l)
     }
 
-    /// Whether a connection is open now (no attempt to connect).
-    pub async fn is_connected(&self) -> bool {
-        match self.live.lock().await.as_ref() {
-            Some(l) => l.conn.status().connected(),
-            None => false,
-        }
-    }
-
     /// Connects (and declares the topology) if not connected.
     pub async fn ensure_connected(&self) -> Result<(), AmqpError> {
         self.live().await.map(|_| ())
@@ -306,7 +301,7 @@ impl Broker {
     /// Each message gets a producer span (a child of the current span) that lasts until its
     /// confirm, and carries that span's W3C trace context in its `traceparent`/`tracestate`
     /// headers, so the consumer continues the same trace.
-    pub async fn publish_many(
+    async fn publish_many(
         &self,
         messages: Vec<Outgoing>,
     ) -> Result<Vec<Result<(), AmqpError>>, AmqpError> {
@@ -513,7 +508,7 @@ impl Broker {
 
 /// One message to publish.
 #[derive(Debug, Clone)]
-pub struct Outgoing {
+struct Outgoing {
     pub exchange: String,
     pub routing_key: String,
     pub payload: Vec<u8>,

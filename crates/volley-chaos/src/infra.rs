@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 /// Spare loopback ports, all different: every listener is held until all are chosen.
-pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+pub(crate) fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     let listeners = (0..n)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()
@@ -142,7 +142,7 @@ fn is_root() -> bool {
 }
 
 /// Runs a short command to completion, with a time limit; its output if it succeeded.
-pub async fn run_command(mut cmd: Command, timeout: Duration) -> anyhow::Result<String> {
+pub(crate) async fn run_command(mut cmd: Command, timeout: Duration) -> anyhow::Result<String> {
     let what = format!("{:?}", cmd.get_program());
     cmd.stdin(Stdio::null());
     let out = tokio::time::timeout(
@@ -289,7 +289,7 @@ impl RabbitNode {
     }
 
     /// Runs `rabbitmqctl -n <node> args…`.
-    pub async fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+    pub(crate) async fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut c = self.command("rabbitmqctl");
         c.arg("-n").arg(&self.node).args(args);
         run_command(c, Duration::from_secs(60)).await
@@ -311,7 +311,7 @@ impl RabbitNode {
     }
 
     /// Starts the node again on the same ports and data.
-    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn start_again(&mut self) -> anyhow::Result<()> {
         if self.proc.is_some() {
             self.stop().await?;
         }
@@ -321,7 +321,7 @@ impl RabbitNode {
 
 /// How PostgreSQL goes down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PgStop {
+pub(crate) enum PgStop {
     /// `pg_ctl stop -m fast`: clients are disconnected, a clean shutdown.
     Fast,
     /// `kill -9` of the server: crash recovery on the next start.
@@ -330,7 +330,7 @@ pub enum PgStop {
 
 /// A PostgreSQL cluster of our own: `initdb` into a directory, the server on a spare port,
 /// trust authentication for user `postgres`, loopback only.
-pub struct PgCluster {
+pub(crate) struct PgCluster {
     dir: PathBuf,
     bin: PathBuf,
     pub port: u16,
@@ -476,7 +476,7 @@ impl PgCluster {
     }
 
     /// Runs SQL as `postgres` on `database`.
-    pub async fn psql(&self, database: &str, sql: &str) -> anyhow::Result<String> {
+    pub(crate) async fn psql(&self, database: &str, sql: &str) -> anyhow::Result<String> {
         let mut c = Command::new(self.bin.join("psql"));
         c.args([
             "-X",
@@ -511,7 +511,7 @@ impl PgCluster {
         Ok(())
     }
 
-    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn start_again(&mut self) -> anyhow::Result<()> {
         if self.proc.is_some() {
             self.stop(PgStop::Fast).await?;
         }

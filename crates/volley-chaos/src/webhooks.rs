@@ -19,7 +19,7 @@ use volley_db::Db;
 use crate::suite::Accepted;
 
 /// The event types the suite's batches subscribe to.
-pub const EVENTS: [&str; 3] = ["batch.completed", "batch.cancelled", "job.failed"];
+pub(crate) const EVENTS: [&str; 3] = ["batch.completed", "batch.cancelled", "job.failed"];
 
 /// The repository root (where `.venv` and `tests/python` are).
 fn repo_root() -> anyhow::Result<PathBuf> {
@@ -90,7 +90,7 @@ impl Receiver {
         format!("http://127.0.0.1:{}/tenant/{tenant}", self.port)
     }
 
-    pub fn is_down(&self) -> bool {
+    pub(crate) fn is_down(&self) -> bool {
         self.child.is_none()
     }
 

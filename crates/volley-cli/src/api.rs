@@ -118,7 +118,7 @@ impl Api {
         self.call(Method::GET, path, true).await
     }
 
-    pub fn transport(&self, e: reqwest::Error) -> Fail {
+    fn transport(&self, e: reqwest::Error) -> Fail {
         if e.is_connect() {
             Fail::service(format!(
                 "cannot reach the gateway at {} (is it running? set VOLLEY_URL or --url)",

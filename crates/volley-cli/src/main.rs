@@ -20,8 +20,8 @@ macro_rules! outln {
 
 mod api;
 mod input;
+mod journal;
 mod results;
-mod state;
 mod submit;
 mod watch;
 

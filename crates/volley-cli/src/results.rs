@@ -55,13 +55,13 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
     tokio::fs::create_dir_all(&args.out)
         .await
         .map_err(|e| Fail::local(format!("creating {}: {e}", args.out.display())))?;
-    // custom_id per job id: the state's custom ids in submission order, zipped with each
+    // custom_id per job id: the journal's custom ids in submission order, zipped with each
     // batch's jobs (which the gateway lists in the same order).
     let batches = read_batches(api, &t.batches).await?;
     let mut custom: HashMap<String, String> = HashMap::new();
-    if let Some(st) = &t.state {
+    if let Some(journal) = &t.journal {
         for b in &batches {
-            let Some(chunk) = st
+            let Some(chunk) = journal
                 .chunks
                 .iter()
                 .find(|c| c.batch_id.as_ref() == b["id"].as_str().map(str::to_owned).as_ref())

@@ -14,7 +14,7 @@ use volley_domain::Limits;
 
 use crate::api::{Api, refused};
 use crate::input::{self, Catalog};
-use crate::state::{self, Chunk, State};
+use crate::journal::{self, Chunk, Journal};
 use crate::{Fail, Out};
 
 /// The contract's largest batch.
@@ -66,22 +66,22 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
         .map_err(|e| Fail::usage(format!("cannot read {}: {e}", args.file.display())))?;
     let models = api.call(Method::GET, "/v1/models", false).await?;
     let input = input::load(&bytes, &Catalog::from_models(&models), &Limits::default())?;
-    let state_path = State::path_for(&args.file);
+    let journal_path = Journal::path_for(&args.file);
     let label = args.label.clone().or_else(|| {
         args.file
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
     });
-    let mut st = match State::load(&state_path)? {
-        Some(st) if st.sha256 == input.sha256 => st,
+    let mut journal = match Journal::load(&journal_path)? {
+        Some(journal) if journal.sha256 == input.sha256 => journal,
         Some(_) => {
             return Err(Fail::usage(format!(
                 "{} changed since {} was written; remove that file to submit it as new",
                 args.file.display(),
-                state_path.display()
+                journal_path.display()
             )));
         }
-        None => State {
+        None => Journal {
             file: args.file.display().to_string(),
             sha256: input.sha256.clone(),
             label: label.clone(),
@@ -98,26 +98,30 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
                 .collect(),
         },
     };
-    if args.label.is_some() && args.label != st.label {
+    if args.label.is_some() && args.label != journal.label {
         out.note(&format!(
             "resuming with the label of the first run ({}), so that every chunk is sent as before",
-            st.label.as_deref().unwrap_or("none")
+            journal.label.as_deref().unwrap_or("none")
         ));
     }
-    state::remember_last(&state_path).await?;
+    journal::remember_last(&journal_path).await?;
     let metadata: Map<String, Value> = args
         .metadata
         .iter()
         .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
-    let total = st.chunks.len();
-    let done_before = st.chunks.iter().filter(|c| c.batch_id.is_some()).count();
+    let total = journal.chunks.len();
+    let done_before = journal
+        .chunks
+        .iter()
+        .filter(|c| c.batch_id.is_some())
+        .count();
     if done_before > 0 {
         out.note(&format!(
             "resuming: {done_before} of {total} chunks were already accepted"
         ));
     }
-    let pending: Vec<(usize, String, Vec<u8>)> = st
+    let pending: Vec<(usize, String, Vec<u8>)> = journal
         .chunks
         .iter()
         .filter(|c| c.batch_id.is_none())
@@ -127,8 +131,8 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
                 .take(CHUNK)
                 .map(|i| &i.request)
                 .collect();
-            // The state's label, so a rerun sends the very same bodies as the first run.
-            let mut body = json!({"label": st.label, "requests": requests});
+            // The journal's label, so a rerun sends the very same bodies as the first run.
+            let mut body = json!({"label": journal.label, "requests": requests});
             if !metadata.is_empty() {
                 body["metadata"] = Value::Object(metadata.clone());
             }
@@ -146,16 +150,16 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
             Ok((batch_id, replayed)) => {
                 accepted += 1;
                 if args.crash_after_chunks == Some(accepted) {
-                    // Dies between the gateway's answer and the state write, the window the
+                    // Dies between the gateway's answer and the journal write, the window the
                     // idempotency key exists for.
                     std::process::exit(70);
                 }
-                st.chunks[index].batch_id = Some(batch_id.clone());
-                st.save(&state_path).await?;
+                journal.chunks[index].batch_id = Some(batch_id.clone());
+                journal.save(&journal_path).await?;
                 out.note(&format!(
                     "chunk {}/{total}: batch {batch_id} ({} requests){}",
                     index + 1,
-                    st.chunks[index].custom_ids.len(),
+                    journal.chunks[index].custom_ids.len(),
                     if replayed {
                         ", already accepted before"
                     } else {
@@ -169,7 +173,7 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
             }
         }
     }
-    let ids = st.batch_ids();
+    let ids = journal.batch_ids();
     if let Some(e) = first_error {
         return Err(Fail {
             code: e.code,
@@ -183,7 +187,7 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
     let requests = input.items.len();
     if out.json {
         out.print_json(&json!({
-            "state_file": state_path.display().to_string(),
+            "state_file": journal_path.display().to_string(),
             "requests": requests,
             "batches": ids,
         }));
@@ -193,7 +197,7 @@ pub async fn run(api: &Api, args: Args, out: Out) -> Result<(), Fail> {
             ids.len(),
             if ids.len() == 1 { "" } else { "es" },
             ids.join(" "),
-            state_path.display()
+            journal_path.display()
         );
     }
     Ok(())

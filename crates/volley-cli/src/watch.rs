@@ -9,7 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::api::Api;
-use crate::state::{self, State};
+use crate::journal::{self, Journal};
 use crate::{Fail, Out, batch_path};
 
 #[derive(clap::Args)]
@@ -24,11 +24,11 @@ pub struct Args {
     interval: f64,
 }
 
-/// What a command acts on: batch ids in order, and the submit's state when there is one
+/// What a command acts on: batch ids in order, and the submit's journal when there is one
 /// (it maps jobs back to custom ids).
 pub struct Targets {
     pub batches: Vec<String>,
-    pub state: Option<State>,
+    pub journal: Option<Journal>,
 }
 
 pub async fn targets(
@@ -41,8 +41,8 @@ pub async fn targets(
             batch_path(b)?;
         }
         // The last submit's custom ids still apply to those of its batches named here.
-        let state = state::last()?.map(|(_, s)| s);
-        return Ok(Targets { batches, state });
+        let journal = journal::last()?.map(|(_, s)| s);
+        return Ok(Targets { batches, journal });
     }
     if let Some(l) = label {
         let list = api.get("/v1/batches").await?;
@@ -58,18 +58,18 @@ pub async fn targets(
         if ids.is_empty() {
             return Err(Fail::usage(format!("no batch labelled \"{l}\"")));
         }
-        let state = state::last()?
+        let journal = journal::last()?
             .map(|(_, s)| s)
             .filter(|s| s.label.as_deref() == Some(l.as_str()));
         return Ok(Targets {
             batches: ids,
-            state,
+            journal,
         });
     }
-    match state::last()? {
+    match journal::last()? {
         Some((_, s)) if !s.batch_ids().is_empty() => Ok(Targets {
             batches: s.batch_ids(),
-            state: Some(s),
+            journal: Some(s),
         }),
         _ => Err(Fail::usage(
             "nothing to act on: give batch ids or --label, or run `volley submit FILE` here first"

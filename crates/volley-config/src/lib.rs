@@ -36,10 +36,10 @@ pub enum ConfigError {
 }
 
 /// The shortest media signing key accepted outside development mode.
-pub const MIN_MEDIA_SIGNING_KEY_BYTES: usize = 32;
+const MIN_MEDIA_SIGNING_KEY_BYTES: usize = 32;
 
 /// Media signing keys published in this repository (configuration, Compose, examples).
-pub const KNOWN_MEDIA_SIGNING_KEYS: &[&str] = &[
+const KNOWN_MEDIA_SIGNING_KEYS: &[&str] = &[
     "dev-only-signing-key",
     "compose-dev-signing-key-change-me",
     "CHANGE-ME-32-random-bytes-hex",
@@ -145,13 +145,13 @@ pub struct StateSettings {
     /// (0: never).
     pub expire_after_ms: u64,
     /// The shared secret workers present to batch-state's internal API (`Authorization:
-    /// Bearer`). At least [`MIN_INTERNAL_TOKEN_CHARS`] characters outside `dev_mode`; empty
+    /// Bearer`). At least `MIN_INTERNAL_TOKEN_CHARS` characters outside `dev_mode`; empty
     /// (dev mode only) leaves the internal API open.
     pub internal_token: Secret,
 }
 
 /// The shortest internal token batch-state and workers accept outside `dev_mode`.
-pub const MIN_INTERNAL_TOKEN_CHARS: usize = 32;
+const MIN_INTERNAL_TOKEN_CHARS: usize = 32;
 
 /// The development token of the shipped Compose file: refused outside `dev_mode`.
 pub const DEV_INTERNAL_TOKEN: &str = "compose-dev-internal-token-change-me";
@@ -767,7 +767,7 @@ impl Settings {
     }
 
     /// Refuses a media signing key anyone could know or guess: empty, shorter than
-    /// [`MIN_MEDIA_SIGNING_KEY_BYTES`], or one shipped in this repository (the development
+    /// `MIN_MEDIA_SIGNING_KEY_BYTES`, or one shipped in this repository (the development
     /// configuration, Compose file and example Secret). With such a key anyone can forge
     /// media links. Allowed in [`Settings::dev_mode`] only. The gateway, which signs and
     /// checks links, runs this at start-up.

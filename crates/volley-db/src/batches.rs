@@ -260,7 +260,7 @@ pub(crate) const BATCH_COLUMNS: (
 );
 
 // Only jobs waiting for a claim have messages to confirm. `status || ''`: by primary key,
-// whatever the statistics say (see `state::CLAIM`).
+// whatever the statistics say (see `execution::CLAIM`).
 static RECORD_PUBLISH: Sql = Sql::new(|| {
     format!(
         "WITH j AS (UPDATE jobs SET dispatched_at = NULL \

@@ -19,7 +19,7 @@ use volley_domain::{Endpoint, InferenceType, JobStatus};
 pub struct Parsed<T>(pub T);
 
 /// A `jobs.status` value.
-pub type DbStatus = Parsed<JobStatus>;
+pub(crate) type DbStatus = Parsed<JobStatus>;
 
 impl<T> FromSql<Text, Pg> for Parsed<T>
 where

@@ -9,11 +9,11 @@ use volley_domain::{BatchCounts, Dispatch, InferenceType, JobStatus, Priority};
 
 use crate::batches::insert_batch;
 use crate::quotas::{OverQuota, Submitter, admit};
-use crate::schema::{api_keys, batches, idempotency_keys};
+use crate::schema::{batches, idempotency_keys};
 use crate::{BatchView, Db, DbError, NewJob};
 
 /// How long a key is remembered, in hours.
-pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
+const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 
 /// What a create with an idempotency key came to.
 #[derive(Debug)]
@@ -50,20 +50,6 @@ struct Locked {
 }
 
 impl Db {
-    /// The id and owner of a live key, if the secret is one.
-    pub async fn authenticate_key(&self, secret: &str) -> Result<Option<(i64, String)>, DbError> {
-        let hash = crate::hash_key(secret);
-        self.run(move |conn| {
-            Ok(api_keys::table
-                .filter(api_keys::key_hash.eq(&hash))
-                .filter(api_keys::revoked_at.is_null())
-                .select((api_keys::id, api_keys::owner))
-                .first(&mut **conn)
-                .optional()?)
-        })
-        .await
-    }
-
     /// Creates a batch unless `key` was already used by this API key in the last 24 hours.
     /// `body` is the request body as received; its SHA-256 tells a replay from a mismatch.
     #[allow(clippy::too_many_arguments)]

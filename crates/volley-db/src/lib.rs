@@ -6,6 +6,7 @@
 mod batches;
 mod columns;
 mod dispatch;
+mod execution;
 mod guard;
 mod idempotency;
 mod keys;
@@ -14,7 +15,6 @@ pub mod ops;
 pub mod progress;
 mod quotas;
 mod schema;
-mod state;
 pub mod status;
 pub mod testing;
 pub mod webhooks;
@@ -26,13 +26,13 @@ use r2d2::ManageConnection;
 
 pub use batches::{BatchView, JobSummary, JobView, NewJob};
 pub use dispatch::{Held, Released};
-pub use idempotency::{IDEMPOTENCY_TTL_HOURS, Idempotent};
+pub use execution::{EachResult, Refusal, SweepReport};
+pub use idempotency::Idempotent;
 pub use keys::{ApiKey, CreatedKey, hash_key};
-pub use quotas::{ACTIVE_RETRY_AFTER_SECS, OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
-pub use state::{EachResult, Refusal, SweepReport};
+pub use quotas::{OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
 pub use webhooks::NewWebhook;
 
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 type PgPool = Pool<Manager>;
 

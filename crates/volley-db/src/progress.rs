@@ -16,10 +16,10 @@ use crate::{Db, DbError};
 
 /// The channel batch-state notifies after it commits job state changes; the payload is the
 /// changed batches' ids, comma-separated, or [`ALL_BATCHES`] when they would not fit.
-pub const BATCH_CHANNEL: &str = "volley_batches";
+pub(crate) const BATCH_CHANNEL: &str = "volley_batches";
 
 /// The payload that stands for "any batch may have changed".
-pub const ALL_BATCHES: &str = "*";
+pub(crate) const ALL_BATCHES: &str = "*";
 
 /// PostgreSQL refuses a payload of 8000 bytes or more; past this, [`ALL_BATCHES`] is sent.
 pub(crate) const MAX_PAYLOAD: i32 = 7_000;
@@ -42,19 +42,6 @@ impl Db {
                 .order(jobs::id)
                 .select((jobs::id, jobs::status, jobs::custom_id))
                 .load(&mut **conn)?)
-        })
-        .await
-    }
-
-    /// Tells every gateway's listener that these batches changed (a cancel, which the
-    /// gateway writes itself). Best effort: streams re-check on their own as well.
-    pub async fn notify_batches(&self, ids: Vec<i64>) -> Result<(), DbError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        self.run(move |conn| {
-            notify_on(conn, &ids)?;
-            Ok(())
         })
         .await
     }
@@ -173,7 +160,7 @@ pub enum Changed {
 }
 
 /// Parses a notification's payload; anything unexpected counts as [`Changed::All`].
-pub fn parse_payload(payload: &str) -> Changed {
+fn parse_payload(payload: &str) -> Changed {
     let ids: Result<Vec<i64>, _> = payload.split(',').map(|s| s.trim().parse()).collect();
     match ids {
         Ok(ids) if payload != ALL_BATCHES => Changed::Batches(ids),
@@ -209,7 +196,7 @@ impl Drop for Listener {
     }
 }
 
-/// Listens on [`BATCH_CHANNEL`] on a connection of its own (not the pool's: a pooled
+/// Listens on `BATCH_CHANNEL` on a connection of its own (not the pool's: a pooled
 /// connection would hand notifications to whoever borrowed it) and calls `on_change` with
 /// what each notification says. After every (re)connection it calls `on_change(Changed::All)`,
 /// since notifications sent meanwhile are lost. libpq reads notifications without blocking;

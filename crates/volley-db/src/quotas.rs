@@ -17,7 +17,7 @@ pub struct Quotas {
 }
 
 impl Quotas {
-    pub fn is_unlimited(&self) -> bool {
+    fn is_unlimited(&self) -> bool {
         self.max_active_jobs.is_none() && self.max_jobs_per_minute.is_none()
     }
 }
@@ -62,7 +62,7 @@ impl OverQuota {
 /// How long a client should wait when its active-job cap is reached. Jobs finish at whatever
 /// pace the providers allow, so no exact time exists; this is long enough that a client does
 /// not poll the gateway hard and short enough that it notices freed capacity soon.
-pub const ACTIVE_RETRY_AFTER_SECS: u64 = 15;
+const ACTIVE_RETRY_AFTER_SECS: u64 = 15;
 
 /// The per-minute window, in seconds.
 const WINDOW_SECS: i64 = 60;

@@ -6,7 +6,7 @@ use crate::{Db, DbError, NewJob};
 
 /// The server tests use; `VOLLEY_TEST_DATABASE_URL` overrides it (its path names the
 /// maintenance database, usually `postgres`).
-pub fn server_url() -> String {
+fn server_url() -> String {
     std::env::var("VOLLEY_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }

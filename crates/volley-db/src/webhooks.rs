@@ -18,7 +18,7 @@ use crate::{Db, DbError, millis};
 
 /// A key's webhook signing secret: `whsec_` and 32 random bytes in base64 (the Standard
 /// Webhooks form; the bytes are the HMAC key).
-pub fn new_webhook_secret() -> String {
+pub(crate) fn new_webhook_secret() -> String {
     let mut raw = [0u8; 32];
     rand::rng().fill_bytes(&mut raw);
     format!(

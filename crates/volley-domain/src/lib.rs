@@ -4,18 +4,16 @@
 //! converted to these types at the edges (gateway, queue boundary, database layer).
 
 mod job;
-mod state;
+mod lifecycle;
 pub mod text;
 mod types;
-pub mod validate;
+mod validate;
 
 pub use job::{BatchUsage, Claim, Dispatch, Event, Outcome, Usage};
-pub use state::{BatchCounts, BatchStatus, JobStatus, Rule, Transition};
+pub use lifecycle::{BatchCounts, BatchStatus, JobStatus, Rule, Transition};
 pub use types::{Endpoint, InferenceType, ParseError, Priority};
+pub use validate::ValidWebhook;
 pub use validate::{
     BatchRejection, CUSTOM_ID_RULE, FieldError, Limits, ModelCatalog, ModelCheck, ValidBatch,
     ValidItem, is_custom_id, validate_batch,
-};
-pub use validate::{
-    DEFAULT_WEBHOOK_EVENTS, MAX_WEBHOOK_URL_CHARS, ValidWebhook, WEBHOOK_EVENT_TYPES,
 };

@@ -4,11 +4,8 @@
 
 use serde_json::Value;
 
-/// What U+0000 becomes: the replacement character, so the reader sees something was there.
-pub const REPLACEMENT: char = '\u{FFFD}';
-
 /// Whether `s` holds anything [`clean_for_pg`] would change.
-pub fn needs_cleaning(s: &str) -> bool {
+fn needs_cleaning(s: &str) -> bool {
     s.contains('\0')
 }
 
@@ -18,7 +15,7 @@ pub fn clean_for_pg(s: &str) -> String {
 }
 
 /// Cleans `s` in place; allocates only when there is something to clean.
-pub fn clean_string(s: &mut String) {
+pub(crate) fn clean_string(s: &mut String) {
     if needs_cleaning(s) {
         *s = clean_for_pg(s);
     }
@@ -26,7 +23,7 @@ pub fn clean_string(s: &mut String) {
 
 /// Cleans every string of a JSON value in place: values and object keys, at any depth.
 /// Returns whether anything changed.
-pub fn clean_json(v: &mut Value) -> bool {
+pub(crate) fn clean_json(v: &mut Value) -> bool {
     // An explicit stack: a deeply nested value cannot overflow the call stack.
     let mut changed = false;
     let mut stack = vec![v];

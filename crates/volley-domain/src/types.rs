@@ -114,7 +114,7 @@ impl Endpoint {
 
     /// Whether `path` names an OpenAI-style endpoint that takes a file upload, which a batch
     /// cannot carry; these get their own message instead of "unknown endpoint".
-    pub fn is_file_upload(path: &str) -> bool {
+    pub(crate) fn is_file_upload(path: &str) -> bool {
         const UPLOADS: [&str; 7] = [
             "/v1/images/edits",
             "/v1/images/variations",

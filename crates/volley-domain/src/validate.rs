@@ -117,7 +117,7 @@ pub struct ValidBatch {
 }
 
 /// Webhook event types a batch can subscribe to.
-pub const WEBHOOK_EVENT_TYPES: [&str; 4] = [
+const WEBHOOK_EVENT_TYPES: [&str; 4] = [
     "batch.completed",
     "batch.cancelled",
     "job.completed",
@@ -125,17 +125,17 @@ pub const WEBHOOK_EVENT_TYPES: [&str; 4] = [
 ];
 
 /// The types a webhook gets when `events` is left out.
-pub const DEFAULT_WEBHOOK_EVENTS: [&str; 2] = ["batch.completed", "batch.cancelled"];
+const DEFAULT_WEBHOOK_EVENTS: [&str; 2] = ["batch.completed", "batch.cancelled"];
 
 /// The longest webhook URL accepted.
-pub const MAX_WEBHOOK_URL_CHARS: usize = 2048;
+const MAX_WEBHOOK_URL_CHARS: usize = 2048;
 
 /// A batch's `webhook`, checked for shape here; whether the URL may be reached is the
 /// operator's policy, which the gateway applies (`volley_egress::WebhookPolicy`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidWebhook {
     pub url: String,
-    /// Distinct, in the order of [`WEBHOOK_EVENT_TYPES`].
+    /// Distinct, in the order of `WEBHOOK_EVENT_TYPES`.
     pub events: Vec<String>,
 }
 

@@ -2,7 +2,7 @@
 //! it may point anywhere a tenant's prompt talked the model into, including this cluster's own
 //! services and the cloud's metadata endpoint. So:
 //!
-//! - [`Policy::check_url`] takes only http(s) links without user info, to a host on the
+//! - `Policy::check_url` takes only http(s) links without user info, to a host on the
 //!   provider's allow-list (`media_hosts`, any host when empty);
 //! - [`Policy::client`] builds a reqwest client whose DNS resolver refuses a name if any address
 //!   it resolves to is not public (so the connection goes to a checked address, and a name
@@ -23,11 +23,11 @@ use bytes::{Bytes, BytesMut};
 pub use reqwest::Url;
 
 /// Redirects a download may follow, each one checked like the first link.
-pub const MAX_REDIRECTS: usize = 3;
+const MAX_REDIRECTS: usize = 3;
 
 /// What an address is, as far as fetching from it goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AddrClass {
+enum AddrClass {
     Public,
     Loopback,
     /// RFC 1918, unique local (fc00::/7), site-local, local-use NAT64.
@@ -69,7 +69,7 @@ impl AddrClass {
     }
 }
 
-pub fn classify(ip: IpAddr) -> AddrClass {
+fn classify(ip: IpAddr) -> AddrClass {
     match ip {
         IpAddr::V4(v4) => classify_v4(v4),
         IpAddr::V6(v6) => classify_v6(v6),
@@ -271,7 +271,7 @@ impl Policy {
     }
 
     /// Checks one address a link leads to.
-    pub fn check_ip(&self, ip: IpAddr) -> Result<(), AddrClass> {
+    fn check_ip(&self, ip: IpAddr) -> Result<(), AddrClass> {
         match classify(ip) {
             AddrClass::Public => Ok(()),
             c if self.allow_private_network && c.is_private_network() => Ok(()),
@@ -289,7 +289,7 @@ impl Policy {
 
     /// Everything that can be checked before connecting: scheme, user info, the allow-list,
     /// and a literal address. A name's addresses are checked by the client's resolver.
-    pub fn check_url(&self, url: &Url) -> Result<(), Refused> {
+    fn check_url(&self, url: &Url) -> Result<(), Refused> {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(Refused::Scheme(url.scheme().chars().take(20).collect()));
         }
@@ -373,7 +373,7 @@ impl WebhookPolicy {
 
     /// Everything that can be checked before connecting (a literal address included); a
     /// name's addresses are checked by [`WebhookPolicy::client`]'s resolver.
-    pub fn check_url(&self, url: &Url) -> Result<(), Refused> {
+    fn check_url(&self, url: &Url) -> Result<(), Refused> {
         let scheme = url.scheme();
         if !matches!(scheme, "http" | "https") {
             return Err(Refused::Scheme(scheme.chars().take(20).collect()));

@@ -22,10 +22,10 @@ use sha2::Sha256;
 use volley_config::{MediaSettings, MediaStoreKind, S3Settings};
 
 /// Media up to this size is stored with one `put`; larger media is uploaded in parts.
-pub const SMALL_OBJECT: u64 = 4 * 1024 * 1024;
+const SMALL_OBJECT: u64 = 4 * 1024 * 1024;
 
 /// Prefix of a media reference inside a stored job result.
-pub const SCHEME: &str = "volley-media:";
+const SCHEME: &str = "volley-media:";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
@@ -115,7 +115,7 @@ impl LocalWriter {
 
 /// Keys are made by workers, but they arrive back through URLs: accept only a safe alphabet
 /// and no `..`, so a request can never name anything outside the store.
-pub fn check_key(key: &str) -> Result<(), MediaError> {
+fn check_key(key: &str) -> Result<(), MediaError> {
     let ok = !key.is_empty()
         && key.len() <= 512
         && !key.starts_with('/')
@@ -134,7 +134,7 @@ pub fn check_key(key: &str) -> Result<(), MediaError> {
 
 /// An S3 client for the settings. Builds without touching the network; credentials left
 /// empty come from the `AWS_*` variables or the instance/pod role when first needed.
-pub fn s3_builder(s3: &S3Settings) -> AmazonS3Builder {
+fn s3_builder(s3: &S3Settings) -> AmazonS3Builder {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(&s3.bucket);
     if !s3.region.is_empty() {
         b = b.with_region(&s3.region);
@@ -179,7 +179,7 @@ impl MediaStore {
         Ok(store)
     }
 
-    pub fn with_store(store: Arc<dyn ObjectStore>, max_bytes: u64) -> MediaStore {
+    fn with_store(store: Arc<dyn ObjectStore>, max_bytes: u64) -> MediaStore {
         MediaStore {
             store,
             max_bytes,
@@ -192,7 +192,7 @@ impl MediaStore {
         self.max_bytes
     }
 
-    /// Streams `body` into the store under `key`. Media up to [`SMALL_OBJECT`] bytes is
+    /// Streams `body` into the store under `key`. Media up to `SMALL_OBJECT` bytes is
     /// written with one `put` (one file write and rename locally, one request on S3); larger
     /// media goes up in parts, never holding more than a few parts in memory. Over the size
     /// cap, the upload is aborted and nothing is left behind.
@@ -406,7 +406,7 @@ pub struct Signer {
 type HmacSha256 = Hmac<Sha256>;
 
 /// Expiries may run this far past `now + ttl` (clock skew between gateway replicas).
-pub const EXPIRY_SLACK_SECS: i64 = 60;
+const EXPIRY_SLACK_SECS: i64 = 60;
 
 /// Names the signed message's layout, so no other layout's MAC can ever verify as this one.
 const LINK_VERSION: &[u8] = b"volley-media-v2";
@@ -450,7 +450,7 @@ impl Signer {
 
     /// Checks a link: the key lies in the job's part of the store, the signature covers job,
     /// key and expiry, the expiry has not passed and is no further ahead than `ttl_secs` (plus
-    /// [`EXPIRY_SLACK_SECS`]) from `now`, which is as far as links are ever issued.
+    /// `EXPIRY_SLACK_SECS`) from `now`, which is as far as links are ever issued.
     pub fn verify(
         &self,
         job_id: i64,

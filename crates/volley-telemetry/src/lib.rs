@@ -58,16 +58,10 @@ pub fn init(service: &'static str) -> Telemetry {
     Telemetry::new(provider)
 }
 
-/// Logs only (tools and the provider simulator).
-pub fn init_logging(service: &'static str) {
-    let _ = tracing_subscriber::registry().with(log_layer()).try_init();
-    tracing::debug!(service, "logging ready");
-}
-
 /// The log layer: JSON, or a human format when stderr is a terminal; level by `RUST_LOG`
 /// (default `info`). It sees events only: spans exist for traces, and with no trace layer
 /// installed no layer wants them, so they are disabled where they are created.
-pub fn log_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
+fn log_layer<S>() -> Box<dyn Layer<S> + Send + Sync>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {

@@ -308,7 +308,7 @@ const METHODS: [&str; 9] = [
 ];
 
 /// A method as a metric label: one of the standard methods, else `OTHER`.
-pub fn method_label(method: &str) -> &'static str {
+pub(crate) fn method_label(method: &str) -> &'static str {
     METHODS
         .iter()
         .find(|m| **m == method)

@@ -63,7 +63,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Whether the standard variables ask for OTLP traces. Off by default: on with
 /// `OTEL_TRACES_EXPORTER=otlp`, or when an OTLP endpoint is set and `OTEL_TRACES_EXPORTER` is
 /// unset; `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none` turn it off.
-pub fn otlp_requested(get: impl Fn(&str) -> Option<String>) -> bool {
+fn otlp_requested(get: impl Fn(&str) -> Option<String>) -> bool {
     let set = |k: &str| {
         get(k)
             .map(|v| v.trim().to_owned())
@@ -82,7 +82,7 @@ pub fn otlp_requested(get: impl Fn(&str) -> Option<String>) -> bool {
 }
 
 /// The OTLP/HTTP tracer provider the environment asks for, or `None` when tracing is off.
-pub fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, String> {
+pub(crate) fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, String> {
     let env = |k: &str| std::env::var(k).ok();
     if !otlp_requested(env) {
         return Ok(None);

@@ -62,7 +62,7 @@ pub struct Worker {
 }
 
 /// The service name in logs, traces and connection names: `worker-<type>`.
-pub fn service_name(kind: InferenceType) -> &'static str {
+pub(crate) fn service_name(kind: InferenceType) -> &'static str {
     match kind {
         InferenceType::Llm => "worker-llm",
         InferenceType::Image => "worker-image",

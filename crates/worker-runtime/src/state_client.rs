@@ -65,7 +65,7 @@ impl StateClient {
     }
 
     /// Renews claims; returns the ids still held.
-    pub async fn renew(&self, held: &[(i64, i32)]) -> anyhow::Result<Vec<i64>> {
+    pub(crate) async fn renew(&self, held: &[(i64, i32)]) -> anyhow::Result<Vec<i64>> {
         let r = self
             .authorized(self.http.post(format!("{}/internal/leases", self.base)))
             .json(&LeasesRequest {

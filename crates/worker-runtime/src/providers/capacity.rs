@@ -19,9 +19,9 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 
 /// Successes that raise a lowered concurrency limit by one.
-pub const INCREASE_EVERY: usize = 4;
+const INCREASE_EVERY: usize = 4;
 /// Shortest time between two halvings.
-pub const MIN_COOL_DOWN: Duration = Duration::from_secs(1);
+const MIN_COOL_DOWN: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Aimd {
@@ -32,14 +32,14 @@ struct Aimd {
     no_decrease_before: Option<Instant>,
 }
 
-pub struct Capacity {
+pub(crate) struct Capacity {
     max: usize,
     sem: Semaphore,
     aimd: Mutex<Aimd>,
 }
 
 /// A started call's place; dropping it frees the place (or retires it, see the debt).
-pub struct Slot<'a> {
+pub(crate) struct Slot<'a> {
     cap: &'a Capacity,
     permit: Option<SemaphorePermit<'a>>,
 }
@@ -79,7 +79,7 @@ impl Capacity {
     }
 
     /// Waits for a place (first come, first served).
-    pub async fn acquire(&self) -> Option<Slot<'_>> {
+    pub(crate) async fn acquire(&self) -> Option<Slot<'_>> {
         let permit = self.sem.acquire().await.ok()?;
         Some(Slot {
             cap: self,
@@ -132,7 +132,7 @@ impl Capacity {
 
 /// Tokens per minute, as a bucket of `per_minute` tokens refilled continuously.
 #[derive(Debug)]
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     capacity: f64,
     per_sec: f64,
     level: f64,
@@ -158,7 +158,7 @@ impl TokenBucket {
 
     /// Takes `n` tokens (at most a full bucket, so that one large request can still run) and
     /// returns how many were taken and how long to wait before starting.
-    pub fn reserve(&mut self, n: u64) -> (u64, Duration) {
+    pub(crate) fn reserve(&mut self, n: u64) -> (u64, Duration) {
         let n = (n as f64).min(self.capacity).max(1.0);
         self.refill(Instant::now());
         self.level -= n;
@@ -171,7 +171,7 @@ impl TokenBucket {
     }
 
     /// Gives back tokens (a refund, or a positive correction), or takes more (negative).
-    pub fn adjust(&mut self, delta: i64) {
+    pub(crate) fn adjust(&mut self, delta: i64) {
         self.refill(Instant::now());
         self.level = (self.level + delta as f64).min(self.capacity);
     }

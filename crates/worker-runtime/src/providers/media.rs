@@ -7,7 +7,7 @@ use volley_media::{MediaError, MediaStore, extension_for, job_media_key, media_r
 
 use super::{Job, Provider, ProviderError};
 
-pub struct Store<'a> {
+pub(crate) struct Store<'a> {
     pub media: &'a MediaStore,
     pub job: &'a Job,
     /// Keys stored so far in this attempt: the outcome carries them, and only they may
@@ -36,7 +36,7 @@ impl<'a> Store<'a> {
     }
 
     /// The keys this attempt stored, in order.
-    pub fn take_keys(&self) -> Vec<String> {
+    pub(crate) fn take_keys(&self) -> Vec<String> {
         std::mem::take(&mut *self.keys.lock().unwrap_or_else(|p| p.into_inner()))
     }
 

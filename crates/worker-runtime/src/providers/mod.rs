@@ -32,7 +32,7 @@ use http::{
     record_call, send_error,
 };
 pub use provider::Provider;
-pub use tokens::{DEFAULT_COMPLETION_ESTIMATE, estimate_tokens};
+pub(crate) use tokens::estimate_tokens;
 
 /// One job as a worker runs it.
 #[derive(Debug, Clone)]
@@ -113,7 +113,7 @@ impl Providers {
     }
 
     /// Counts every provider's calls, in-flight calls and 429s in `metrics`.
-    pub fn with_metrics(self, metrics: &volley_telemetry::Metrics) -> Providers {
+    pub(crate) fn with_metrics(self, metrics: &volley_telemetry::Metrics) -> Providers {
         for (name, p) in &self.by_name {
             let _ = p.meters.set(metrics.providers.for_provider(name));
         }

@@ -7,7 +7,7 @@ use serde_json::Value;
 /// completion's ceiling, `max_tokens` (or `max_completion_tokens`), or
 /// [`DEFAULT_COMPLETION_ESTIMATE`] when the request sets none. The reservation is corrected
 /// with the usage the provider reports.
-pub fn estimate_tokens(body: &Value) -> u64 {
+pub(crate) fn estimate_tokens(body: &Value) -> u64 {
     fn chars(v: &Value) -> usize {
         match v {
             Value::String(s) => s.chars().count(),
@@ -40,7 +40,7 @@ pub fn estimate_tokens(body: &Value) -> u64 {
 }
 
 /// Completion tokens assumed for a request that sets no `max_tokens`.
-pub const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
+const DEFAULT_COMPLETION_ESTIMATE: u64 = 256;
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,7 @@
-//! The local state of a submit, next to its file (`FILE.volley-state.json`): which chunk became
-//! which batch, and each item's custom_id, so that a rerun resumes without duplicates and
-//! `watch` and `results` know what to look at. Written atomically after every chunk.
+//! A submit's journal, kept in its state file next to the input (`FILE.volley-state.json`):
+//! which chunk became which batch, and each item's custom_id, so that a rerun resumes without
+//! duplicates and `watch` and `results` know what to look at. Written atomically after every
+//! chunk.
 
 use std::path::{Path, PathBuf};
 
@@ -9,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::Fail;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct State {
-    /// The file the state belongs to, and the SHA-256 of its bytes when submitted.
+pub struct Journal {
+    /// The file the journal belongs to, and the SHA-256 of its bytes when submitted.
     pub file: String,
     pub sha256: String,
     pub label: Option<String>,
@@ -29,14 +30,14 @@ pub struct Chunk {
     pub batch_id: Option<String>,
 }
 
-impl State {
+impl Journal {
     pub fn path_for(file: &Path) -> PathBuf {
         let mut name = file.file_name().unwrap_or_default().to_os_string();
         name.push(".volley-state.json");
         file.with_file_name(name)
     }
 
-    pub fn load(path: &Path) -> Result<Option<State>, Fail> {
+    pub fn load(path: &Path) -> Result<Option<Journal>, Fail> {
         match std::fs::read(path) {
             Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
                 Fail::usage(format!(
@@ -50,7 +51,7 @@ impl State {
     }
 
     /// Writes to a temporary file and renames it over the old one, so an interruption leaves
-    /// either the old state or the new one.
+    /// either the old journal or the new one.
     pub async fn save(&self, path: &Path) -> Result<(), Fail> {
         let bytes = serde_json::to_vec_pretty(self)
             .map_err(|e| Fail::local(format!("encoding the state: {e}")))?;
@@ -67,14 +68,14 @@ impl State {
 
 /// The last submit in this directory (`.volley/last-submit`), which `watch` and `results`
 /// use when given no batches.
-pub fn last_submit_pointer() -> PathBuf {
+fn last_submit_pointer() -> PathBuf {
     Path::new(".volley").join("last-submit")
 }
 
-pub async fn remember_last(state_path: &Path) -> Result<(), Fail> {
+pub async fn remember_last(journal_path: &Path) -> Result<(), Fail> {
     let p = last_submit_pointer();
-    let abs = std::path::absolute(state_path)
-        .map_err(|e| Fail::local(format!("{}: {e}", state_path.display())))?;
+    let abs = std::path::absolute(journal_path)
+        .map_err(|e| Fail::local(format!("{}: {e}", journal_path.display())))?;
     if let Some(dir) = p.parent() {
         tokio::fs::create_dir_all(dir)
             .await
@@ -85,11 +86,11 @@ pub async fn remember_last(state_path: &Path) -> Result<(), Fail> {
         .map_err(|e| Fail::local(format!("writing {}: {e}", p.display())))
 }
 
-/// The state of the last submit in this directory, if any.
-pub fn last() -> Result<Option<(PathBuf, State)>, Fail> {
+/// The journal of the last submit in this directory, if any.
+pub fn last() -> Result<Option<(PathBuf, Journal)>, Fail> {
     let Ok(p) = std::fs::read_to_string(last_submit_pointer()) else {
         return Ok(None);
     };
     let path = PathBuf::from(p.trim());
-    Ok(State::load(&path)?.map(|s| (path, s)))
+    Ok(Journal::load(&path)?.map(|s| (path, s)))
 }

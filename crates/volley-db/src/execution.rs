@@ -1,4 +1,4 @@
-//! batch-state's side: claims, leases, outcome events and the sweeper. Each is one
+//! Running jobs, batch-state's side: claims, leases, outcome events and the sweeper. Each is one
 //! conditional statement over many jobs, guarded by status and attempt (the fencing token),
 //! so duplicate, stale and late messages change nothing.
 
