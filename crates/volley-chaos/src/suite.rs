@@ -57,7 +57,8 @@ impl Plan {
             fault_gap_ms: (1_500, 3_000),
             submit_gap_ms: 2_000,
             drain: Duration::from_secs(150),
-            concurrency: 32,
+            // Few slots, so that queues fill and fair dispatch holds work while faults run.
+            concurrency: 4,
             seed,
         }
     }
@@ -521,7 +522,7 @@ signing_key = "chaos-signing-key"
 # Queues count as full almost at once, so that fair dispatch holds most of the load and
 # releases it while services are killed and restarted.
 [dispatch]
-min_queue_depth = 16
+min_queue_depth = 4
 queue_depth_per_slot = 0
 interval_ms = 100
 
