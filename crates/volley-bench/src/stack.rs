@@ -116,7 +116,11 @@ impl Stack {
         common.insert("VOLLEY_PROVIDER_SIM_OPENAI_BASE_URL", sim_url.clone());
         common.insert("VOLLEY_PROVIDER_SIM_PREDICTIONS_BASE_URL", sim_url);
         common.insert("VOLLEY_DISPATCH_FAIR", o.fair.to_string());
-        common.insert("RUST_LOG", "warn".into());
+        // The services' log filter: warnings, unless VOLLEY_BENCH_LOG says otherwise.
+        common.insert(
+            "RUST_LOG",
+            std::env::var("VOLLEY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         // One key drives the whole load: the per-key limits would measure themselves.
         common.insert("VOLLEY_GATEWAY_KEY_RATE_PER_SEC", "0".into());
         common.insert("VOLLEY_GATEWAY_KEY_MAX_IN_FLIGHT", "0".into());
