@@ -15,8 +15,8 @@ pub struct DispatchSettings {
     /// A modality's queue counts as full at this many ready messages at least ...
     pub min_queue_depth: u32,
     /// ... or at this many ready messages per consumer slot (consumers × worker
-    /// concurrency), if that is more: a job published behind a full queue waits about this
-    /// many job latencies before it starts.
+    /// concurrency), if that is more (0, the default, turns this off: each worker's prefetch
+    /// already buffers `worker.concurrency` messages beyond the ready ones).
     pub queue_depth_per_slot: u32,
     /// Held work gains one priority level for each such span it has waited, so `low` is
     /// never starved by a stream of `normal` and `high`.
@@ -29,7 +29,7 @@ impl Default for DispatchSettings {
             fair: true,
             interval_ms: 100,
             min_queue_depth: 1_024,
-            queue_depth_per_slot: 1,
+            queue_depth_per_slot: 0,
             aging_ms: 60_000,
         }
     }
@@ -68,7 +68,11 @@ mod tests {
 
     #[test]
     fn the_limit_is_the_larger_of_the_floor_and_the_slots() {
-        let d = DispatchSettings::default();
+        let d = DispatchSettings {
+            queue_depth_per_slot: 1,
+            ..DispatchSettings::default()
+        };
+        assert_eq!(DispatchSettings::default().queue_limit(64, 256), 1_024);
         assert_eq!(d.queue_limit(0, 64), 1_024);
         assert_eq!(d.queue_limit(4, 256), 1_024);
         assert_eq!(d.queue_limit(8, 256), 2_048);
