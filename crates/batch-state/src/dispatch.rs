@@ -69,7 +69,7 @@ async fn release_once(
     for h in held {
         let t = h.inference_type;
         let (messages, consumers) = d.job_queue(t).await?;
-        let limit = s.dispatch.queue_limit(consumers, s.worker.concurrency);
+        let limit = s.dispatch.queue_limit(t, consumers, s.worker.concurrency);
         let mut room = limit.saturating_sub(u64::from(messages));
         while room > 0 {
             let cursor = cursors.get(&t).map_or("", String::as_str);

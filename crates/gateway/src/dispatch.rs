@@ -109,9 +109,11 @@ pub async fn watch(gate: Arc<Gate>, settings: Arc<Settings>, db: Db, stop: Cance
                     if let Some(p) = &probe {
                         match p.job_queue(t).await {
                             Ok((messages, consumers)) => {
-                                let limit = settings
-                                    .dispatch
-                                    .queue_limit(consumers, settings.worker.concurrency);
+                                let limit = settings.dispatch.queue_limit(
+                                    t,
+                                    consumers,
+                                    settings.worker.concurrency,
+                                );
                                 depth = Some((u64::from(messages), limit));
                             }
                             Err(e) => {

@@ -1,7 +1,10 @@
 //! `[dispatch]`: fair share of each modality's queue between API keys (see ARCHITECTURE.md,
 //! "Tenants: quotas, priority, fair share").
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use volley_domain::InferenceType;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -14,6 +17,9 @@ pub struct DispatchSettings {
     pub interval_ms: u64,
     /// A modality's queue counts as full at this many ready messages at least ...
     pub min_queue_depth: u32,
+    /// ... or at this many for the modalities named here (`video = 32`, keys as in queue
+    /// names): where jobs are slow and slots few, a newcomer's job then waits behind fewer.
+    pub queue_depth: BTreeMap<String, u32>,
     /// ... or at this many ready messages per consumer slot (consumers × worker
     /// concurrency), if that is more (0, the default, turns this off: each worker's prefetch
     /// already buffers `worker.concurrency` messages beyond the ready ones).
@@ -29,6 +35,7 @@ impl Default for DispatchSettings {
             fair: true,
             interval_ms: 100,
             min_queue_depth: 1_024,
+            queue_depth: BTreeMap::new(),
             queue_depth_per_slot: 0,
             aging_ms: 60_000,
         }
@@ -36,13 +43,18 @@ impl Default for DispatchSettings {
 }
 
 impl DispatchSettings {
-    /// Ready messages at which a queue with `consumers` consumers of `concurrency` slots
-    /// each is full.
-    pub fn queue_limit(&self, consumers: u32, concurrency: u16) -> u64 {
+    /// Ready messages at which `t`'s queue, with `consumers` consumers of `concurrency` slots
+    /// each, is full.
+    pub fn queue_limit(&self, t: InferenceType, consumers: u32, concurrency: u16) -> u64 {
+        let floor = self
+            .queue_depth
+            .get(t.key())
+            .copied()
+            .unwrap_or(self.min_queue_depth);
         let slots = u64::from(consumers) * u64::from(concurrency);
         slots
             .saturating_mul(u64::from(self.queue_depth_per_slot))
-            .max(u64::from(self.min_queue_depth))
+            .max(u64::from(floor))
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
@@ -54,6 +66,18 @@ impl DispatchSettings {
         }
         if self.min_queue_depth == 0 {
             return Err("dispatch.min_queue_depth must be at least 1".into());
+        }
+        for (key, depth) in &self.queue_depth {
+            if !InferenceType::ALL.iter().any(|t| t.key() == key) {
+                let known: Vec<&str> = InferenceType::ALL.iter().map(|t| t.key()).collect();
+                return Err(format!(
+                    "dispatch.queue_depth.{key}: no such inference type (one of {})",
+                    known.join(", ")
+                ));
+            }
+            if *depth == 0 {
+                return Err(format!("dispatch.queue_depth.{key} must be at least 1"));
+            }
         }
         if self.aging_ms == 0 {
             return Err("dispatch.aging_ms must be at least 1".into());
@@ -72,15 +96,53 @@ mod tests {
             queue_depth_per_slot: 1,
             ..DispatchSettings::default()
         };
-        assert_eq!(DispatchSettings::default().queue_limit(64, 256), 1_024);
-        assert_eq!(d.queue_limit(0, 64), 1_024);
-        assert_eq!(d.queue_limit(4, 256), 1_024);
-        assert_eq!(d.queue_limit(8, 256), 2_048);
+        let llm = InferenceType::Llm;
+        assert_eq!(DispatchSettings::default().queue_limit(llm, 64, 256), 1_024);
+        assert_eq!(d.queue_limit(llm, 0, 64), 1_024);
+        assert_eq!(d.queue_limit(llm, 4, 256), 1_024);
+        assert_eq!(d.queue_limit(llm, 8, 256), 2_048);
         // No overflow at the extremes.
         let big = DispatchSettings {
             queue_depth_per_slot: u32::MAX,
             ..d
         };
-        assert!(big.queue_limit(u32::MAX, u16::MAX) > 0);
+        assert!(big.queue_limit(llm, u32::MAX, u16::MAX) > 0);
+    }
+
+    #[test]
+    fn a_modality_may_have_its_own_floor() {
+        let d = DispatchSettings {
+            queue_depth: BTreeMap::from([("video".to_owned(), 32)]),
+            ..DispatchSettings::default()
+        };
+        assert!(d.validate().is_ok());
+        assert_eq!(d.queue_limit(InferenceType::Video, 4, 8), 32);
+        assert_eq!(d.queue_limit(InferenceType::Llm, 4, 8), 1_024);
+        // The slots term still applies above it.
+        let per_slot = DispatchSettings {
+            queue_depth_per_slot: 2,
+            ..d.clone()
+        };
+        assert_eq!(per_slot.queue_limit(InferenceType::Video, 4, 8), 64);
+    }
+
+    #[test]
+    fn unknown_modalities_and_zero_depths_are_refused_by_name() {
+        for (key, depth, needle) in [
+            ("VIDEO", 32, "no such inference type"),
+            ("films", 32, "no such inference type"),
+            ("", 32, "no such inference type"),
+            ("video", 0, "at least 1"),
+        ] {
+            let d = DispatchSettings {
+                queue_depth: BTreeMap::from([(key.to_owned(), depth)]),
+                ..DispatchSettings::default()
+            };
+            let e = d.validate().unwrap_err();
+            assert!(
+                e.contains(needle) && e.contains("dispatch.queue_depth"),
+                "{e}"
+            );
+        }
     }
 }

@@ -1072,12 +1072,22 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
     #[test]
     fn dispatch_settings_from_file_and_env_and_their_hostile_values() {
         let s = Settings::from_toml(&format!(
-            "{FILE}\n[dispatch]\nfair = false\nmin_queue_depth = 8\naging_ms = 500\n"
+            "{FILE}\n[dispatch]\nfair = false\nmin_queue_depth = 8\naging_ms = 500\n\
+             [dispatch.queue_depth]\nvideo = 2\n"
         ))
         .unwrap();
         s.validate().unwrap();
         assert!(!s.dispatch.fair);
-        assert_eq!(s.dispatch.queue_limit(1, 2), 8);
+        assert_eq!(
+            s.dispatch
+                .queue_limit(volley_domain::InferenceType::Llm, 1, 2),
+            8
+        );
+        assert_eq!(
+            s.dispatch
+                .queue_limit(volley_domain::InferenceType::Video, 1, 2),
+            2
+        );
         let mut s = Settings::from_toml(FILE).unwrap();
         assert!(s.dispatch.fair, "on by default");
         s.apply_env(&env(&[
@@ -1106,7 +1116,15 @@ routes = [{ provider = "local-sim", upstream_model = "qwen" }]
             let e = s.validate().unwrap_err();
             assert!(e.to_string().contains(&format!("dispatch.{field}")), "{e}");
         }
-        for bad in ["min_queue_depth = -4", "fair = \"yes\"", "weights = 3"] {
+        for bad in [
+            "min_queue_depth = -4",
+            "fair = \"yes\"",
+            "weights = 3",
+            "queue_depth = 16",
+            "queue_depth = { video = -1 }",
+            "queue_depth = { video = \"16\" }",
+            "queue_depth = { video = 4294967296 }",
+        ] {
             assert!(
                 Settings::from_toml(&format!("{FILE}\n[dispatch]\n{bad}\n")).is_err(),
                 "{bad}"
