@@ -20,6 +20,10 @@ pub struct Run {
     pub b_done_ms: f64,
     /// A's jobs per second, first acceptance to last end.
     pub a_per_sec: Option<f64>,
+    /// All jobs (A's and B's) per second, first acceptance to last end.
+    pub all_per_sec: f64,
+    /// CPU seconds each service, the broker and the database used over the run.
+    pub cpu_secs: Vec<(String, f64)>,
 }
 
 /// Submits `jobs` jobs as 256-item batches from `clients` concurrent clients.
@@ -99,6 +103,7 @@ pub async fn run(
     };
     let a = db.create_key("tenant-a", None).await?.secret;
     let b = db.create_key("tenant-b", None).await?.secret;
+    let servers_before = crate::server_cpu();
     let stack = Stack::start(&opts).await?;
     let r = async {
         if a_jobs > 0 {
@@ -142,10 +147,30 @@ pub async fn run(
         } else {
             None
         };
+        let all_per_sec = millis(
+            &db,
+            "SELECT count(*)::float8 * 1000 / \
+               (EXTRACT(EPOCH FROM (max(finished_at) - min(created_at)))::float8 * 1000) \
+               AS ms FROM jobs",
+        )
+        .await?
+        .first()
+        .copied()
+        .unwrap_or(f64::NAN);
+        let (beam, pg) = crate::server_cpu();
+        let mut cpu_secs: Vec<(String, f64)> = stack
+            .usage()
+            .into_iter()
+            .map(|(name, u)| (name, u.cpu_secs))
+            .collect();
+        cpu_secs.push(("rabbitmq".into(), beam - servers_before.0));
+        cpu_secs.push(("postgres".into(), pg - servers_before.1));
         Ok(Run {
             b_start_ms,
             b_done_ms,
             a_per_sec,
+            all_per_sec,
+            cpu_secs,
         })
     }
     .await;
