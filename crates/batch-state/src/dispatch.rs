@@ -1,6 +1,6 @@
 //! The fair dispatcher: releases work the gateway held back from a full queue, round-robin
 //! over owners (each owner's highest aged priority, then its oldest batch), only as far as
-//! each modality's queue has room. Every replica runs it; `SKIP LOCKED` keeps them from
+//! each modality's queue has room: a turn is at most that room, so a batch may take several. Every replica runs it; `SKIP LOCKED` keeps them from
 //! releasing the same work. See ARCHITECTURE.md, "Tenants: quotas, priority, fair share".
 
 use std::collections::HashMap;
@@ -34,7 +34,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     }
 }
 
-/// One pass: for each type with held work, releases batches while its queue has room.
+/// One pass: for each type with held work, releases jobs while its queue has room.
 /// Returns the jobs published.
 async fn release_once(
     shared: &Shared,
@@ -71,11 +71,19 @@ async fn release_once(
         let (messages, consumers) = d.job_queue(t).await?;
         let limit = s.dispatch.queue_limit(t, consumers, s.worker.concurrency);
         let mut room = limit.saturating_sub(u64::from(messages));
+        // A turn is at least a quarter of the limit: a fast modality's newcomer goes out in
+        // one turn rather than a slice per interval, and the queue runs at most that over.
+        let turn = (limit / 4).max(1);
         while room > 0 {
             let cursor = cursors.get(&t).map_or("", String::as_str);
             let Some(r) = shared
                 .db
-                .release_next(t, cursor, s.dispatch.aging_ms)
+                .release_next(
+                    t,
+                    cursor,
+                    s.dispatch.aging_ms,
+                    usize::try_from(room.max(turn)).unwrap_or(usize::MAX),
+                )
                 .await?
             else {
                 break;

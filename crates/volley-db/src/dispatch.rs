@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Int8, Text};
+use diesel::sql_types::{Array, BigInt, Int8, Nullable, Text};
 use volley_domain::{Dispatch, InferenceType, Priority, Transition};
 
 use crate::batches::DispatchRow;
@@ -54,7 +54,8 @@ pub(crate) fn insert_holds(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     pub inference_type: InferenceType,
-    /// Jobs in the held rows (counted at submission; some may have been cancelled since).
+    /// Jobs in the held rows not yet released (counted at submission; some may have been
+    /// cancelled since).
     pub jobs: i64,
 }
 
@@ -81,20 +82,24 @@ struct PickedRow {
     batch_id: i64,
     #[diesel(sql_type = Text)]
     owner: String,
+    #[diesel(sql_type = Nullable<Int8>)]
+    released_upto: Option<i64>,
 }
 
 // The next owner after `$2` in name order that has work of this type waiting (wrapping round
 // to the first), and that owner's oldest batch of the highest priority, a level higher for
 // each `$3` ms waited. SKIP LOCKED: two batch-state replicas never release the same row.
-const PICK: &str = "WITH pick AS (\
-       SELECT batch_id, inference_type FROM dispatch_holds \
-       WHERE inference_type = $1 AND released_at IS NULL \
-       ORDER BY owner <= $2, owner, \
-         priority + floor(extract(epoch FROM now() - created_at) * 1000 / $3) DESC, batch_id \
-       LIMIT 1 FOR UPDATE SKIP LOCKED) \
-     UPDATE dispatch_holds h SET released_at = now() FROM pick \
-     WHERE h.batch_id = pick.batch_id AND h.inference_type = pick.inference_type \
-     RETURNING h.batch_id, h.owner";
+const PICK: &str = "SELECT batch_id, owner, released_upto FROM dispatch_holds \
+     WHERE inference_type = $1 AND released_at IS NULL \
+     ORDER BY owner <= $2, owner, \
+       priority + floor(extract(epoch FROM now() - created_at) * 1000 / $3) DESC, batch_id \
+     LIMIT 1 FOR UPDATE SKIP LOCKED";
+
+// What a release took: through which job, how many, and whether that was the row's last.
+const RELEASED: &str = "UPDATE dispatch_holds \
+     SET released_upto = COALESCE($3, released_upto), released_jobs = released_jobs + $4, \
+       released_at = CASE WHEN $5 THEN now() END \
+     WHERE batch_id = $1 AND inference_type = $2";
 
 // A released job whose message the broker did not confirm goes to the outbox.
 static TO_OUTBOX: Sql = Sql::new(|| {
@@ -109,8 +114,8 @@ impl Db {
     pub async fn held_work(&self) -> Result<Vec<Held>, DbError> {
         self.run(|conn| {
             let rows: Vec<HeldRow> = diesel::sql_query(
-                "SELECT inference_type, sum(jobs)::bigint AS jobs FROM dispatch_holds \
-                 WHERE released_at IS NULL GROUP BY inference_type",
+                "SELECT inference_type, sum(jobs - released_jobs)::bigint AS jobs \
+                 FROM dispatch_holds WHERE released_at IS NULL GROUP BY inference_type",
             )
             .load(&mut **conn)?;
             Ok(rows
@@ -126,15 +131,19 @@ impl Db {
         .await
     }
 
-    /// Releases the next held batch of type `t` in fair order: the owner after `after` (name
-    /// order, wrapping), its highest (aged) priority, its oldest batch. `None`: nothing waits.
+    /// Releases up to `max_jobs` jobs of the next held batch of type `t` in fair order: the
+    /// owner after `after` (name order, wrapping), its highest (aged) priority, its oldest
+    /// batch. A batch with more waiting stays held for its owner's next turn. `None`: nothing
+    /// waits.
     pub async fn release_next(
         &self,
         t: InferenceType,
         after: &str,
         aging_ms: u64,
+        max_jobs: usize,
     ) -> Result<Option<Released>, DbError> {
         let after = after.to_owned();
+        let max_jobs = max_jobs.clamp(1, 100_000);
         self.run(move |conn| {
             conn.transaction(|conn| {
                 let picked: Option<PickedRow> = diesel::sql_query(PICK)
@@ -146,17 +155,32 @@ impl Db {
                 let Some(p) = picked else {
                     return Ok(None);
                 };
-                let rows: Vec<DispatchRow> = jobs::table
+                // One more than asked for tells whether any is left after this turn.
+                let mut rows: Vec<DispatchRow> = jobs::table
                     .filter(jobs::batch_id.eq(p.batch_id))
                     .filter(jobs::inference_type.eq(t.as_str()))
                     .filter(jobs::status.eq(volley_domain::JobStatus::Queued.as_str()))
+                    .filter(jobs::id.gt(p.released_upto.unwrap_or(0)))
                     .order(jobs::id)
+                    .limit(i64::try_from(max_jobs + 1).unwrap_or(i64::MAX))
                     .select(DispatchRow::as_select())
                     .load(conn)?;
+                let last = rows.len() <= max_jobs;
+                rows.truncate(max_jobs);
+                let jobs: Vec<Dispatch> = rows.into_iter().map(Dispatch::from).collect();
+                diesel::sql_query(RELEASED)
+                    .bind::<Int8, _>(p.batch_id)
+                    .bind::<Text, _>(t.as_str())
+                    .bind::<Nullable<Int8>, _>(jobs.last().map(|j| j.id))
+                    .bind::<diesel::sql_types::Integer, _>(
+                        i32::try_from(jobs.len()).unwrap_or(i32::MAX),
+                    )
+                    .bind::<diesel::sql_types::Bool, _>(last)
+                    .execute(conn)?;
                 Ok(Some(Released {
                     batch_id: p.batch_id,
                     owner: p.owner,
-                    jobs: rows.into_iter().map(Dispatch::from).collect(),
+                    jobs,
                 }))
             })
         })

@@ -124,6 +124,8 @@ diesel::table! {
         jobs -> Int4,
         created_at -> Timestamptz,
         released_at -> Nullable<Timestamptz>,
+        released_upto -> Nullable<Int8>,
+        released_jobs -> Int4,
     }
 }
 

@@ -50,7 +50,11 @@ async fn submit(
 async fn drain(db: &Db, t: InferenceType, aging_ms: u64) -> Vec<(i64, String, usize)> {
     let mut out = Vec::new();
     let mut cursor = String::new();
-    while let Some(r) = db.release_next(t, &cursor, aging_ms).await.unwrap() {
+    while let Some(r) = db
+        .release_next(t, &cursor, aging_ms, usize::MAX)
+        .await
+        .unwrap()
+    {
         cursor = r.owner.clone();
         assert!(r.jobs.iter().all(|j| j.inference_type == t));
         out.push((r.batch_id, r.owner, r.jobs.len()));
@@ -202,7 +206,7 @@ async fn unconfirmed_releases_go_to_the_outbox() {
     let a = tenant(&db, "a").await;
     submit(&db, &a, Priority::Normal, llm(3), &[InferenceType::Llm]).await;
     let r = db
-        .release_next(InferenceType::Llm, "", 60_000)
+        .release_next(InferenceType::Llm, "", 60_000, 256)
         .await
         .unwrap()
         .unwrap();
@@ -218,4 +222,66 @@ async fn unconfirmed_releases_go_to_the_outbox() {
         .collect();
     due.sort_unstable();
     assert_eq!(due, ids);
+}
+
+/// One release of at most `max` jobs of `t` after owner `after`: (owner, job ids).
+async fn release(db: &Db, after: &str, max: usize) -> Option<(String, Vec<i64>)> {
+    db.release_next(InferenceType::Llm, after, 60_000, max)
+        .await
+        .unwrap()
+        .map(|r| (r.owner, r.jobs.iter().map(|j| j.id).collect()))
+}
+
+#[tokio::test]
+async fn a_turn_releases_at_most_the_room_and_the_rest_waits_its_next_turn() {
+    let (_t, db) = TestDatabase::create().await.unwrap();
+    let (a, b) = (tenant(&db, "a").await, tenant(&db, "b").await);
+    let hold = [InferenceType::Llm];
+    submit(&db, &a, Priority::Normal, llm(10), &hold).await;
+    submit(&db, &b, Priority::Normal, llm(3), &hold).await;
+
+    let (who, first) = release(&db, "", 4).await.unwrap();
+    assert_eq!((who.as_str(), first.len()), ("a", 4));
+    assert_eq!(
+        db.held_work().await.unwrap()[0].jobs,
+        9,
+        "13 held, 4 released"
+    );
+    // b's turn, then a's again from where it stopped.
+    let (who, bs) = release(&db, "a", 4).await.unwrap();
+    assert_eq!((who.as_str(), bs.len()), ("b", 3));
+    let (who, second) = release(&db, "b", 4).await.unwrap();
+    assert_eq!((who.as_str(), second.len()), ("a", 4));
+    assert!(first.iter().max() < second.iter().min(), "in job order");
+    let (who, third) = release(&db, "a", 4).await.unwrap();
+    assert_eq!((who.as_str(), third.len()), ("a", 2));
+    assert!(release(&db, "a", 4).await.is_none());
+    assert!(db.held_work().await.unwrap().is_empty());
+    let mut all: Vec<i64> = [first, second, third].concat();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 10, "each of a's jobs exactly once");
+
+    // A batch cancelled halfway: its remaining jobs are not released and its row closes.
+    let c = submit(&db, &a, Priority::Normal, llm(5), &hold).await;
+    assert_eq!(release(&db, "", 2).await.unwrap().1.len(), 2);
+    db.cancel_batch("a", c).await.unwrap();
+    assert_eq!(release(&db, "", 2).await, Some(("a".to_owned(), vec![])));
+    assert!(release(&db, "", 2).await.is_none());
+}
+
+#[tokio::test]
+async fn part_released_jobs_are_not_taken_for_lost_while_the_rest_is_held() {
+    let (_t, db) = TestDatabase::create().await.unwrap();
+    let a = tenant(&db, "a").await;
+    submit(&db, &a, Priority::Normal, llm(4), &[InferenceType::Llm]).await;
+    let (_, part) = release(&db, "", 2).await.unwrap();
+    assert_eq!(part.len(), 2);
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    // Older than the limit, but their row is still partly held: the dispatcher's, not lost.
+    assert_eq!(db.sweep(4, 10, Some(10)).await.unwrap().redispatched, 0);
+    assert_eq!(release(&db, "", 2).await.unwrap().1.len(), 2);
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    // Once the whole row is released and that is old, all four count as lost messages.
+    assert_eq!(db.sweep(4, 10, Some(10)).await.unwrap().redispatched, 4);
 }
