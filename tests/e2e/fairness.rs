@@ -490,3 +490,42 @@ async fn with_fair_dispatch_off_nothing_is_held() {
     assert!(first_last <= second_first);
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_held_batch_goes_out_in_turns_so_a_newcomer_waits_behind_the_floor() {
+    let s = saturating(true).await;
+    let a = s.db.create_key("tenant-a", None).await.unwrap().secret;
+    let b = s.db.create_key("tenant-b", None).await.unwrap().secret;
+    let blocker = submit(&s, &a, 100, "normal").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let big = submit(&s, &a, 60, "normal").await;
+    assert_eq!(held_llm_jobs(&s).await, 60, "held behind the full queue");
+    // The big batch's first turn: the queue's room (its floor is 4), not all 60.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let held = held_llm_jobs(&s).await;
+        if held < 60 {
+            assert!(held >= 40, "one turn released {} of 60 jobs", 60 - held);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let small = submit(&s, &b, 3, "normal").await;
+    for (key, id) in [(&a, &blocker), (&a, &big), (&b, &small)] {
+        let done = s.wait_done_as(key, id, Duration::from_secs(60)).await;
+        assert_eq!(done["processed"], done["total"], "{done}");
+    }
+    let all = starts(&s, "batch_id").await;
+    let (_, small_last) = first_and_last(&all, &small);
+    // B's turn came after one or a few of A's, not after the whole batch.
+    let big_after = all
+        .iter()
+        .filter(|(k, t)| k == &big && *t > small_last)
+        .count();
+    assert!(
+        big_after >= 40,
+        "only {big_after} of A's 60 started after B's 3"
+    );
+    s.stop().await;
+}
