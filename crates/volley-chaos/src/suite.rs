@@ -51,7 +51,9 @@ impl Plan {
             batches: 8,
             jobs: (8, 48),
             latency_ms: (50, 1_000),
-            long_jobs: 2,
+            // As many as the video worker's slots: its queue backs up from the first batch on,
+            // so that fair dispatch holds later batches' video whatever the seed.
+            long_jobs: 4,
             consumer_timeout_ms: 5_000,
             rounds: 1,
             fault_gap_ms: (1_500, 3_000),
@@ -519,10 +521,10 @@ shutdown_grace_secs = 3
 dir = "{media}"
 signing_key = "chaos-signing-key"
 
-# Queues count as full almost at once, so that fair dispatch holds most of the load and
-# releases it while services are killed and restarted.
+# Queues count as full at once, so that fair dispatch holds most of the load and releases it
+# while services are killed and restarted.
 [dispatch]
-min_queue_depth = 4
+min_queue_depth = 1
 queue_depth_per_slot = 0
 interval_ms = 100
 
@@ -1197,7 +1199,7 @@ async fn exercise(plan: &Plan, w: &mut World) -> anyhow::Result<Summary> {
                     let n: i64 = held.iter().map(|h| h.jobs).sum();
                     peak.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };

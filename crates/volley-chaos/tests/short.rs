@@ -41,7 +41,7 @@ async fn a_short_fault_injection_run_loses_nothing() {
     assert!(summary.contains(" lost=0 "), "{summary}");
     // Several API keys submitted, each counted on its own.
     assert!(summary.contains(" tenants=3 by_tenant="), "{summary}");
-    // Fair dispatch held work while the faults ran (the suite's queues are full at 4).
+    // Fair dispatch held work while the faults ran (the suite's queues are full at 1).
     let held: i64 = summary
         .split_whitespace()
         .find_map(|f| f.strip_prefix("held_peak="))
