@@ -66,7 +66,7 @@ async fn rows(s: &Stack) -> (i64, i64) {
 async fn key_with(s: &Stack, owner: &str, active: QuotaChange, per_minute: QuotaChange) -> String {
     let k = s.db.create_key(owner, None).await.unwrap();
     let changed =
-        s.db.set_quotas(&k.key.id.to_string(), active, per_minute)
+        s.db.set_quotas(&k.key.id.to_string(), active, per_minute, None)
             .await
             .unwrap();
     assert_eq!(changed.len(), 1);
@@ -188,6 +188,7 @@ async fn active_jobs_quota_frees_as_jobs_finish() {
         &k_id(&s, "capped").await,
         QuotaChange::Max(6),
         QuotaChange::Keep,
+        None,
     )
     .await
     .unwrap();

@@ -1,7 +1,9 @@
 //! The fair dispatcher: releases work the gateway held back from a full queue, round-robin
-//! over owners (each owner's highest aged priority, then its oldest batch), only as far as
-//! each modality's queue has room: a turn is at most that room, so a batch may take several. Every replica runs it; `SKIP LOCKED` keeps them from
-//! releasing the same work. See ARCHITECTURE.md, "Tenants: quotas, priority, fair share".
+//! over owners (as many turns in a row as the owner's key weight; within an owner, its
+//! highest aged priority, then its oldest batch), only as far as each modality's queue has
+//! room: a turn is at most that room, so a batch may take several. Every replica runs it;
+//! `SKIP LOCKED` keeps them from releasing the same work. See ARCHITECTURE.md, "Tenants:
+//! quotas, priority, fair share".
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use volley_amqp::Names;
 use volley_amqp::depths::DepthProbe;
+use volley_db::Turns;
 use volley_domain::InferenceType;
 use volley_proto::JobMessage;
 
@@ -17,7 +20,7 @@ use crate::Shared;
 
 pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
     let every = Duration::from_millis(shared.settings.dispatch.interval_ms.max(1));
-    let mut cursors: HashMap<InferenceType, String> = HashMap::new();
+    let mut cursors: HashMap<InferenceType, Turns> = HashMap::new();
     let mut depths: Option<DepthProbe> = None;
     loop {
         tokio::select! {
@@ -39,7 +42,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 async fn release_once(
     shared: &Shared,
     depths: &mut Option<DepthProbe>,
-    cursors: &mut HashMap<InferenceType, String>,
+    cursors: &mut HashMap<InferenceType, Turns>,
 ) -> anyhow::Result<usize> {
     let held = shared.db.held_work().await?;
     for t in InferenceType::ALL {
@@ -75,12 +78,11 @@ async fn release_once(
         // one turn rather than a slice per interval, and the queue runs at most that over.
         let turn = (limit / 4).max(1);
         while room > 0 {
-            let cursor = cursors.get(&t).map_or("", String::as_str);
             let Some(r) = shared
                 .db
                 .release_next(
                     t,
-                    cursor,
+                    cursors.entry(t).or_default(),
                     s.dispatch.aging_ms,
                     usize::try_from(room.max(turn)).unwrap_or(usize::MAX),
                 )
@@ -88,7 +90,6 @@ async fn release_once(
             else {
                 break;
             };
-            cursors.insert(t, r.owner.clone());
             if r.jobs.is_empty() {
                 continue;
             }

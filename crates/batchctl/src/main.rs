@@ -133,7 +133,8 @@ enum KeysCommand {
         #[command(flatten)]
         quotas: QuotaArgs,
     },
-    /// Change a key's quotas, by id or name. Batches already accepted are not affected.
+    /// Change a key's quotas or weight, by id or name. Batches already accepted are not
+    /// affected.
     Update {
         id_or_name: String,
         #[command(flatten)]
@@ -148,10 +149,15 @@ enum KeysCommand {
     RotateWebhookSecret { id_or_name: String },
 }
 
-/// Per-key quotas: a batch that would pass one is refused whole with 429 `rate_limited` and a
-/// `Retry-After`.
+/// Per-key quotas (a batch that would pass one is refused whole with 429 `rate_limited` and a
+/// `Retry-After`) and the key's share of fair dispatch.
 #[derive(Args)]
 struct QuotaArgs {
+    /// Turns in a row the key's owner takes when a modality's work is released round-robin
+    /// over owners: 3 gets three batches (or queue-room slices) out for each one of an owner
+    /// with 1. From 1 (the default) to 100; applies to batches submitted afterwards.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=i64::from(volley_db::MAX_WEIGHT)))]
+    weight: Option<i32>,
     /// At most this many of the key's jobs QUEUED or PROCESSING at once (`none`: no limit).
     #[arg(long, value_name = "N|none", value_parser = parse_limit)]
     max_active_jobs: Option<QuotaChange>,
@@ -162,7 +168,9 @@ struct QuotaArgs {
 
 impl QuotaArgs {
     fn is_empty(&self) -> bool {
-        self.max_active_jobs.is_none() && self.max_jobs_per_minute.is_none()
+        self.max_active_jobs.is_none()
+            && self.max_jobs_per_minute.is_none()
+            && self.weight.is_none()
     }
 }
 
@@ -263,6 +271,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                         &k.key.id.to_string(),
                         quotas.max_active_jobs.unwrap_or(QuotaChange::Keep),
                         quotas.max_jobs_per_minute.unwrap_or(QuotaChange::Keep),
+                        quotas.weight,
                     )
                     .await?;
                 }
@@ -282,8 +291,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             KeysCommand::Update { id_or_name, quotas } => {
                 if quotas.is_empty() {
                     eprintln!(
-                        "batchctl: nothing to change: give --max-active-jobs and/or \
-                         --max-jobs-per-minute"
+                        "batchctl: nothing to change: give --max-active-jobs, \
+                         --max-jobs-per-minute and/or --weight"
                     );
                     return Ok(ExitCode::from(2));
                 }
@@ -292,15 +301,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                         &id_or_name,
                         quotas.max_active_jobs.unwrap_or(QuotaChange::Keep),
                         quotas.max_jobs_per_minute.unwrap_or(QuotaChange::Keep),
+                        quotas.weight,
                     )
                     .await?;
                 if changed.is_empty() {
                     eprintln!("batchctl: no key with id or name {id_or_name:?}");
                     return Ok(ExitCode::from(1));
                 }
-                for (id, q) in changed {
+                for (id, q, weight) in changed {
                     println!(
-                        "key {id}: max active jobs {}, max jobs per minute {}",
+                        "key {id}: max active jobs {}, max jobs per minute {}, weight {weight}",
                         show_limit(q.max_active_jobs),
                         show_limit(q.max_jobs_per_minute)
                     );
@@ -308,12 +318,20 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
             KeysCommand::List => {
                 println!(
-                    "{:<6} {:<24} {:<24} {:<12} {:<6} {:>10} {:>10} {:<20} REVOKED",
-                    "ID", "NAME", "OWNER", "PREFIX", "ADMIN", "ACTIVE", "PER MIN", "CREATED"
+                    "{:<6} {:<24} {:<24} {:<12} {:<6} {:>10} {:>10} {:>6} {:<20} REVOKED",
+                    "ID",
+                    "NAME",
+                    "OWNER",
+                    "PREFIX",
+                    "ADMIN",
+                    "ACTIVE",
+                    "PER MIN",
+                    "WEIGHT",
+                    "CREATED"
                 );
                 for k in db.list_keys().await? {
                     println!(
-                        "{:<6} {:<24} {:<24} {:<12} {:<6} {:>10} {:>10} {:<20} {}",
+                        "{:<6} {:<24} {:<24} {:<12} {:<6} {:>10} {:>10} {:>6} {:<20} {}",
                         k.id,
                         k.name,
                         k.owner,
@@ -321,6 +339,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                         if k.admin { "yes" } else { "-" },
                         show_limit(k.max_active_jobs),
                         show_limit(k.max_jobs_per_minute),
+                        k.dispatch_weight,
                         k.created_at.format("%Y-%m-%d %H:%M:%S"),
                         k.revoked_at
                             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())

@@ -463,4 +463,35 @@ async fn key_quotas_are_set_changed_and_checked() {
     // Nothing to change is bad usage; an unknown key is a failure.
     ctl.expect(2, &["keys", "update", "tenant"]);
     ctl.expect(1, &["keys", "update", "nobody", "--max-active-jobs", "3"]);
+
+    // The fair-dispatch weight: 1 by default, set at creation or later, 1 to 100 only.
+    let weight = |name: &'static str| {
+        let db = db.clone();
+        async move {
+            db.list_keys()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|k| k.name == name)
+                .unwrap()
+                .dispatch_weight
+        }
+    };
+    assert_eq!(weight("free").await, 1);
+    ctl.expect(0, &["keys", "create", "--name", "heavy", "--weight", "5"]);
+    assert_eq!(weight("heavy").await, 5);
+    let (o, _) = ctl.expect(0, &["keys", "update", "free", "--weight", "100"]);
+    assert!(o.contains("weight 100"), "{o}");
+    assert_eq!(weight("free").await, 100);
+    assert_eq!(quotas("free").await, (None, None), "quotas stay");
+    let (o, _) = ctl.expect(0, &["keys", "list"]);
+    assert!(o.lines().next().unwrap().contains("WEIGHT"), "{o}");
+    for bad in ["0", "-1", "101", "2147483648", "ten", "", "1.5", "none"] {
+        let arg = format!("--weight={bad}");
+        let (_, e) = ctl.expect(2, &["keys", "update", "free", &arg]);
+        assert!(e.contains("--weight"), "{bad:?}: {e}");
+        ctl.expect(2, &["keys", "create", "--name", "y", &arg]);
+    }
+    assert_eq!(weight("free").await, 100);
+    assert!(db.list_keys().await.unwrap().iter().all(|k| k.name != "y"));
 }

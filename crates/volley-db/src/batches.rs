@@ -226,7 +226,7 @@ pub(crate) fn insert_batch(
         .returning(DispatchRow::as_returning())
         .get_results(conn)?;
     let dispatch: Vec<Dispatch> = dispatch.into_iter().map(Dispatch::from).collect();
-    crate::dispatch::insert_holds(conn, owner, priority, &dispatch, held)?;
+    crate::dispatch::insert_holds(conn, owner, priority, admitted.weight, &dispatch, held)?;
     let mut counts = BatchCounts::default();
     counts.add(JobStatus::Queued, dispatch.len() as u64);
     Ok((

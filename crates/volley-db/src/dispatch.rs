@@ -19,6 +19,7 @@ pub(crate) fn insert_holds(
     conn: &mut PgConn,
     owner: &str,
     priority: Priority,
+    weight: i32,
     jobs: &[Dispatch],
     held: &[InferenceType],
 ) -> Result<(), DbError> {
@@ -41,6 +42,7 @@ pub(crate) fn insert_holds(
                 dispatch_holds::owner.eq(owner),
                 dispatch_holds::priority.eq(priority.rank()),
                 dispatch_holds::jobs.eq(n),
+                dispatch_holds::weight.eq(weight.max(1)),
             )
         })
         .collect();
@@ -68,6 +70,27 @@ pub struct Released {
     pub jobs: Vec<Dispatch>,
 }
 
+/// Whose turn it is in one inference type's fair order: the owner served last, the turns it
+/// has taken in a row, and its weight (turns it may take in a row).
+#[derive(Debug, Default, Clone)]
+pub struct Turns {
+    owner: String,
+    taken: i32,
+    weight: i32,
+}
+
+impl Turns {
+    fn served(&mut self, owner: &str, weight: i32) {
+        if self.owner == owner {
+            self.taken = self.taken.saturating_add(1);
+        } else {
+            self.owner = owner.to_owned();
+            self.taken = 1;
+        }
+        self.weight = weight;
+    }
+}
+
 #[derive(QueryableByName)]
 struct HeldRow {
     #[diesel(sql_type = Text)]
@@ -84,14 +107,17 @@ struct PickedRow {
     owner: String,
     #[diesel(sql_type = Nullable<Int8>)]
     released_upto: Option<i64>,
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    weight: i32,
 }
 
 // The next owner after `$2` in name order that has work of this type waiting (wrapping round
-// to the first), and that owner's oldest batch of the highest priority, a level higher for
-// each `$3` ms waited. SKIP LOCKED: two batch-state replicas never release the same row.
-const PICK: &str = "SELECT batch_id, owner, released_upto FROM dispatch_holds \
+// to the first), or `$2` itself while `$4` (it has turns left of its weight), and that owner's
+// oldest batch of the highest priority, a level higher for each `$3` ms waited. SKIP LOCKED:
+// two batch-state replicas never release the same row.
+const PICK: &str = "SELECT batch_id, owner, released_upto, weight FROM dispatch_holds \
      WHERE inference_type = $1 AND released_at IS NULL \
-     ORDER BY owner <= $2, owner, \
+     ORDER BY $4 AND owner = $2 DESC, owner <= $2, owner, \
        priority + floor(extract(epoch FROM now() - created_at) * 1000 / $3) DESC, batch_id \
      LIMIT 1 FOR UPDATE SKIP LOCKED";
 
@@ -131,60 +157,71 @@ impl Db {
         .await
     }
 
-    /// Releases up to `max_jobs` jobs of the next held batch of type `t` in fair order: the
-    /// owner after `after` (name order, wrapping), its highest (aged) priority, its oldest
-    /// batch. A batch with more waiting stays held for its owner's next turn. `None`: nothing
-    /// waits.
+    /// Releases up to `max_jobs` jobs of the next held batch of type `t` in fair order, and
+    /// records the turn in `turns` (the caller keeps one per type): the owner served last
+    /// again while it has turns left of its weight, else the next owner after it (name order,
+    /// wrapping); within the owner its highest (aged) priority, then its oldest batch. A batch
+    /// with more waiting stays held for its owner's next turn. `None`: nothing waits.
     pub async fn release_next(
         &self,
         t: InferenceType,
-        after: &str,
+        turns: &mut Turns,
         aging_ms: u64,
         max_jobs: usize,
     ) -> Result<Option<Released>, DbError> {
-        let after = after.to_owned();
+        let after = turns.owner.clone();
+        let again = turns.taken < turns.weight;
         let max_jobs = max_jobs.clamp(1, 100_000);
-        self.run(move |conn| {
-            conn.transaction(|conn| {
-                let picked: Option<PickedRow> = diesel::sql_query(PICK)
-                    .bind::<Text, _>(t.as_str())
-                    .bind::<Text, _>(&after)
-                    .bind::<BigInt, _>(millis(aging_ms.max(1)))
-                    .get_result(conn)
-                    .optional()?;
-                let Some(p) = picked else {
-                    return Ok(None);
-                };
-                // One more than asked for tells whether any is left after this turn.
-                let mut rows: Vec<DispatchRow> = jobs::table
-                    .filter(jobs::batch_id.eq(p.batch_id))
-                    .filter(jobs::inference_type.eq(t.as_str()))
-                    .filter(jobs::status.eq(volley_domain::JobStatus::Queued.as_str()))
-                    .filter(jobs::id.gt(p.released_upto.unwrap_or(0)))
-                    .order(jobs::id)
-                    .limit(i64::try_from(max_jobs + 1).unwrap_or(i64::MAX))
-                    .select(DispatchRow::as_select())
-                    .load(conn)?;
-                let last = rows.len() <= max_jobs;
-                rows.truncate(max_jobs);
-                let jobs: Vec<Dispatch> = rows.into_iter().map(Dispatch::from).collect();
-                diesel::sql_query(RELEASED)
-                    .bind::<Int8, _>(p.batch_id)
-                    .bind::<Text, _>(t.as_str())
-                    .bind::<Nullable<Int8>, _>(jobs.last().map(|j| j.id))
-                    .bind::<diesel::sql_types::Integer, _>(
-                        i32::try_from(jobs.len()).unwrap_or(i32::MAX),
-                    )
-                    .bind::<diesel::sql_types::Bool, _>(last)
-                    .execute(conn)?;
-                Ok(Some(Released {
-                    batch_id: p.batch_id,
-                    owner: p.owner,
-                    jobs,
-                }))
+        let released = self
+            .run(move |conn| {
+                conn.transaction(|conn| {
+                    let picked: Option<PickedRow> = diesel::sql_query(PICK)
+                        .bind::<Text, _>(t.as_str())
+                        .bind::<Text, _>(&after)
+                        .bind::<BigInt, _>(millis(aging_ms.max(1)))
+                        .bind::<diesel::sql_types::Bool, _>(again)
+                        .get_result(conn)
+                        .optional()?;
+                    let Some(p) = picked else {
+                        return Ok(None);
+                    };
+                    // One more than asked for tells whether any is left after this turn.
+                    let mut rows: Vec<DispatchRow> = jobs::table
+                        .filter(jobs::batch_id.eq(p.batch_id))
+                        .filter(jobs::inference_type.eq(t.as_str()))
+                        .filter(jobs::status.eq(volley_domain::JobStatus::Queued.as_str()))
+                        .filter(jobs::id.gt(p.released_upto.unwrap_or(0)))
+                        .order(jobs::id)
+                        .limit(i64::try_from(max_jobs + 1).unwrap_or(i64::MAX))
+                        .select(DispatchRow::as_select())
+                        .load(conn)?;
+                    let last = rows.len() <= max_jobs;
+                    rows.truncate(max_jobs);
+                    let jobs: Vec<Dispatch> = rows.into_iter().map(Dispatch::from).collect();
+                    diesel::sql_query(RELEASED)
+                        .bind::<Int8, _>(p.batch_id)
+                        .bind::<Text, _>(t.as_str())
+                        .bind::<Nullable<Int8>, _>(jobs.last().map(|j| j.id))
+                        .bind::<diesel::sql_types::Integer, _>(
+                            i32::try_from(jobs.len()).unwrap_or(i32::MAX),
+                        )
+                        .bind::<diesel::sql_types::Bool, _>(last)
+                        .execute(conn)?;
+                    Ok(Some((
+                        Released {
+                            batch_id: p.batch_id,
+                            owner: p.owner,
+                            jobs,
+                        },
+                        p.weight,
+                    )))
+                })
             })
-        })
-        .await
+            .await?;
+        Ok(released.map(|(r, weight)| {
+            turns.served(&r.owner, weight);
+            r
+        }))
     }
 
     /// Hands released jobs whose messages were not confirmed to the outbox (the sweeper

@@ -21,6 +21,8 @@ pub struct ApiKey {
     /// Quotas (`None`: no limit); see `quotas.rs`.
     pub max_active_jobs: Option<i32>,
     pub max_jobs_per_minute: Option<i32>,
+    /// Turns in a row its owner takes in fair dispatch.
+    pub dispatch_weight: i32,
 }
 
 /// A key just made; `secret` is shown once and stored only as a hash.

@@ -25,11 +25,11 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use r2d2::ManageConnection;
 
 pub use batches::{BatchView, JobSummary, JobView, NewJob};
-pub use dispatch::{Held, Released};
+pub use dispatch::{Held, Released, Turns};
 pub use execution::{EachResult, Refusal, SweepReport};
 pub use idempotency::Idempotent;
 pub use keys::{ApiKey, CreatedKey, hash_key};
-pub use quotas::{OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
+pub use quotas::{MAX_WEIGHT, OverQuota, QuotaChange, QuotaKind, Quotas, Submitter};
 pub use webhooks::NewWebhook;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");

@@ -29,7 +29,12 @@ pub struct Submitter {
     pub key_id: i64,
     pub owner: String,
     pub quotas: Quotas,
+    /// Turns in a row the owner takes in fair dispatch (1 to [`MAX_WEIGHT`]).
+    pub weight: i32,
 }
+
+/// The largest fair-dispatch weight a key may have (the column's CHECK).
+pub const MAX_WEIGHT: i32 = 100;
 
 /// Which quota a batch would pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +90,8 @@ pub(crate) struct Admitted {
     pub api_key_id: Option<i64>,
     /// Set when the key has an active-job cap: the jobs then count against it.
     pub quota_key_id: Option<i64>,
+    /// The key's fair-dispatch weight (0, as without a key, counts as 1).
+    pub weight: i32,
 }
 
 /// Checks `requested` more jobs against the key's quotas, inside the caller's transaction.
@@ -99,6 +106,7 @@ pub(crate) fn admit(
     let mut admitted = Admitted {
         api_key_id: Some(who.key_id),
         quota_key_id: None,
+        weight: who.weight,
     };
     if who.quotas.is_unlimited() {
         return Ok(Ok(admitted));
@@ -184,6 +192,9 @@ pub enum QuotaChange {
     Max(i32),
 }
 
+/// A key's id, owner, active-jobs and per-minute quotas, and weight.
+type SubmitterRow = (i64, String, Option<i32>, Option<i32>, i32);
+
 #[derive(QueryableByName)]
 struct QuotaRow {
     #[diesel(sql_type = BigInt)]
@@ -192,6 +203,8 @@ struct QuotaRow {
     max_active_jobs: Option<i32>,
     #[diesel(sql_type = Nullable<Integer>)]
     max_jobs_per_minute: Option<i32>,
+    #[diesel(sql_type = Integer)]
+    dispatch_weight: i32,
 }
 
 impl Db {
@@ -199,7 +212,7 @@ impl Db {
     pub async fn authenticate_submitter(&self, secret: &str) -> Result<Option<Submitter>, DbError> {
         let hash = crate::hash_key(secret);
         self.run(move |conn| {
-            let row: Option<(i64, String, Option<i32>, Option<i32>)> = api_keys::table
+            let row: Option<SubmitterRow> = api_keys::table
                 .filter(api_keys::key_hash.eq(&hash))
                 .filter(api_keys::revoked_at.is_null())
                 .select((
@@ -207,29 +220,33 @@ impl Db {
                     api_keys::owner,
                     api_keys::max_active_jobs,
                     api_keys::max_jobs_per_minute,
+                    api_keys::dispatch_weight,
                 ))
                 .first(&mut **conn)
                 .optional()?;
-            Ok(row.map(|(key_id, owner, a, m)| Submitter {
+            Ok(row.map(|(key_id, owner, a, m, weight)| Submitter {
                 key_id,
                 owner,
                 quotas: Quotas {
                     max_active_jobs: a,
                     max_jobs_per_minute: m,
                 },
+                weight,
             }))
         })
         .await
     }
 
-    /// Changes a key's quotas, by id or by name; returns the keys changed with their quotas
-    /// afterwards. Limits must be positive (the table's CHECK refuses anything else).
+    /// Changes a key's quotas and, if given, its fair-dispatch weight, by id or by name;
+    /// returns the keys changed with their quotas and weight afterwards. Limits must be
+    /// positive and weights 1 to [`MAX_WEIGHT`] (the table's CHECKs refuse anything else).
     pub async fn set_quotas(
         &self,
         id_or_name: &str,
         active: QuotaChange,
         per_minute: QuotaChange,
-    ) -> Result<Vec<(i64, Quotas)>, DbError> {
+        weight: Option<i32>,
+    ) -> Result<Vec<(i64, Quotas, i32)>, DbError> {
         let (id, name) = match id_or_name.parse::<i64>() {
             Ok(id) => (Some(id), None),
             Err(_) => (None, Some(id_or_name.to_owned())),
@@ -250,9 +267,10 @@ impl Db {
             let rows: Vec<QuotaRow> = diesel::sql_query(
                 "UPDATE api_keys SET \
                    max_active_jobs = CASE WHEN $3 THEN max_active_jobs ELSE $4 END, \
-                   max_jobs_per_minute = CASE WHEN $5 THEN max_jobs_per_minute ELSE $6 END \
+                   max_jobs_per_minute = CASE WHEN $5 THEN max_jobs_per_minute ELSE $6 END, \
+                   dispatch_weight = COALESCE($7, dispatch_weight) \
                  WHERE id = $1 OR name = $2 \
-                 RETURNING id, max_active_jobs, max_jobs_per_minute",
+                 RETURNING id, max_active_jobs, max_jobs_per_minute, dispatch_weight",
             )
             .bind::<Nullable<BigInt>, _>(id)
             .bind::<Nullable<Text>, _>(name)
@@ -260,6 +278,7 @@ impl Db {
             .bind::<Nullable<Integer>, _>(a)
             .bind::<Bool, _>(keep_m)
             .bind::<Nullable<Integer>, _>(m)
+            .bind::<Nullable<Integer>, _>(weight)
             .load(&mut **conn)?;
             Ok(rows
                 .into_iter()
@@ -270,6 +289,7 @@ impl Db {
                             max_active_jobs: r.max_active_jobs,
                             max_jobs_per_minute: r.max_jobs_per_minute,
                         },
+                        r.dispatch_weight,
                     )
                 })
                 .collect())

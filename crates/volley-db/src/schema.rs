@@ -15,6 +15,7 @@ diesel::table! {
         webhook_secret_rotated_at -> Nullable<Timestamptz>,
         max_active_jobs -> Nullable<Int4>,
         max_jobs_per_minute -> Nullable<Int4>,
+        dispatch_weight -> Int4,
     }
 }
 
@@ -126,6 +127,7 @@ diesel::table! {
         released_at -> Nullable<Timestamptz>,
         released_upto -> Nullable<Int8>,
         released_jobs -> Int4,
+        weight -> Int4,
     }
 }
 

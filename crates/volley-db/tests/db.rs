@@ -446,6 +446,7 @@ async fn idempotency_keys_replay_refuse_and_expire() {
                 key_id,
                 owner: "o".into(),
                 quotas: volley_db::Quotas::default(),
+                weight: 1,
             };
             db.create_batch_idempotent(
                 &who,

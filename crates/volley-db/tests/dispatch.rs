@@ -4,7 +4,7 @@
 
 use serde_json::json;
 use volley_db::testing::TestDatabase;
-use volley_db::{Db, NewJob, Quotas, Submitter};
+use volley_db::{Db, NewJob, Quotas, Submitter, Turns};
 use volley_domain::{InferenceType, Priority};
 
 fn job(t: &str, endpoint: &str, i: usize) -> NewJob {
@@ -27,6 +27,7 @@ async fn tenant(db: &Db, owner: &str) -> Submitter {
         key_id: k.key.id,
         owner: owner.into(),
         quotas: Quotas::default(),
+        weight: 1,
     }
 }
 
@@ -49,13 +50,12 @@ async fn submit(
 /// Releases everything of `t`, in order: (batch, owner, jobs published).
 async fn drain(db: &Db, t: InferenceType, aging_ms: u64) -> Vec<(i64, String, usize)> {
     let mut out = Vec::new();
-    let mut cursor = String::new();
+    let mut turns = Turns::default();
     while let Some(r) = db
-        .release_next(t, &cursor, aging_ms, usize::MAX)
+        .release_next(t, &mut turns, aging_ms, usize::MAX)
         .await
         .unwrap()
     {
-        cursor = r.owner.clone();
         assert!(r.jobs.iter().all(|j| j.inference_type == t));
         out.push((r.batch_id, r.owner, r.jobs.len()));
     }
@@ -206,7 +206,7 @@ async fn unconfirmed_releases_go_to_the_outbox() {
     let a = tenant(&db, "a").await;
     submit(&db, &a, Priority::Normal, llm(3), &[InferenceType::Llm]).await;
     let r = db
-        .release_next(InferenceType::Llm, "", 60_000, 256)
+        .release_next(InferenceType::Llm, &mut Turns::default(), 60_000, 256)
         .await
         .unwrap()
         .unwrap();
@@ -224,9 +224,9 @@ async fn unconfirmed_releases_go_to_the_outbox() {
     assert_eq!(due, ids);
 }
 
-/// One release of at most `max` jobs of `t` after owner `after`: (owner, job ids).
-async fn release(db: &Db, after: &str, max: usize) -> Option<(String, Vec<i64>)> {
-    db.release_next(InferenceType::Llm, after, 60_000, max)
+/// One release of at most `max` LLM jobs, the next turn after `turns`: (owner, job ids).
+async fn release(db: &Db, turns: &mut Turns, max: usize) -> Option<(String, Vec<i64>)> {
+    db.release_next(InferenceType::Llm, turns, 60_000, max)
         .await
         .unwrap()
         .map(|r| (r.owner, r.jobs.iter().map(|j| j.id).collect()))
@@ -240,7 +240,8 @@ async fn a_turn_releases_at_most_the_room_and_the_rest_waits_its_next_turn() {
     submit(&db, &a, Priority::Normal, llm(10), &hold).await;
     submit(&db, &b, Priority::Normal, llm(3), &hold).await;
 
-    let (who, first) = release(&db, "", 4).await.unwrap();
+    let mut turns = Turns::default();
+    let (who, first) = release(&db, &mut turns, 4).await.unwrap();
     assert_eq!((who.as_str(), first.len()), ("a", 4));
     assert_eq!(
         db.held_work().await.unwrap()[0].jobs,
@@ -248,14 +249,14 @@ async fn a_turn_releases_at_most_the_room_and_the_rest_waits_its_next_turn() {
         "13 held, 4 released"
     );
     // b's turn, then a's again from where it stopped.
-    let (who, bs) = release(&db, "a", 4).await.unwrap();
+    let (who, bs) = release(&db, &mut turns, 4).await.unwrap();
     assert_eq!((who.as_str(), bs.len()), ("b", 3));
-    let (who, second) = release(&db, "b", 4).await.unwrap();
+    let (who, second) = release(&db, &mut turns, 4).await.unwrap();
     assert_eq!((who.as_str(), second.len()), ("a", 4));
     assert!(first.iter().max() < second.iter().min(), "in job order");
-    let (who, third) = release(&db, "a", 4).await.unwrap();
+    let (who, third) = release(&db, &mut turns, 4).await.unwrap();
     assert_eq!((who.as_str(), third.len()), ("a", 2));
-    assert!(release(&db, "a", 4).await.is_none());
+    assert!(release(&db, &mut turns, 4).await.is_none());
     assert!(db.held_work().await.unwrap().is_empty());
     let mut all: Vec<i64> = [first, second, third].concat();
     all.sort_unstable();
@@ -264,10 +265,14 @@ async fn a_turn_releases_at_most_the_room_and_the_rest_waits_its_next_turn() {
 
     // A batch cancelled halfway: its remaining jobs are not released and its row closes.
     let c = submit(&db, &a, Priority::Normal, llm(5), &hold).await;
-    assert_eq!(release(&db, "", 2).await.unwrap().1.len(), 2);
+    let mut turns = Turns::default();
+    assert_eq!(release(&db, &mut turns, 2).await.unwrap().1.len(), 2);
     db.cancel_batch("a", c).await.unwrap();
-    assert_eq!(release(&db, "", 2).await, Some(("a".to_owned(), vec![])));
-    assert!(release(&db, "", 2).await.is_none());
+    assert_eq!(
+        release(&db, &mut turns, 2).await,
+        Some(("a".to_owned(), vec![]))
+    );
+    assert!(release(&db, &mut turns, 2).await.is_none());
 }
 
 #[tokio::test]
@@ -275,13 +280,66 @@ async fn part_released_jobs_are_not_taken_for_lost_while_the_rest_is_held() {
     let (_t, db) = TestDatabase::create().await.unwrap();
     let a = tenant(&db, "a").await;
     submit(&db, &a, Priority::Normal, llm(4), &[InferenceType::Llm]).await;
-    let (_, part) = release(&db, "", 2).await.unwrap();
+    let mut turns = Turns::default();
+    let (_, part) = release(&db, &mut turns, 2).await.unwrap();
     assert_eq!(part.len(), 2);
     tokio::time::sleep(std::time::Duration::from_millis(60)).await;
     // Older than the limit, but their row is still partly held: the dispatcher's, not lost.
     assert_eq!(db.sweep(4, 10, Some(10)).await.unwrap().redispatched, 0);
-    assert_eq!(release(&db, "", 2).await.unwrap().1.len(), 2);
+    assert_eq!(release(&db, &mut turns, 2).await.unwrap().1.len(), 2);
     tokio::time::sleep(std::time::Duration::from_millis(60)).await;
     // Once the whole row is released and that is old, all four count as lost messages.
     assert_eq!(db.sweep(4, 10, Some(10)).await.unwrap().redispatched, 4);
+}
+
+#[tokio::test]
+async fn an_owner_takes_as_many_turns_in_a_row_as_its_weight() {
+    let (_t, db) = TestDatabase::create().await.unwrap();
+    let heavy = db.create_key("heavy", None).await.unwrap();
+    db.set_quotas(
+        "heavy",
+        volley_db::QuotaChange::Keep,
+        volley_db::QuotaChange::Keep,
+        Some(3),
+    )
+    .await
+    .unwrap();
+    // The weight is read at authentication, as the gateway does.
+    let heavy = db
+        .authenticate_submitter(&heavy.secret)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(heavy.weight, 3);
+    let light = tenant(&db, "light").await;
+    let hold = [InferenceType::Llm];
+    for _ in 0..6 {
+        submit(&db, &heavy, Priority::Normal, llm(1), &hold).await;
+        submit(&db, &light, Priority::Normal, llm(1), &hold).await;
+    }
+    let order: Vec<String> = drain(&db, InferenceType::Llm, 60_000)
+        .await
+        .into_iter()
+        .map(|(_, owner, _)| owner)
+        .collect();
+    // Three of heavy's for each of light's while both wait, then the rest of light's.
+    assert_eq!(
+        order.join(" "),
+        "heavy heavy heavy light heavy heavy heavy light light light light light"
+    );
+}
+
+#[tokio::test]
+async fn weights_outside_one_to_a_hundred_are_refused_and_change_nothing() {
+    let (_t, db) = TestDatabase::create().await.unwrap();
+    db.create_key("k", None).await.unwrap();
+    for bad in [0, -1, volley_db::MAX_WEIGHT + 1, i32::MAX, i32::MIN] {
+        let keep = volley_db::QuotaChange::Keep;
+        assert!(
+            db.set_quotas("k", keep, keep, Some(bad)).await.is_err(),
+            "{bad}"
+        );
+    }
+    let keys = db.list_keys().await.unwrap();
+    assert_eq!(keys[0].dispatch_weight, 1);
 }

@@ -1,0 +1,2 @@
+ALTER TABLE dispatch_holds DROP COLUMN weight;
+ALTER TABLE api_keys DROP COLUMN dispatch_weight;
