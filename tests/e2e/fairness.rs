@@ -530,3 +530,52 @@ async fn a_large_held_batch_goes_out_in_turns_so_a_newcomer_waits_behind_the_flo
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_modality_with_its_own_floor_is_held_sooner_than_the_rest() {
+    let opts = Options {
+        sim: SimConfig {
+            latency_ms: 300,
+            ..SimConfig::default()
+        },
+        workers: vec![InferenceType::Video, InferenceType::Llm],
+    };
+    let s = Stack::start_with(opts, |s: &mut Settings| {
+        s.worker.concurrency = 1;
+        s.dispatch.fair = true;
+        s.dispatch.min_queue_depth = 1_000;
+        s.dispatch.queue_depth = [("video".to_owned(), 2)].into_iter().collect();
+        s.dispatch.interval_ms = 20;
+    })
+    .await;
+    let videos = |n: usize| {
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({"endpoint": "/v1/videos/generations", "body": {"model": "sim-video", "prompt": format!("v{i}")}}))
+            .collect();
+        json!({"requests": items})
+    };
+    let mut ids = Vec::new();
+    // Both modalities get six jobs on one slot: video's queue is full at 2, LLM's at 1,000.
+    for body in [videos(6), json!({"requests": completions(6)})] {
+        let (st, _, b) = post(&s, &s.url, &s.key, &body, None).await;
+        assert_eq!(st, 202, "{b}");
+        ids.push(b["id"].as_str().unwrap().to_owned());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for body in [videos(3), json!({"requests": completions(3)})] {
+        let (st, _, b) = post(&s, &s.url, &s.key, &body, None).await;
+        assert_eq!(st, 202, "{b}");
+        ids.push(b["id"].as_str().unwrap().to_owned());
+    }
+    let held = s.db.held_work().await.unwrap();
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(
+        (held[0].inference_type, held[0].jobs),
+        (InferenceType::Video, 3)
+    );
+    for id in &ids {
+        let done = s.wait_done(id, Duration::from_secs(60)).await;
+        assert_eq!(done["processed"], done["total"], "{done}");
+    }
+    s.stop().await;
+}
