@@ -185,14 +185,15 @@ impl Db {
                     let Some(p) = picked else {
                         return Ok(None);
                     };
-                    // One more than asked for tells whether any is left after this turn.
+                    // All the row's waiting jobs (a batch has at most 256), cut here: a LIMIT
+                    // lets the planner walk the jobs' primary key from the start instead of
+                    // the batch's index.
                     let mut rows: Vec<DispatchRow> = jobs::table
                         .filter(jobs::batch_id.eq(p.batch_id))
                         .filter(jobs::inference_type.eq(t.as_str()))
                         .filter(jobs::status.eq(volley_domain::JobStatus::Queued.as_str()))
                         .filter(jobs::id.gt(p.released_upto.unwrap_or(0)))
                         .order(jobs::id)
-                        .limit(i64::try_from(max_jobs + 1).unwrap_or(i64::MAX))
                         .select(DispatchRow::as_select())
                         .load(conn)?;
                     let last = rows.len() <= max_jobs;
