@@ -26,24 +26,28 @@ pub struct Run {
     pub cpu_secs: Vec<(String, f64)>,
 }
 
+/// Makes the body of batch `b` with `n` items.
+pub type Make = Arc<dyn Fn(usize, usize) -> Value + Send + Sync>;
+
 /// Submits `jobs` jobs as 256-item batches from `clients` concurrent clients.
 async fn submit(
     gateway: &str,
     key: &str,
     jobs: usize,
     clients: usize,
-    make: fn(usize, usize) -> Value,
+    make: &Make,
 ) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let next = Arc::new(AtomicUsize::new(0));
     let batches = jobs.div_ceil(256);
     let tasks: Vec<_> = (0..clients.max(1))
         .map(|_| {
-            let (http, next, url, key) = (
+            let (http, next, url, key, make) = (
                 http.clone(),
                 next.clone(),
                 gateway.to_owned(),
                 key.to_owned(),
+                make.clone(),
             );
             tokio::spawn(async move {
                 loop {
@@ -94,7 +98,7 @@ pub async fn run(
     opts: &StackOptions,
     a_jobs: usize,
     clients: usize,
-    make: fn(usize, usize) -> Value,
+    make: &Make,
 ) -> anyhow::Result<Run> {
     let (tdb, db) = TestDatabase::create().await?;
     let opts = StackOptions {

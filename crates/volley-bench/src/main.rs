@@ -51,6 +51,11 @@ struct Cli {
     /// 256 (0 skips it).
     #[arg(long, default_value_t = 20_000)]
     fair_jobs: usize,
+    /// The fair-share scenario again with each job's latency spread evenly over the slow
+    /// latency ± this (0 skips it). Real providers' latencies vary; with one fixed latency
+    /// the slots turn over in waves, and a job pushed out of one wave waits a whole latency.
+    #[arg(long, default_value_t = 500)]
+    fair_latency_spread_ms: u64,
     #[arg(
         long,
         env = "VOLLEY_TEST_AMQP_URL",
@@ -114,6 +119,20 @@ fn llm_batch(b: usize, items: usize) -> Value {
         .map(|i| json!({"endpoint": "/v1/completions", "body": {"model": "qwen3-8b", "prompt": format!("slow {b}-{i}")}}))
         .collect();
     json!({"requests": requests})
+}
+
+/// [`llm_batch`] with each job's simulated latency spread evenly over `mean ± spread` ms
+/// (the same for the same batch and item, so runs compare).
+fn spread_llm_batch(b: usize, items: usize, mean: u64, spread: u64) -> Value {
+    let mut body = llm_batch(b, items);
+    if let Some(requests) = body["requests"].as_array_mut() {
+        for (i, r) in requests.iter_mut().enumerate() {
+            // A multiplicative hash walks the range evenly without a random generator.
+            let step = ((b * 256 + i) as u64).wrapping_mul(2_654_435_761) % (2 * spread + 1);
+            r["body"]["sim_latency_ms"] = json!(mean.saturating_sub(spread) + step);
+        }
+    }
+    body
 }
 
 struct LoadReport {
@@ -718,20 +737,40 @@ async fn slow(cli: &Cli, opts: &StackOptions, db: &Db, key: &str) -> anyhow::Res
 }
 
 /// Scenario 3: tenant A's backlog, then tenant B's batch; B alone, then with fair dispatch
-/// off and on.
+/// off and on; with one fixed latency, then with latencies spread around it.
 async fn fair_share(cli: &Cli, opts: &StackOptions) -> anyhow::Result<()> {
-    let alone = fair::run(opts, 0, cli.clients, llm_batch).await?;
+    let fixed: fair::Make = Arc::new(llm_batch);
+    let title = format!("{} ms", cli.slow_latency_ms);
+    fair_share_with(cli, opts, &fixed, &title).await?;
+    if cli.fair_latency_spread_ms > 0 {
+        // At most the mean: latencies stay positive.
+        let mean = cli.slow_latency_ms;
+        let spread = cli.fair_latency_spread_ms.min(mean);
+        let spread_make: fair::Make = Arc::new(move |b, n| spread_llm_batch(b, n, mean, spread));
+        let title = format!("{mean} ± {spread} ms");
+        fair_share_with(cli, opts, &spread_make, &title).await?;
+    }
+    Ok(())
+}
+
+async fn fair_share_with(
+    cli: &Cli,
+    opts: &StackOptions,
+    make: &fair::Make,
+    latencies: &str,
+) -> anyhow::Result<()> {
+    let alone = fair::run(opts, 0, cli.clients, make).await?;
     let unfair_opts = StackOptions {
         fair: false,
         ..opts.clone()
     };
-    let unfair = fair::run(&unfair_opts, cli.fair_jobs, cli.clients, llm_batch).await?;
-    let fair = fair::run(opts, cli.fair_jobs, cli.clients, llm_batch).await?;
+    let unfair = fair::run(&unfair_opts, cli.fair_jobs, cli.clients, make).await?;
+    let fair = fair::run(opts, cli.fair_jobs, cli.clients, make).await?;
     let latency = cli.slow_latency_ms as f64;
     println!();
     println!(
-        "== fair share (tenant A: {} jobs of {} ms, then tenant B: 256; {} concurrent) ==",
-        cli.fair_jobs, cli.slow_latency_ms, cli.slow_concurrency
+        "== fair share (tenant A: {} jobs of {latencies}, then tenant B: 256; {} concurrent) ==",
+        cli.fair_jobs, cli.slow_concurrency
     );
     println!("                       B start p50 / p99        B done      A throughput");
     for (name, r) in [
@@ -757,7 +796,7 @@ async fn fair_share(cli: &Cli, opts: &StackOptions) -> anyhow::Result<()> {
     );
     if let (Some(f), Some(u)) = (fair.a_per_sec, unfair.a_per_sec) {
         println!(
-            "A throughput fair/FIFO {:>6.0} %    target >= 95 %   {}",
+            "A throughput fair/FIFO {:>6.1} %    target >= 95 %   {}",
             f / u * 100.0,
             verdict(f >= 0.95 * u)
         );
