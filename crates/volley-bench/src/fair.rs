@@ -108,8 +108,7 @@ pub async fn run(
     let a = db.create_key("tenant-a", None).await?.secret;
     let b = db.create_key("tenant-b", None).await?.secret;
     let stack = Stack::start(&opts).await?;
-    // After the start: database backends that come and go between runs are not counted.
-    let servers_before = crate::server_cpu();
+    let servers_before = crate::server_processes();
     let r = async {
         if a_jobs > 0 {
             submit(&stack.gateway, &a, a_jobs, clients, make).await?;
@@ -162,14 +161,14 @@ pub async fn run(
         .first()
         .copied()
         .unwrap_or(f64::NAN);
-        let (beam, pg) = crate::server_cpu();
+        let (beam, pg) = crate::server_cpu_since(&servers_before);
         let mut cpu_secs: Vec<(String, f64)> = stack
             .usage()
             .into_iter()
             .map(|(name, u)| (name, u.cpu_secs))
             .collect();
-        cpu_secs.push(("rabbitmq".into(), beam - servers_before.0));
-        cpu_secs.push(("postgres".into(), pg - servers_before.1));
+        cpu_secs.push(("rabbitmq".into(), beam));
+        cpu_secs.push(("postgres".into(), pg));
         Ok(Run {
             b_start_ms,
             b_done_ms,

@@ -5,6 +5,7 @@ mod ceiling;
 mod fair;
 mod stack;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -304,23 +305,51 @@ async fn paced(gateway: &str, key: &str, jobs_per_sec: f64, secs: f64) -> anyhow
 
 /// CPU seconds used so far by the broker and the database server (their processes alive now).
 fn server_cpu() -> (f64, f64) {
-    let mut beam = 0.0;
-    let mut pg = 0.0;
+    server_processes()
+        .values()
+        .fold((0.0, 0.0), |(beam, pg), (is_pg, cpu)| {
+            if *is_pg {
+                (beam, pg + cpu)
+            } else {
+                (beam + cpu, pg)
+            }
+        })
+}
+
+/// The broker's and the database server's processes alive now: pid -> (is PostgreSQL, CPU s).
+fn server_processes() -> HashMap<u32, (bool, f64)> {
+    let mut out = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
             let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            let u = stack::proc_usage(pid).cpu_secs;
-            match comm.trim() {
-                "beam.smp" => beam += u,
-                "postgres" => pg += u,
-                _ => {}
-            }
+            let is_pg = match comm.trim() {
+                "beam.smp" => false,
+                "postgres" => true,
+                _ => continue,
+            };
+            out.insert(pid, (is_pg, stack::proc_usage(pid).cpu_secs));
         }
     }
-    (beam, pg)
+    out
+}
+
+/// CPU seconds the broker and the database used since `before`, counting only processes
+/// alive now (a database backend that exits takes its time with it; one that started since
+/// counts whole).
+fn server_cpu_since(before: &HashMap<u32, (bool, f64)>) -> (f64, f64) {
+    server_processes()
+        .into_iter()
+        .fold((0.0, 0.0), |(beam, pg), (pid, (is_pg, cpu))| {
+            let d = cpu - before.get(&pid).map_or(0.0, |b| b.1);
+            if is_pg {
+                (beam, pg + d)
+            } else {
+                (beam + d, pg)
+            }
+        })
 }
 
 async fn run_load(
