@@ -185,9 +185,8 @@ impl Db {
                     let Some(p) = picked else {
                         return Ok(None);
                     };
-                    // All the row's waiting jobs (a batch has at most 256), cut here: a LIMIT
-                    // lets the planner walk the jobs' primary key from the start instead of
-                    // the batch's index.
+                    // All the row's waiting jobs (a batch has at most 256), cut here: the
+                    // statement stays the plain range of the batch's index (batch_id, id).
                     let mut rows: Vec<DispatchRow> = jobs::table
                         .filter(jobs::batch_id.eq(p.batch_id))
                         .filter(jobs::inference_type.eq(t.as_str()))
