@@ -55,17 +55,7 @@ async fn submit(
                     if b >= batches {
                         return Ok::<_, anyhow::Error>(());
                     }
-                    let body = serde_json::to_vec(&make(b, 256.min(jobs - b * 256)))?;
-                    let r = http
-                        .post(format!("{url}/v1/batches"))
-                        .bearer_auth(&key)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await?;
-                    if r.status().as_u16() != 202 {
-                        anyhow::bail!("batch refused: {} {}", r.status(), r.text().await?);
-                    }
+                    crate::post_batch(&http, &url, &key, &make(b, 256.min(jobs - b * 256))).await?;
                 }
             })
         })

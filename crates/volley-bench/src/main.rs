@@ -352,6 +352,35 @@ fn server_cpu_since(before: &HashMap<u32, (bool, f64)>) -> (f64, f64) {
         })
 }
 
+/// Submits one batch as `key`: the accepted batch object and how long the request took
+/// (ms). Anything but 202 is an error.
+async fn post_batch(
+    http: &reqwest::Client,
+    gateway: &str,
+    key: &str,
+    body: &Value,
+) -> anyhow::Result<(Value, f64)> {
+    let body = serde_json::to_vec(body)?;
+    let t = Instant::now();
+    let r = http
+        .post(format!("{gateway}/v1/batches"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = r.status();
+    let bytes = r.bytes().await?;
+    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    if status.as_u16() != 202 {
+        anyhow::bail!(
+            "batch refused: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+    Ok((serde_json::from_slice(&bytes)?, ms))
+}
+
 async fn run_load(
     gateway: &str,
     key: &str,
@@ -427,22 +456,8 @@ async fn run_load(
                     if b >= batches {
                         return Ok::<_, anyhow::Error>(());
                     }
-                    let items = 256.min(jobs - b * 256);
-                    let body = serde_json::to_vec(&make(b, items))?;
-                    let t = Instant::now();
-                    let r = http
-                        .post(format!("{url}/v1/batches"))
-                        .bearer_auth(&key)
-                        .header("content-type", "application/json")
-                        .body(body)
-                        .send()
-                        .await?;
-                    let status = r.status();
-                    let v: Value = r.json().await?;
-                    let ms = t.elapsed().as_secs_f64() * 1000.0;
-                    if status.as_u16() != 202 {
-                        anyhow::bail!("batch refused: {status} {v}");
-                    }
+                    let (v, ms) =
+                        post_batch(&http, &url, &key, &make(b, 256.min(jobs - b * 256))).await?;
                     submit_ms.lock().await.push(ms);
                     ids.lock()
                         .await
